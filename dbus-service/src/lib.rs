@@ -1,0 +1,5 @@
+//! vmbeamd: VMBeam's daemon. It owns the state of beam-enabled domains, answers the libvirt
+//! hook, and drives every migration as libvirt's own job (P2P `migrateToURI3`), so
+//! `virsh domjobinfo`/`domjobabort` and libvirt's events behave as users know.
+
+pub mod libvirt_job;

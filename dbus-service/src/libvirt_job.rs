@@ -1,0 +1,183 @@
+//! Running a migration as libvirt's own job and watching it: `migrateToURI3` on a blocking
+//! thread, job statistics polled from a second connection, the completed statistics read
+//! from the destination when it is done.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::{Domain, JobStats, MigrateParameters};
+use virt::sys;
+
+/// A libvirt call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot connect to {uri}: {msg}")]
+    Connect { uri: String, msg: String },
+    #[error("domain '{0}' not found")]
+    NoDomain(String),
+    #[error("domain '{0}' is not running")]
+    NotRunning(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+/// virsh-style migration flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub live: bool,
+    pub p2p: bool,
+    pub persistent: bool,
+    pub undefine_source: bool,
+}
+
+impl Flags {
+    /// libvirt's `VIR_MIGRATE_*` bits.
+    pub fn bits(&self) -> u32 {
+        let mut f = 0;
+        if self.live {
+            f |= sys::VIR_MIGRATE_LIVE;
+        }
+        if self.p2p {
+            f |= sys::VIR_MIGRATE_PEER2PEER;
+        }
+        if self.persistent {
+            f |= sys::VIR_MIGRATE_PERSIST_DEST;
+        }
+        if self.undefine_source {
+            f |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        }
+        f
+    }
+}
+
+/// A snapshot of a running migration job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub processed: u64,
+    pub total: u64,
+    pub remaining: u64,
+    pub elapsed_ms: u64,
+}
+
+/// The outcome of a completed migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completed {
+    /// Bytes QEMU sent (all of the migration stream: RAM and device state).
+    pub bytes_transferred: u64,
+    /// RAM bytes QEMU sent.
+    pub ram_bytes: u64,
+    pub downtime_ms: Option<u64>,
+    /// libvirt's job time.
+    pub job_ms: Option<u64>,
+    /// Wall time of the whole call.
+    pub total_ms: u64,
+    pub iterations: Option<u64>,
+}
+
+fn connect(uri: &str) -> Result<Connect, JobError> {
+    Connect::open(Some(uri)).map_err(|e| JobError::Connect {
+        uri: uri.into(),
+        msg: e.to_string(),
+    })
+}
+
+fn progress_of(s: &JobStats) -> Progress {
+    Progress {
+        processed: s.data_processed.or(s.mem_processed).unwrap_or(0),
+        total: s.data_total.or(s.mem_total).unwrap_or(0),
+        remaining: s.data_remaining.or(s.mem_remaining).unwrap_or(0),
+        elapsed_ms: s.time_elapsed.unwrap_or(0),
+    }
+}
+
+/// Migrates `domain` from `src_uri` to `dest_uri` (P2P when `flags.p2p`), reporting progress
+/// every `every`. `migrate_uri` is QEMU's data URI (`tcp://ADDR`), as in virsh.
+pub fn migrate(
+    src_uri: &str,
+    domain: &str,
+    dest_uri: &str,
+    migrate_uri: Option<&str>,
+    flags: Flags,
+    every: Duration,
+    mut on_progress: impl FnMut(Progress),
+) -> Result<Completed, JobError> {
+    let start = Instant::now();
+    let src = connect(src_uri)?;
+    let dom = Domain::lookup_by_name(&src, domain).map_err(|_| JobError::NoDomain(domain.into()))?;
+    if !dom.is_active().unwrap_or(false) {
+        return Err(JobError::NotRunning(domain.into()));
+    }
+    let (tx, rx) = mpsc::channel();
+    let (src_uri2, name, dest, params_uri) = (
+        src_uri.to_string(),
+        domain.to_string(),
+        dest_uri.to_string(),
+        migrate_uri.map(String::from),
+    );
+    let worker = std::thread::spawn(move || {
+        let r = (|| {
+            let c = connect(&src_uri2)?;
+            let d = Domain::lookup_by_name(&c, &name).map_err(|_| JobError::NoDomain(name.clone()))?;
+            let params = MigrateParameters {
+                uri: params_uri,
+                ..Default::default()
+            };
+            d.migrate_to_uri3(Some(&dest), params, flags.bits())
+                .map_err(|e| JobError::Migration(e.message().to_string()))
+        })();
+        let _ = tx.send(r);
+    });
+    let result = loop {
+        match rx.recv_timeout(every) {
+            Ok(r) => break r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(s) = dom.get_job_stats(0) {
+                    if s.r#type != sys::VIR_DOMAIN_JOB_NONE as i32 {
+                        on_progress(progress_of(&s));
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Err(JobError::Migration("worker thread died".into())),
+        }
+    };
+    let _ = worker.join();
+    result?;
+    let total_ms = start.elapsed().as_millis() as u64;
+    // The destination keeps the completed job's statistics (the source sends its own in
+    // the migration cookie), so read them there: the source domain may be gone.
+    let mut done = Completed {
+        total_ms,
+        ..Default::default()
+    };
+    if let Ok(dc) = connect(dest_uri) {
+        if let Ok(d) = Domain::lookup_by_name(&dc, domain) {
+            if let Ok(s) = d.get_job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED) {
+                done.bytes_transferred = s.data_processed.or(s.mem_processed).unwrap_or(0);
+                done.ram_bytes = s.mem_processed.unwrap_or(0);
+                done.downtime_ms = s.downtime;
+                done.job_ms = s.time_elapsed;
+                done.iterations = s.mem_iteration;
+            }
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_map_to_libvirt_bits() {
+        let f = Flags {
+            live: true,
+            p2p: true,
+            persistent: true,
+            undefine_source: true,
+        };
+        // Nova's default live-migration flags: LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE = 27.
+        assert_eq!(f.bits(), 27);
+        assert_eq!(Flags::default().bits(), 0);
+    }
+}

@@ -1,0 +1,183 @@
+//! The host side of the guest agent's command channel: a line protocol over the guest's
+//! second serial port, which QEMU exposes as a unix socket in the cloud VM's private /run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Talking to a guest agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot connect to the agent channel {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent channel I/O")]
+    Io(#[from] std::io::Error),
+    #[error("no answer from the guest agent within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected answer from the guest agent: {0}")]
+    Protocol(String),
+}
+
+/// A connection to one guest agent.
+pub struct AgentClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+/// The agent's verdict on the guest's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    pub pass: bool,
+    /// The whole answer line (after the request id).
+    pub line: String,
+    pub boot_id: Option<String>,
+    pub pages: Option<u64>,
+}
+
+impl AgentClient {
+    /// Connects to the agent channel socket.
+    pub fn connect(path: &Path) -> Result<Self, AgentError> {
+        let s = UnixStream::connect(path).map_err(|source| AgentError::Connect {
+            path: path.into(),
+            source,
+        })?;
+        let writer = s.try_clone()?;
+        Ok(Self {
+            reader: BufReader::new(s),
+            writer,
+            next_id: 1,
+        })
+    }
+
+    /// Sends one command and returns the answer line (without the id), skipping
+    /// unsolicited lines and stale answers.
+    pub fn request(&mut self, cmd: &str, timeout: Duration) -> Result<String, AgentError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let deadline = Instant::now() + timeout;
+        self.writer.write_all(format!("{id} {cmd}\n").as_bytes())?;
+        let prefix = format!("{id} ");
+        let mut line = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(AgentError::Timeout(timeout));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Err(AgentError::Protocol("channel closed".into())),
+                Ok(_) => {
+                    let l = line.trim_end_matches(['\r', '\n']);
+                    if let Some(rest) = l.strip_prefix(&prefix) {
+                        return Ok(rest.to_string());
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(AgentError::Timeout(timeout));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// `PING`: the agent's boot id.
+    pub fn ping(&mut self, timeout: Duration) -> Result<String, AgentError> {
+        let a = self.request("PING", timeout)?;
+        field(&a, "boot_id").ok_or(AgentError::Protocol(a))
+    }
+
+    /// `CHECK`: a full verification pass now.
+    pub fn check(&mut self, timeout: Duration) -> Result<CheckResult, AgentError> {
+        let a = self.request("CHECK", timeout)?;
+        let pass = if a.starts_with("CHECK PASS") {
+            true
+        } else if a.starts_with("CHECK FAIL") {
+            false
+        } else {
+            return Err(AgentError::Protocol(a));
+        };
+        Ok(CheckResult {
+            pass,
+            boot_id: field(&a, "boot_id"),
+            pages: field(&a, "pages").and_then(|p| p.parse().ok()),
+            line: a,
+        })
+    }
+
+    /// `STATS`: the agent's counters as key/value pairs.
+    pub fn stats(&mut self, timeout: Duration) -> Result<Vec<(String, String)>, AgentError> {
+        let a = self.request("STATS", timeout)?;
+        Ok(a.split_whitespace()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect())
+    }
+}
+
+/// The value of `key=value` in an agent answer.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Connects and pings until the agent answers or `timeout` passes; returns the client and boot id.
+pub fn wait_ready(path: &Path, timeout: Duration) -> Result<(AgentClient, String), AgentError> {
+    let deadline = Instant::now() + timeout;
+    let mut last: AgentError = AgentError::Timeout(timeout);
+    while Instant::now() < deadline {
+        match AgentClient::connect(path) {
+            Ok(mut c) => match c.ping(Duration::from_millis(700)) {
+                Ok(boot) => return Ok((c, boot)),
+                Err(e) => last = e,
+            },
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_parse() {
+        let l = "CHECK PASS pages=42 boot_id=ab12 dirtied=7";
+        assert_eq!(field(l, "pages").as_deref(), Some("42"));
+        assert_eq!(field(l, "boot_id").as_deref(), Some("ab12"));
+        assert_eq!(field(l, "nope"), None);
+    }
+
+    #[test]
+    fn request_skips_unsolicited_and_stale_lines() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut r = BufReader::new(b.try_clone().unwrap());
+            let mut w = b;
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            assert_eq!(l, "1 CHECK\n");
+            w.write_all(b"* READY boot_id=x\n0 PONG\n1 CHECK FAIL bad=1 first_bad=3 pages=9 boot_id=x\n")
+                .unwrap();
+        });
+        let writer = a.try_clone().unwrap();
+        let mut c = AgentClient {
+            reader: BufReader::new(a),
+            writer,
+            next_id: 1,
+        };
+        let r = c.check(Duration::from_secs(5)).unwrap();
+        assert!(!r.pass);
+        assert_eq!(r.pages, Some(9));
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,308 @@
+//! Lab guests: a Debian kernel and a busybox initramfs running the VMBeam guest agent,
+//! defined and started through the cloud VM's own libvirtd.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use crate::agent::{wait_ready, AgentClient, CheckResult};
+use crate::image::{kernel_cmdline, GuestImage};
+use crate::net::{guest_ip, CVM_GUEST_BRIDGE, LOADGEN_ADDR};
+use crate::state::{CloudVm, GuestRecord, LabState};
+use crate::{LabError, Lock};
+
+/// Path of a guest's agent channel inside its cloud VM.
+pub fn agent_socket_inner(name: &str) -> String {
+    format!("/run/vmbeam/lab/{name}.agent")
+}
+
+/// Path of a guest's console log inside its cloud VM.
+pub fn console_inner(name: &str) -> String {
+    format!("/var/log/libvirt/qemu/{name}.console")
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    /// Memory the agent fills and verifies; default: all but what the kernel needs.
+    pub fill_mib: Option<u64>,
+    pub dirty_rate: u64,
+    /// Cloud VM to start it on.
+    pub on: String,
+}
+
+/// Default fill: what is left after ~80 MiB for the kernel and initramfs, at least half.
+pub fn default_fill(memory_mib: u64) -> u64 {
+    memory_mib.saturating_sub(80).max(memory_mib / 2)
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !n.starts_with('.')
+}
+
+/// The libvirt domain XML of a lab guest.
+pub fn domain_xml(rec: &GuestRecord, image: &GuestImage, domain_type: &str) -> String {
+    let cmdline = kernel_cmdline(rec.fill_mib, rec.dirty_rate, &format!("{}/16", rec.ip), Some(LOADGEN_ADDR));
+    format!(
+        r#"<domain type='{domain_type}'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <description>VMBeam lab guest</description>
+  <memory unit='MiB'>{mem}</memory>
+  <currentMemory unit='MiB'>{mem}</currentMemory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'>
+      <source path='{console}' append='on'/>
+      <target port='0'/>
+    </serial>
+    <serial type='unix'>
+      <source mode='bind' path='{agent}'/>
+      <target port='1'/>
+    </serial>
+    <interface type='bridge'>
+      <source bridge='{bridge}'/>
+      <mac address='{mac}'/>
+      <model type='virtio'/>
+    </interface>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#,
+        name = rec.name,
+        uuid = rec.uuid,
+        mem = rec.memory_mib,
+        kernel = image.kernel.display(),
+        initrd = image.initrd.display(),
+        console = console_inner(&rec.name),
+        agent = agent_socket_inner(&rec.name),
+        bridge = CVM_GUEST_BRIDGE,
+        mac = rec.mac,
+    )
+}
+
+fn random_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let mut b = b;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Opens a libvirt connection to a cloud VM.
+pub fn connect(cvm: &CloudVm) -> Result<Connect, LabError> {
+    Connect::open(Some(&cvm.uri)).map_err(|e| LabError::Libvirt(format!("connect to {} ({}): {e}", cvm.name, cvm.uri)))
+}
+
+/// Whether `name` is active on `cvm`.
+pub fn running_on(cvm: &CloudVm, name: &str) -> Result<bool, LabError> {
+    let mut conn = connect(cvm)?;
+    let r = Domain::lookup_by_name(&conn, name)
+        .ok()
+        .map(|d| d.is_active().unwrap_or(false))
+        .unwrap_or(false);
+    let _ = conn.close();
+    Ok(r)
+}
+
+/// The cloud VM where `name` runs now.
+pub fn locate<'a>(state: &'a LabState, name: &str) -> Result<&'a CloudVm, LabError> {
+    if state.guest(name).is_none() {
+        return Err(LabError::UnknownGuest {
+            name: name.into(),
+            known: state.guests.iter().map(|g| g.name.clone()).collect(),
+        });
+    }
+    for cvm in &state.cloud_vms {
+        if running_on(cvm, name)? {
+            return Ok(cvm);
+        }
+    }
+    Err(LabError::GuestNotRunning(name.into()))
+}
+
+/// Host path of the guest's agent socket on `cvm`.
+pub fn agent_socket(cvm: &CloudVm, name: &str) -> PathBuf {
+    crate::cvm::host_path(cvm, &agent_socket_inner(name))
+}
+
+/// Connects to the agent of `name` wherever it runs now.
+pub fn agent(state: &LabState, name: &str) -> Result<(String, AgentClient), LabError> {
+    let cvm = locate(state, name)?;
+    let c = AgentClient::connect(&agent_socket(cvm, name))?;
+    Ok((cvm.name.clone(), c))
+}
+
+/// Checks the guest's memory integrity wherever it runs now.
+pub fn check(name: &str) -> Result<(String, CheckResult), LabError> {
+    let state = crate::require_state()?;
+    let (on, mut c) = agent(&state, name)?;
+    let mem = state.guest(name).map(|g| g.fill_mib).unwrap_or(256);
+    // A full pass under TCG verifies roughly 200 MiB/s; allow plenty.
+    let r = c.check(Duration::from_secs(30 + mem / 20))?;
+    Ok((on, r))
+}
+
+/// Defines and boots a lab guest on a cloud VM and waits for its agent.
+pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabError> {
+    let _lock = Lock::take()?;
+    let mut state = crate::require_state()?;
+    if !valid_name(&spec.name) {
+        return Err(LabError::BadInput(format!(
+            "invalid guest name '{}': use letters, digits, '-', '_' or '.' (at most 64)",
+            spec.name
+        )));
+    }
+    let cvm = state
+        .cloud_vm(&spec.on)
+        .cloned()
+        .ok_or_else(|| LabError::UnknownCloudVm {
+            name: spec.on.clone(),
+            known: state.cloud_vms.iter().map(|c| c.name.clone()).collect(),
+        })?;
+    if spec.memory_mib < 96 {
+        return Err(LabError::BadInput(format!(
+            "--memory {} MiB is too small for the lab guest: use at least 96",
+            spec.memory_mib
+        )));
+    }
+    let fill = spec.fill_mib.unwrap_or_else(|| default_fill(spec.memory_mib));
+    if fill + 48 > spec.memory_mib {
+        return Err(LabError::BadInput(format!(
+            "cannot fill {fill} MiB of a {} MiB guest: leave at least 48 MiB for its kernel",
+            spec.memory_mib
+        )));
+    }
+    if state.guest(&spec.name).is_some() {
+        return Err(LabError::BadInput(format!(
+            "a lab guest named '{}' exists already: pick another name or `vmbeam lab guest destroy {}`",
+            spec.name, spec.name
+        )));
+    }
+    for c in &state.cloud_vms {
+        let mut conn = connect(c)?;
+        let exists = Domain::lookup_by_name(&conn, &spec.name).is_ok();
+        let _ = conn.close();
+        if exists {
+            return Err(LabError::BadInput(format!(
+                "a domain named '{}' exists on {} already",
+                spec.name, c.name
+            )));
+        }
+    }
+    let accel = state.accel.clone().ok_or_else(|| LabError::Setup("lab has no accelerator decision".into()))?;
+    let n = (1..)
+        .find(|n| !state.guests.iter().any(|g| g.ip == guest_ip(*n)))
+        .expect("free guest number");
+    let rec = GuestRecord {
+        name: spec.name.clone(),
+        uuid: random_uuid(),
+        memory_mib: spec.memory_mib,
+        fill_mib: fill,
+        dirty_rate: spec.dirty_rate,
+        ip: guest_ip(n),
+        mac: format!("52:54:00:be:{:02x}:{:02x}", n / 256, n % 256),
+        created_on: cvm.name.clone(),
+    };
+    let xml = domain_xml(&rec, image, &accel.domain_type);
+    let conn = connect(&cvm)?;
+    let dom = Domain::define_xml(&conn, &xml).map_err(|e| LabError::Libvirt(format!("define {}: {e}", rec.name)))?;
+    state.guests.push(rec.clone());
+    state.save()?;
+    let started = dom.create().map_err(|e| LabError::Libvirt(format!("start {}: {e}", rec.name)));
+    let ready = started.and_then(|_| {
+        let timeout = Duration::from_secs(45 + 10 * fill / 1024);
+        wait_ready(&agent_socket(&cvm, &rec.name), timeout).map_err(|e| {
+            let console = std::fs::read_to_string(crate::cvm::host_path(&cvm, &console_inner(&rec.name))).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(3).collect();
+            LabError::GuestBoot {
+                name: rec.name.clone(),
+                detail: format!("{e}; console: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
+            }
+        })
+    });
+    if let Err(e) = ready {
+        let _ = dom.destroy();
+        let _ = dom.undefine();
+        state.guests.retain(|g| g.name != rec.name);
+        state.save()?;
+        return Err(e);
+    }
+    Ok(rec)
+}
+
+/// Destroys and undefines a lab guest wherever it is defined, and forgets it.
+pub fn destroy(name: &str) -> Result<Vec<String>, LabError> {
+    let _lock = Lock::take()?;
+    let mut state = crate::require_state()?;
+    if state.guest(name).is_none() {
+        return Err(LabError::UnknownGuest {
+            name: name.into(),
+            known: state.guests.iter().map(|g| g.name.clone()).collect(),
+        });
+    }
+    let mut removed = Vec::new();
+    for cvm in &state.cloud_vms {
+        let mut conn = connect(cvm)?;
+        if let Ok(d) = Domain::lookup_by_name(&conn, name) {
+            if d.is_active().unwrap_or(false) {
+                let _ = d.destroy();
+            }
+            let _ = d.undefine();
+            removed.push(cvm.name.clone());
+        }
+        let _ = conn.close();
+    }
+    state.guests.retain(|g| g.name != name);
+    state.save()?;
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(valid_name("web1"));
+        assert!(valid_name("a.b-c_d"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("../x"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(".hidden"));
+    }
+
+    #[test]
+    fn fill_leaves_room_for_the_kernel() {
+        assert_eq!(default_fill(2048), 1968);
+        assert_eq!(default_fill(128), 64);
+        assert!(default_fill(96) + 48 <= 96);
+    }
+
+    #[test]
+    fn uuid_is_v4_shaped() {
+        let u = random_uuid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+    }
+}

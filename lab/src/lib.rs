@@ -1,0 +1,458 @@
+//! The VMBeam lab: a virtual IaaS cloud on one machine.
+//!
+//! `up` makes N cloud VMs, each a network namespace plus private mount and UTS namespaces
+//! with its own libvirt directories, hostname and libvirtd (at `qemu+tcp://ADDR/system`),
+//! all sharing one beam pool on tmpfs, joined by a cloud network (optionally shaped) and a
+//! guest network that a load-generator namespace also sits on. Everything it creates is
+//! recorded in [`state::LabState`] as it is made; `down` removes exactly that.
+
+pub mod agent;
+pub mod cvm;
+pub mod guest;
+pub mod image;
+pub mod net;
+pub mod probe;
+pub mod state;
+pub mod sys;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use state::{CloudVm, LabState, Resource, Shaping, CACHE_DIR, LAB_ROOT};
+
+/// Where every cloud VM sees the shared beam pool (VMBeam's default pool directory).
+pub const POOL_DIR: &str = "/var/lib/vmbeam/pool";
+
+/// Programs the lab needs on the host.
+pub const REQUIRED_PROGRAMS: &[&str] = &[
+    "ip",
+    "tc",
+    "unshare",
+    "nsenter",
+    "mount",
+    "umount",
+    "libvirtd",
+    "qemu-system-x86_64",
+    "dpkg",
+    "apt-get",
+];
+
+/// A lab operation failed. Each message says what is wrong and, where it can, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("no lab is up: run `vmbeam lab up` first")]
+    NotUp,
+    #[error("a lab with {running} cloud VM(s) is already up; `vmbeam lab down` first to change it to {wanted}")]
+    AlreadyUp { running: usize, wanted: u32 },
+    #[error("{0}; if it is a leftover of an earlier lab, remove it by hand (nothing was changed)")]
+    Conflict(String),
+    #[error("unknown cloud VM '{name}' (this lab has: {})", known.join(", "))]
+    UnknownCloudVm { name: String, known: Vec<String> },
+    #[error("unknown lab guest '{name}' (this lab has: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    UnknownGuest { name: String, known: Vec<String> },
+    #[error("guest '{0}' is not running on any cloud VM")]
+    GuestNotRunning(String),
+    #[error("guest '{name}' did not boot in time: {detail}")]
+    GuestBoot { name: String, detail: String },
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("lab set-up failed: {0}")]
+    Setup(String),
+    #[error("must run as root (the lab creates namespaces, mounts and daemons)")]
+    NotRoot,
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error(transparent)]
+    Sys(#[from] sys::SysError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LabError {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        LabError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<std::io::Error> for LabError {
+    fn from(e: std::io::Error) -> Self {
+        LabError::io(format!("lab state in {LAB_ROOT}"), e)
+    }
+}
+
+/// An exclusive lock on the lab (one `up`/`down`/guest change at a time).
+pub struct Lock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+impl Lock {
+    /// Takes the lock, waiting for another lab command to finish.
+    pub fn take() -> Result<Lock, LabError> {
+        let path = Path::new("/run/vmbeam-lab.lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| LabError::io(format!("open {}", path.display()), e))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map(Lock)
+            .map_err(|(_, e)| LabError::io("lock the lab", e.into()))
+    }
+}
+
+/// The recorded lab, or [`LabError::NotUp`].
+pub fn require_state() -> Result<LabState, LabError> {
+    match LabState::load()? {
+        Some(s) if s.complete => Ok(s),
+        _ => Err(LabError::NotUp),
+    }
+}
+
+/// Options of `lab up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub cloud_vms: u32,
+    pub shaping: Shaping,
+    /// The statically linked guest agent to put in the guest image.
+    pub agent_binary: PathBuf,
+}
+
+/// What `up` did.
+#[derive(Debug)]
+pub enum UpOutcome {
+    /// A new lab was made.
+    Created(LabState),
+    /// The same lab was already up (and healthy, or repaired).
+    AlreadyUp { state: LabState, repaired: Vec<String> },
+}
+
+fn check_root() -> Result<(), LabError> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(LabError::NotRoot);
+    }
+    Ok(())
+}
+
+/// Checks the host has what the lab needs, with the packages to install if not.
+pub fn preflight() -> Result<(), LabError> {
+    check_root()?;
+    sys::require_programs(REQUIRED_PROGRAMS)?;
+    if nix::unistd::User::from_name("libvirt-qemu").ok().flatten().is_none() {
+        return Err(LabError::Setup(
+            "the libvirt-qemu user is missing (libvirtd refuses to start): apt-get install libvirt-daemon-system, or useradd --system libvirt-qemu".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Builds (or reuses) the guest image.
+pub fn guest_image(agent_binary: &Path) -> Result<image::GuestImage, LabError> {
+    std::fs::create_dir_all(CACHE_DIR).map_err(|e| LabError::io(format!("create {CACHE_DIR}"), e))?;
+    Ok(image::build_image(&image::ImageSpec {
+        cache_dir: PathBuf::from(CACHE_DIR),
+        agent_binary: agent_binary.to_path_buf(),
+    })?)
+}
+
+/// Brings the lab up (idempotent: the same lab already up is reported, and repaired if a
+/// daemon died). On failure everything made so far is removed again.
+pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
+    preflight()?;
+    if opts.cloud_vms == 0 || opts.cloud_vms > 16 {
+        return Err(LabError::BadInput(format!(
+            "--cloud-vms {} is out of range: use 1 to 16",
+            opts.cloud_vms
+        )));
+    }
+    if opts.shaping.bandwidth_mbit == Some(0) {
+        return Err(LabError::BadInput("--bandwidth must be at least 1 Mbit/s".into()));
+    }
+    let _lock = Lock::take()?;
+    if let Some(mut s) = LabState::load()? {
+        if !s.complete {
+            // A crashed `up`: roll it back first, then make a fresh lab.
+            teardown(&mut s);
+        } else if s.cloud_vms.len() as u32 != opts.cloud_vms || s.shaping != opts.shaping {
+            return Err(LabError::AlreadyUp {
+                running: s.cloud_vms.len(),
+                wanted: opts.cloud_vms,
+            });
+        } else {
+            let repaired = repair(&mut s)?;
+            return Ok(UpOutcome::AlreadyUp { state: s, repaired });
+        }
+    }
+    for name in [net::HUB_NS, net::LOAD_NS]
+        .into_iter()
+        .map(String::from)
+        .chain((1..=opts.cloud_vms).map(net::cvm_netns))
+    {
+        if net::netns_exists(&name) {
+            return Err(LabError::Conflict(format!(
+                "network namespace {name} exists but no lab is recorded in {LAB_ROOT} (another lab, or a leftover: `ip netns del {name}`)"
+            )));
+        }
+    }
+    let image = guest_image(&opts.agent_binary)?;
+    std::fs::create_dir_all(LAB_ROOT).map_err(|e| LabError::io(format!("create {LAB_ROOT}"), e))?;
+    let mut state = LabState {
+        version: 1,
+        shaping: opts.shaping,
+        pool: Path::new(LAB_ROOT).join("pool"),
+        ..Default::default()
+    };
+    state.save()?;
+    match build(&mut state, opts, &image) {
+        Ok(()) => Ok(UpOutcome::Created(state)),
+        Err(e) => {
+            teardown(&mut state);
+            Err(e)
+        }
+    }
+}
+
+fn build(state: &mut LabState, opts: &UpOptions, image: &image::GuestImage) -> Result<(), LabError> {
+    let accel = probe::choose_accel(image, Path::new(CACHE_DIR))?;
+    state.accel = Some(accel);
+    let pool = state.pool.clone();
+    cvm::make_dir(state, &pool)?;
+    sys::run("mount", &["-t", "tmpfs", "-o", "mode=0700,size=75%", "vmbeam-lab-pool", &pool.to_string_lossy()])?;
+    state.record(Resource::Mount { path: pool })?;
+    net::create_hub(state)?;
+    net::create_loadgen(state)?;
+    for i in 1..=opts.cloud_vms {
+        net::create_cvm_net(state, i, opts.shaping)?;
+        let host_uuid = format!("00000000-0000-4000-8000-{:012x}", 0xbea0_0000u64 + i as u64 + rand_suffix());
+        let c = cvm::create(state, i, &host_uuid)?;
+        state.cloud_vms.push(c);
+        state.save()?;
+    }
+    state.complete = true;
+    state.save()?;
+    Ok(())
+}
+
+fn rand_suffix() -> u64 {
+    (rand::random::<u32>() as u64) << 16
+}
+
+/// Restarts what died in a recorded lab; returns what it restarted.
+fn repair(state: &mut LabState) -> Result<Vec<String>, LabError> {
+    let mut repaired = Vec::new();
+    for i in 0..state.cloud_vms.len() {
+        let c = &state.cloud_vms[i];
+        if !sys::process_alive(c.holder_pid, c.holder_start) {
+            return Err(LabError::Setup(format!(
+                "{}'s namespaces are gone: run `vmbeam lab down` and `vmbeam lab up` again",
+                c.name
+            )));
+        }
+        if !sys::process_alive(c.libvirtd_pid, c.libvirtd_start) {
+            let mut c = c.clone();
+            cvm::start_libvirtd(state, &mut c)?;
+            repaired.push(format!("{}: restarted libvirtd", c.name));
+            state.cloud_vms[i] = c;
+            state.save()?;
+        }
+    }
+    Ok(repaired)
+}
+
+/// What `down` removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub domains: usize,
+    pub processes: usize,
+    pub namespaces: usize,
+    pub mounts: usize,
+    pub links: usize,
+    pub dirs: usize,
+    pub problems: Vec<String>,
+}
+
+/// Takes the lab down: every domain, process, mount, link, namespace and directory it made.
+pub fn down() -> Result<DownReport, LabError> {
+    check_root()?;
+    let _lock = Lock::take()?;
+    let mut s = LabState::load()?.ok_or(LabError::NotUp)?;
+    let report = teardown(&mut s);
+    Ok(report)
+}
+
+fn teardown(s: &mut LabState) -> DownReport {
+    let mut r = DownReport::default();
+    // 1. Guests: destroy them through libvirt while it is still there.
+    for c in &s.cloud_vms {
+        if !sys::process_alive(c.libvirtd_pid, c.libvirtd_start) {
+            continue;
+        }
+        if let Ok(mut conn) = virt::connect::Connect::open(Some(&c.uri)) {
+            if let Ok(doms) = conn.list_all_domains(0) {
+                for d in doms {
+                    if d.is_active().unwrap_or(false) && d.destroy().is_ok() {
+                        r.domains += 1;
+                    }
+                    let _ = d.undefine();
+                }
+            }
+            let _ = conn.close();
+        }
+    }
+    // 2. Recorded processes (newest first), then anything else left in a cloud VM's namespace
+    //    (QEMUs whose libvirtd died, helpers the lab started there).
+    for res in s.resources.iter().rev() {
+        if let Resource::Process { pid, start_time, .. } = res {
+            if sys::process_alive(*pid, *start_time) {
+                r.processes += 1;
+            }
+            sys::terminate(*pid, *start_time, Duration::from_secs(5));
+        }
+    }
+    for res in s.resources.iter() {
+        if let Resource::Netns { name } = res {
+            for pid in sys::pids_in_netns(&Path::new("/run/netns").join(name)) {
+                if let Some(st) = sys::process_start_time(pid) {
+                    r.processes += 1;
+                    sys::terminate(pid, st, Duration::from_secs(3));
+                }
+            }
+        }
+    }
+    // 3. Everything else, in reverse order of creation.
+    for res in s.resources.iter().rev() {
+        match res {
+            Resource::Process { .. } => {}
+            Resource::Mount { path } => {
+                if sys::is_mount_point(path) {
+                    match sys::run("umount", &[path]) {
+                        Ok(_) => r.mounts += 1,
+                        Err(e) => r.problems.push(e.to_string()),
+                    }
+                }
+            }
+            Resource::HostLink { name } => {
+                if Path::new("/sys/class/net").join(name).exists() {
+                    match sys::run("ip", &["link", "del", name]) {
+                        Ok(_) => r.links += 1,
+                        Err(e) => r.problems.push(e.to_string()),
+                    }
+                }
+            }
+            Resource::Netns { name } => {
+                if net::netns_exists(name) {
+                    match sys::run("ip", &["netns", "del", name]) {
+                        Ok(_) => r.namespaces += 1,
+                        Err(e) => r.problems.push(e.to_string()),
+                    }
+                }
+            }
+            Resource::Dir { path } => {
+                let res = if path.starts_with(LAB_ROOT) {
+                    std::fs::remove_dir_all(path)
+                } else {
+                    std::fs::remove_dir(path)
+                };
+                match res {
+                    Ok(()) => r.dirs += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => r.problems.push(format!("remove {}: {e}", path.display())),
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(LabState::path());
+    let _ = std::fs::remove_file(LabState::path().with_extension("json.tmp"));
+    let _ = std::fs::remove_dir(LAB_ROOT);
+    r
+}
+
+/// One cloud VM as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct CvmStatus {
+    pub cvm: CloudVm,
+    pub healthy: bool,
+    /// (domain name, state) of every domain on it.
+    pub domains: Vec<(String, String)>,
+    pub error: Option<String>,
+}
+
+/// The lab as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct LabStatus {
+    pub state: LabState,
+    pub cloud_vms: Vec<CvmStatus>,
+    /// (file name, size in bytes, bytes resident) of each file in the pool.
+    pub pool_files: Vec<(String, u64, u64)>,
+}
+
+fn state_name(s: u32) -> &'static str {
+    match s {
+        1 => "running",
+        2 => "blocked",
+        3 => "paused",
+        4 => "shutting down",
+        5 => "shut off",
+        6 => "crashed",
+        7 => "suspended",
+        _ => "unknown",
+    }
+}
+
+/// The lab's status: cloud VMs, their domains, the pool.
+pub fn status() -> Result<LabStatus, LabError> {
+    let state = require_state()?;
+    let mut cvms = Vec::new();
+    for c in &state.cloud_vms {
+        let healthy = cvm::healthy(c);
+        let mut domains = Vec::new();
+        let mut error = None;
+        match virt::connect::Connect::open(Some(&c.uri)) {
+            Ok(mut conn) => {
+                if let Ok(doms) = conn.list_all_domains(0) {
+                    for d in doms {
+                        let name = d.get_name().unwrap_or_default();
+                        let st = d.get_state().map(|(s, _)| state_name(s)).unwrap_or("unknown");
+                        domains.push((name, st.to_string()));
+                    }
+                }
+                let _ = conn.close();
+            }
+            Err(e) => error = Some(e.to_string()),
+        }
+        cvms.push(CvmStatus {
+            cvm: c.clone(),
+            healthy,
+            domains,
+            error,
+        });
+    }
+    let mut pool_files = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&state.pool) {
+        use std::os::unix::fs::MetadataExt;
+        for e in rd.flatten() {
+            if let Ok(m) = e.metadata() {
+                pool_files.push((e.file_name().to_string_lossy().into_owned(), m.len(), m.blocks() * 512));
+            }
+        }
+    }
+    pool_files.sort();
+    Ok(LabStatus {
+        state,
+        cloud_vms: cvms,
+        pool_files,
+    })
+}

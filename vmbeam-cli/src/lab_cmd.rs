@@ -1,0 +1,288 @@
+//! `vmbeam lab ...`: the one-machine virtual IaaS cloud.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use clap::Subcommand;
+use vmbeam_lab::state::Shaping;
+use vmbeam_lab::{guest, LabError, UpOptions, UpOutcome};
+
+use crate::{exit, Coded};
+
+#[derive(Subcommand, Debug)]
+pub enum LabCmd {
+    /// Create the cloud VMs (idempotent)
+    Up {
+        /// Number of cloud VMs
+        #[arg(long, default_value_t = 2)]
+        cloud_vms: u32,
+        /// Shape each cloud VM's link to this many Mbit/s (the paper: 100 slow, 300 fast)
+        #[arg(long, value_name = "MBIT")]
+        bandwidth: Option<u32>,
+        /// Add this one-way latency to each cloud VM's link (needs sch_netem)
+        #[arg(long, value_name = "MS")]
+        latency: Option<u32>,
+    },
+    /// Show the cloud VMs, their libvirt URIs and domains, and the pool
+    Status,
+    /// Remove everything the lab made
+    Down,
+    /// Lab guests
+    Guest {
+        #[command(subcommand)]
+        cmd: GuestCmd,
+    },
+    /// Run a command inside a cloud VM (its network, mount and UTS namespaces)
+    Exec {
+        /// Cloud VM name
+        cvm: String,
+        /// Command and arguments
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GuestCmd {
+    /// Define and boot a guest whose agent fills, dirties and verifies its memory
+    Create {
+        name: String,
+        /// Guest memory
+        #[arg(long, value_name = "MIB")]
+        memory: u64,
+        /// Memory the agent fills and verifies (default: all but ~80 MiB)
+        #[arg(long, value_name = "MIB")]
+        fill: Option<u64>,
+        /// Pages per second the agent dirties
+        #[arg(long, value_name = "PAGES_PER_S", default_value_t = 0)]
+        dirty_rate: u64,
+        /// Cloud VM to start it on
+        #[arg(long, value_name = "CLOUD_VM")]
+        on: String,
+    },
+    /// Check the guest's memory integrity wherever it runs now (exit 0 PASS, 1 FAIL)
+    Check { name: String },
+    /// Show the guest agent's counters (achieved dirty rate, passes, bad pages)
+    Stats { name: String },
+    /// Destroy and undefine a guest
+    Destroy { name: String },
+}
+
+fn code_for(e: &LabError) -> u8 {
+    match e {
+        LabError::NotUp | LabError::NotRoot | LabError::Sys(vmbeam_lab::sys::SysError::Missing { .. }) => {
+            exit::NOT_READY
+        }
+        LabError::AlreadyUp { .. }
+        | LabError::Conflict(_)
+        | LabError::UnknownCloudVm { .. }
+        | LabError::UnknownGuest { .. }
+        | LabError::BadInput(_)
+        | LabError::Unsupported(_) => exit::BAD_INPUT,
+        _ => exit::FAILED,
+    }
+}
+
+fn lab<T>(r: Result<T, LabError>) -> anyhow::Result<T> {
+    r.map_err(|e| {
+        let c = code_for(&e);
+        anyhow::Error::new(e).context(Coded(c))
+    })
+}
+
+/// Finds the statically linked guest agent: $VMBEAM_GUEST_AGENT, next to this binary, or
+/// in the workspace's static-target directory.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VMBEAM_GUEST_AGENT") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().context("locate the vmbeam binary")?;
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let profile = dir.file_name().map(|s| s.to_owned()).unwrap_or_default();
+    let candidates = [
+        dir.join("vmbeam-guest-agent"),
+        dir.join("../x86_64-unknown-linux-gnu").join(&profile).join("vmbeam-guest-agent"),
+        dir.join("../x86_64-unknown-linux-gnu/release/vmbeam-guest-agent"),
+    ];
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow!("the static guest agent is not built: run scripts/build.sh (or set VMBEAM_GUEST_AGENT)")
+            .context(Coded(exit::NOT_READY))
+    })
+}
+
+pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up {
+            cloud_vms,
+            bandwidth,
+            latency,
+        } => {
+            let t = Instant::now();
+            let opts = UpOptions {
+                cloud_vms,
+                shaping: Shaping {
+                    bandwidth_mbit: bandwidth,
+                    latency_ms: latency,
+                },
+                agent_binary: agent_binary()?,
+            };
+            match lab(vmbeam_lab::up(&opts))? {
+                UpOutcome::Created(s) => {
+                    println!("lab up in {:.1} s: {} cloud VM(s)", t.elapsed().as_secs_f64(), s.cloud_vms.len());
+                    print_made(&s);
+                }
+                UpOutcome::AlreadyUp { state, repaired } => {
+                    println!("lab already up: {} cloud VM(s)", state.cloud_vms.len());
+                    for r in repaired {
+                        println!("  repaired: {r}");
+                    }
+                    print_made(&state);
+                }
+            }
+            Ok(())
+        }
+        LabCmd::Status => {
+            let st = lab(vmbeam_lab::status())?;
+            if let Some(a) = &st.state.accel {
+                println!("accelerator: {} ({})", a.accel, a.reason);
+            }
+            let sh = st.state.shaping;
+            println!(
+                "cloud network: {}{}",
+                sh.bandwidth_mbit.map(|b| format!("{b} Mbit/s")).unwrap_or_else(|| "unshaped".into()),
+                sh.latency_ms.map(|l| format!(", +{l} ms")).unwrap_or_default()
+            );
+            for c in &st.cloud_vms {
+                println!(
+                    "{:<6} {:<28} {}",
+                    c.cvm.name,
+                    c.cvm.uri,
+                    if c.healthy { "up" } else { "DEGRADED (run `vmbeam lab up` to repair)" }
+                );
+                if let Some(e) = &c.error {
+                    println!("         error: {e}");
+                }
+                for (d, s) in &c.domains {
+                    let ip = st.state.guest(d).map(|g| g.ip.as_str()).unwrap_or("-");
+                    println!("         {d:<20} {s:<10} {ip}");
+                }
+            }
+            println!("pool {} (seen as {} in every cloud VM):", st.state.pool.display(), vmbeam_lab::POOL_DIR);
+            if st.pool_files.is_empty() {
+                println!("  (empty)");
+            }
+            for (f, size, res) in &st.pool_files {
+                println!("  {f:<48} {:>8} MiB ({} MiB resident)", size >> 20, res >> 20);
+            }
+            Ok(())
+        }
+        LabCmd::Down => {
+            let r = lab(vmbeam_lab::down())?;
+            println!(
+                "lab down: removed {} domain(s), {} process(es), {} namespace(s), {} mount(s), {} link(s), {} dir(s)",
+                r.domains, r.processes, r.namespaces, r.mounts, r.links, r.dirs
+            );
+            if !r.problems.is_empty() {
+                for p in &r.problems {
+                    eprintln!("  problem: {p}");
+                }
+                return Err(anyhow!("lab down left {} problem(s) behind", r.problems.len()));
+            }
+            Ok(())
+        }
+        LabCmd::Exec { cvm, command } => {
+            let st = lab(vmbeam_lab::require_state())?;
+            let c = lab(st.cloud_vm(&cvm).cloned().ok_or_else(|| LabError::UnknownCloudVm {
+                name: cvm.clone(),
+                known: st.cloud_vms.iter().map(|c| c.name.clone()).collect(),
+            }))?;
+            let status = std::process::Command::new("nsenter")
+                .args(["-t", &c.holder_pid.to_string(), "-m", "-u", "-n", "--wd=/", "--"])
+                .args(&command)
+                .status()
+                .context("run nsenter")?;
+            if !status.success() {
+                return Err(anyhow!("command exited with {status}").context(Coded(status.code().unwrap_or(1) as u8)));
+            }
+            Ok(())
+        }
+        LabCmd::Guest { cmd } => guest_cmd(cmd),
+    }
+}
+
+fn print_made(s: &vmbeam_lab::state::LabState) {
+    if let Some(a) = &s.accel {
+        println!("  accelerator: {} ({})", a.accel, a.reason);
+    }
+    for c in &s.cloud_vms {
+        println!("  {:<6} {:<14} {:<28} netns {}", c.name, c.addr, c.uri, c.netns);
+    }
+    println!("  pool: {} (tmpfs; {} inside each cloud VM)", s.pool.display(), vmbeam_lab::POOL_DIR);
+    if let Some(l) = &s.loadgen_netns {
+        println!("  load generator: netns {l}, {} on the guest network", vmbeam_lab::net::LOADGEN_ADDR);
+    }
+}
+
+fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
+    match cmd {
+        GuestCmd::Create {
+            name,
+            memory,
+            fill,
+            dirty_rate,
+            on,
+        } => {
+            let t = Instant::now();
+            let st = lab(vmbeam_lab::require_state())?;
+            drop(st);
+            let image = lab(vmbeam_lab::guest_image(&agent_binary()?))?;
+            let rec = lab(guest::create(
+                &guest::GuestSpec {
+                    name,
+                    memory_mib: memory,
+                    fill_mib: fill,
+                    dirty_rate,
+                    on,
+                },
+                &image,
+            ))?;
+            println!(
+                "guest {} running on {} ({} MiB, {} MiB filled, {} pages/s, {}), agent ready in {:.1} s",
+                rec.name,
+                rec.created_on,
+                rec.memory_mib,
+                rec.fill_mib,
+                rec.dirty_rate,
+                rec.ip,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        GuestCmd::Check { name } => {
+            let (on, r) = lab(guest::check(&name))?;
+            if r.pass {
+                println!("PASS {name} on {on}: {}", r.line);
+                Ok(())
+            } else {
+                println!("FAIL {name} on {on}: {}", r.line);
+                Err(anyhow!("memory check of {name} failed").context(Coded(exit::FAILED)))
+            }
+        }
+        GuestCmd::Stats { name } => {
+            let st = lab(vmbeam_lab::require_state())?;
+            let (on, mut c) = lab(guest::agent(&st, &name))?;
+            let kv = lab(c.stats(std::time::Duration::from_secs(10)).map_err(LabError::from))?;
+            println!("{name} on {on}:");
+            for (k, v) in kv {
+                println!("  {k:<18} {v}");
+            }
+            Ok(())
+        }
+        GuestCmd::Destroy { name } => {
+            let on = lab(guest::destroy(&name))?;
+            println!("guest {name} destroyed (was defined on: {})", on.join(", "));
+            Ok(())
+        }
+    }
+}

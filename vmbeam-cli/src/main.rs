@@ -1,0 +1,81 @@
+//! `vmbeam`: VMBeam's command line. `vmbeam migrate` takes virsh migrate's arguments in
+//! virsh's order; `vmbeam lab` runs a virtual IaaS cloud on one machine.
+
+mod lab_cmd;
+mod migrate_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's own), 3 refused
+/// (e.g. --zero-copy impossible), 4 environment not ready (no lab, missing packages).
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const REFUSED: u8 = 3;
+    pub const NOT_READY: u8 = 4;
+}
+
+#[derive(Parser)]
+#[command(name = "vmbeam", version, about = "Zero-copy live migration for libvirt-managed virtual IaaS clouds")]
+struct Cli {
+    /// libvirt connection URI of the source (as virsh -c); default: LIBVIRT_DEFAULT_URI or qemu:///system
+    #[arg(short = 'c', long = "connect", global = true)]
+    connect: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Live-migrate a domain (virsh migrate's options and order)
+    Migrate(migrate_cmd::MigrateArgs),
+    /// The lab: a virtual IaaS cloud on one machine
+    Lab {
+        #[command(subcommand)]
+        cmd: lab_cmd::LabCmd,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMBEAM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Migrate(a) => migrate_cmd::run(cli.connect, a),
+        Cmd::Lab { cmd } => lab_cmd::run(cmd),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<Coded>().map(|c| c.0).unwrap_or(exit::FAILED);
+            eprintln!("vmbeam: {}", chain(&e));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// An exit code attached to an error as context.
+#[derive(Debug)]
+pub struct Coded(pub u8);
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+impl std::error::Error for Coded {}
+
+/// The whole error chain on one line, skipping exit-code markers.
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .filter(|c| c.downcast_ref::<Coded>().is_none())
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
