@@ -79,7 +79,12 @@ impl AgentClient {
                         return Ok(rest.to_string());
                     }
                 }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Err(AgentError::Timeout(timeout));
                 }
                 Err(e) => return Err(e.into()),
@@ -115,7 +120,10 @@ impl AgentClient {
     pub fn stats(&mut self, timeout: Duration) -> Result<Vec<(String, String)>, AgentError> {
         let a = self.request("STATS", timeout)?;
         Ok(a.split_whitespace()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect())
     }
 }
@@ -166,8 +174,10 @@ mod tests {
             let mut l = String::new();
             r.read_line(&mut l).unwrap();
             assert_eq!(l, "1 CHECK\n");
-            w.write_all(b"* READY boot_id=x\n0 PONG\n1 CHECK FAIL bad=1 first_bad=3 pages=9 boot_id=x\n")
-                .unwrap();
+            w.write_all(
+                b"* READY boot_id=x\n0 PONG\n1 CHECK FAIL bad=1 first_bad=3 pages=9 boot_id=x\n",
+            )
+            .unwrap();
         });
         let writer = a.try_clone().unwrap();
         let mut c = AgentClient {

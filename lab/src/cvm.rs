@@ -4,8 +4,8 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -26,7 +26,14 @@ pub const PRIVATE_DIRS: &[(&str, &str)] = &[
 ];
 
 /// Subdirectories created in the cloud VM's private /run.
-const RUN_SUBDIRS: &[&str] = &["libvirt", "vmbeam", "vmbeam/lab", "vmbeam/qmp", "dbus", "lock"];
+const RUN_SUBDIRS: &[&str] = &[
+    "libvirt",
+    "vmbeam",
+    "vmbeam/lab",
+    "vmbeam/qmp",
+    "dbus",
+    "lock",
+];
 
 /// Creates a directory (and missing parents), recording each one created.
 pub fn make_dir(state: &mut LabState, path: &Path) -> Result<(), LabError> {
@@ -98,7 +105,11 @@ pub fn create(state: &mut LabState, i: u32, host_uuid: &str) -> Result<CloudVm, 
     for sub in ["qemu", "hooks", "hooks/qemu.d"] {
         make_dir(state, &root.join("etc-libvirt").join(sub))?;
     }
-    write(&root.join("etc-libvirt/libvirtd.conf"), &libvirtd_conf(&addr, host_uuid))?;
+    make_dir(state, &root.join("var-log-libvirt/qemu"))?;
+    write(
+        &root.join("etc-libvirt/libvirtd.conf"),
+        &libvirtd_conf(&addr, host_uuid),
+    )?;
     write(&root.join("etc-libvirt/qemu.conf"), &qemu_conf(&addr))?;
     // The mount points must exist on the host; the lab creates (and records) the missing ones.
     for (_, inner) in PRIVATE_DIRS {
@@ -130,7 +141,12 @@ fn write(path: &Path, content: &str) -> Result<(), LabError> {
 
 /// Starts the process that holds the cloud VM's mount and UTS namespaces. It makes the
 /// private bind mounts, sets the hostname, says `ready` and then sleeps for the lab's life.
-fn start_holder(state: &mut LabState, name: &str, ns: &str, root: &Path) -> Result<(u32, u64), LabError> {
+fn start_holder(
+    state: &mut LabState,
+    name: &str,
+    ns: &str,
+    root: &Path,
+) -> Result<(u32, u64), LabError> {
     let mut script = String::from("set -e\n");
     let pool = Path::new(LAB_ROOT).join("pool");
     for (dir, inner) in PRIVATE_DIRS {
@@ -138,11 +154,27 @@ fn start_holder(state: &mut LabState, name: &str, ns: &str, root: &Path) -> Resu
             // The pool is bound before /run hides the lab root.
             script.push_str(&format!("mount --bind '{}' '{POOL_DIR}'\n", pool.display()));
         }
-        script.push_str(&format!("mount --bind '{}' '{inner}'\n", root.join(dir).display()));
+        script.push_str(&format!(
+            "mount --bind '{}' '{inner}'\n",
+            root.join(dir).display()
+        ));
     }
-    script.push_str(&format!("hostname '{name}'\necho ready\nexec sleep infinity </dev/null >/dev/null 2>&1\n"));
+    script.push_str(&format!(
+        "hostname '{name}'\necho ready\nexec sleep infinity </dev/null >/dev/null 2>&1\n"
+    ));
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+        ])
         .arg(&script)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -179,7 +211,12 @@ fn start_holder(state: &mut LabState, name: &str, ns: &str, root: &Path) -> Resu
 
 /// Runs `program args` inside the cloud VM (its network, mount and UTS namespaces),
 /// returning the child process.
-pub fn spawn_in(cvm: &CloudVm, program: &str, args: &[&str], log: &Path) -> Result<std::process::Child, LabError> {
+pub fn spawn_in(
+    cvm: &CloudVm,
+    program: &str,
+    args: &[&str],
+    log: &Path,
+) -> Result<std::process::Child, LabError> {
     let logf = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -201,7 +238,16 @@ pub fn spawn_in(cvm: &CloudVm, program: &str, args: &[&str], log: &Path) -> Resu
 /// Runs a command inside the cloud VM and waits for it, returning stdout.
 pub fn run_in(cvm: &CloudVm, program: &str, args: &[&str]) -> Result<String, LabError> {
     let holder = cvm.holder_pid.to_string();
-    let mut full = vec!["-t", holder.as_str(), "-m", "-u", "-n", "--wd=/", "--", program];
+    let mut full = vec![
+        "-t",
+        holder.as_str(),
+        "-m",
+        "-u",
+        "-n",
+        "--wd=/",
+        "--",
+        program,
+    ];
     full.extend_from_slice(args);
     Ok(crate::sys::run("nsenter", &full)?)
 }
@@ -212,7 +258,13 @@ pub fn start_libvirtd(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), Lab
     let child = spawn_in(
         cvm,
         "libvirtd",
-        &["-f", "/etc/libvirt/libvirtd.conf", "--listen", "--pid-file", "/run/libvirt/libvirtd.pid"],
+        &[
+            "-f",
+            "/etc/libvirt/libvirtd.conf",
+            "--listen",
+            "--pid-file",
+            "/run/libvirt/libvirtd.pid",
+        ],
         &log,
     )?;
     let pid = child.id();
@@ -249,7 +301,8 @@ pub fn start_libvirtd(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), Lab
 
 /// Whether the cloud VM's holder and libvirtd are alive.
 pub fn healthy(cvm: &CloudVm) -> bool {
-    process_alive(cvm.holder_pid, cvm.holder_start) && process_alive(cvm.libvirtd_pid, cvm.libvirtd_start)
+    process_alive(cvm.holder_pid, cvm.holder_start)
+        && process_alive(cvm.libvirtd_pid, cvm.libvirtd_start)
 }
 
 /// The host path of the cloud VM's private directory `inner` (e.g. `/etc/vmbeam`).

@@ -35,21 +35,31 @@ pub struct GuestSpec {
     pub on: String,
 }
 
-/// Default fill: what is left after ~80 MiB for the kernel and initramfs, at least half.
+/// Default fill: what is left after the kernel, the unpacked initramfs and the kernel's
+/// per-page bookkeeping (about 110 MiB plus 1/64 of the memory, measured on the lab kernel).
 pub fn default_fill(memory_mib: u64) -> u64 {
-    memory_mib.saturating_sub(80).max(memory_mib / 2)
+    memory_mib.saturating_sub(110 + memory_mib / 64)
 }
+
+/// Smallest guest the lab makes.
+pub const MIN_MEMORY_MIB: u64 = 160;
 
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !n.starts_with('.')
 }
 
 /// The libvirt domain XML of a lab guest.
 pub fn domain_xml(rec: &GuestRecord, image: &GuestImage, domain_type: &str) -> String {
-    let cmdline = kernel_cmdline(rec.fill_mib, rec.dirty_rate, &format!("{}/16", rec.ip), Some(LOADGEN_ADDR));
+    let cmdline = kernel_cmdline(
+        rec.fill_mib,
+        rec.dirty_rate,
+        &format!("{}/16", rec.ip),
+        Some(LOADGEN_ADDR),
+    );
     format!(
         r#"<domain type='{domain_type}'>
   <name>{name}</name>
@@ -106,12 +116,20 @@ fn random_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Opens a libvirt connection to a cloud VM.
 pub fn connect(cvm: &CloudVm) -> Result<Connect, LabError> {
-    Connect::open(Some(&cvm.uri)).map_err(|e| LabError::Libvirt(format!("connect to {} ({}): {e}", cvm.name, cvm.uri)))
+    Connect::open(Some(&cvm.uri))
+        .map_err(|e| LabError::Libvirt(format!("connect to {} ({}): {e}", cvm.name, cvm.uri)))
 }
 
 /// Whether `name` is active on `cvm`.
@@ -180,17 +198,20 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
             name: spec.on.clone(),
             known: state.cloud_vms.iter().map(|c| c.name.clone()).collect(),
         })?;
-    if spec.memory_mib < 96 {
+    if spec.memory_mib < MIN_MEMORY_MIB {
         return Err(LabError::BadInput(format!(
-            "--memory {} MiB is too small for the lab guest: use at least 96",
+            "--memory {} MiB is too small for the lab guest: use at least {MIN_MEMORY_MIB}",
             spec.memory_mib
         )));
     }
-    let fill = spec.fill_mib.unwrap_or_else(|| default_fill(spec.memory_mib));
-    if fill + 48 > spec.memory_mib {
+    let fill = spec
+        .fill_mib
+        .unwrap_or_else(|| default_fill(spec.memory_mib));
+    if fill == 0 || fill > default_fill(spec.memory_mib) {
         return Err(LabError::BadInput(format!(
-            "cannot fill {fill} MiB of a {} MiB guest: leave at least 48 MiB for its kernel",
-            spec.memory_mib
+            "cannot fill {fill} MiB of a {} MiB guest: use 1 to {} MiB (the rest is its kernel's)",
+            spec.memory_mib,
+            default_fill(spec.memory_mib)
         )));
     }
     if state.guest(&spec.name).is_some() {
@@ -210,7 +231,10 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
             )));
         }
     }
-    let accel = state.accel.clone().ok_or_else(|| LabError::Setup("lab has no accelerator decision".into()))?;
+    let accel = state
+        .accel
+        .clone()
+        .ok_or_else(|| LabError::Setup("lab has no accelerator decision".into()))?;
     let n = (1..)
         .find(|n| !state.guests.iter().any(|g| g.ip == guest_ip(*n)))
         .expect("free guest number");
@@ -225,21 +249,19 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
         created_on: cvm.name.clone(),
     };
     let xml = domain_xml(&rec, image, &accel.domain_type);
+    // A console log left by an earlier guest of the same name would be appended to.
+    let _ = std::fs::remove_file(crate::cvm::host_path(&cvm, &console_inner(&rec.name)));
     let conn = connect(&cvm)?;
-    let dom = Domain::define_xml(&conn, &xml).map_err(|e| LabError::Libvirt(format!("define {}: {e}", rec.name)))?;
+    let dom = Domain::define_xml(&conn, &xml)
+        .map_err(|e| LabError::Libvirt(format!("define {}: {e}", rec.name)))?;
     state.guests.push(rec.clone());
     state.save()?;
-    let started = dom.create().map_err(|e| LabError::Libvirt(format!("start {}: {e}", rec.name)));
+    let started = dom
+        .create()
+        .map_err(|e| LabError::Libvirt(format!("start {}: {e}", rec.name)));
     let ready = started.and_then(|_| {
         let timeout = Duration::from_secs(45 + 10 * fill / 1024);
-        wait_ready(&agent_socket(&cvm, &rec.name), timeout).map_err(|e| {
-            let console = std::fs::read_to_string(crate::cvm::host_path(&cvm, &console_inner(&rec.name))).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(3).collect();
-            LabError::GuestBoot {
-                name: rec.name.clone(),
-                detail: format!("{e}; console: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
-            }
-        })
+        wait_booted(&cvm, &dom, &rec.name, timeout)
     });
     if let Err(e) = ready {
         let _ = dom.destroy();
@@ -249,6 +271,42 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
         return Err(e);
     }
     Ok(rec)
+}
+
+/// Waits for the agent to answer, failing early when the guest died or the agent gave up.
+fn wait_booted(cvm: &CloudVm, dom: &Domain, name: &str, timeout: Duration) -> Result<(), LabError> {
+    let console_path = crate::cvm::host_path(cvm, &console_inner(name));
+    let deadline = std::time::Instant::now() + timeout;
+    let fail = |detail: String| LabError::GuestBoot {
+        name: name.into(),
+        detail,
+    };
+    loop {
+        match wait_ready(&agent_socket(cvm, name), Duration::from_secs(1)) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+                if let Some(l) = console.lines().find(|l| l.contains("VMBEAM-AGENT FATAL")) {
+                    return Err(fail(l.trim().to_string()));
+                }
+                if let Some(l) = console.lines().find(|l| l.contains("Kernel panic")) {
+                    return Err(fail(format!("the guest kernel panicked: {}", l.trim())));
+                }
+                if !dom.is_active().unwrap_or(false) {
+                    return Err(fail("the guest stopped during boot".into()));
+                }
+                if std::time::Instant::now() >= deadline {
+                    let tail: Vec<&str> = console.lines().rev().take(3).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    return Err(fail(format!(
+                        "{e} after {} s; console: {}",
+                        timeout.as_secs(),
+                        tail.join(" | ")
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// Destroys and undefines a lab guest wherever it is defined, and forgets it.
@@ -294,9 +352,9 @@ mod tests {
 
     #[test]
     fn fill_leaves_room_for_the_kernel() {
-        assert_eq!(default_fill(2048), 1968);
-        assert_eq!(default_fill(128), 64);
-        assert!(default_fill(96) + 48 <= 96);
+        assert_eq!(default_fill(2048), 1906);
+        assert_eq!(default_fill(256), 142);
+        assert!(default_fill(MIN_MEMORY_MIB) > 0);
     }
 
     #[test]

@@ -137,7 +137,10 @@ pub enum UpOutcome {
     /// A new lab was made.
     Created(LabState),
     /// The same lab was already up (and healthy, or repaired).
-    AlreadyUp { state: LabState, repaired: Vec<String> },
+    AlreadyUp {
+        state: LabState,
+        repaired: Vec<String>,
+    },
 }
 
 fn check_root() -> Result<(), LabError> {
@@ -151,7 +154,11 @@ fn check_root() -> Result<(), LabError> {
 pub fn preflight() -> Result<(), LabError> {
     check_root()?;
     sys::require_programs(REQUIRED_PROGRAMS)?;
-    if nix::unistd::User::from_name("libvirt-qemu").ok().flatten().is_none() {
+    if nix::unistd::User::from_name("libvirt-qemu")
+        .ok()
+        .flatten()
+        .is_none()
+    {
         return Err(LabError::Setup(
             "the libvirt-qemu user is missing (libvirtd refuses to start): apt-get install libvirt-daemon-system, or useradd --system libvirt-qemu".into(),
         ));
@@ -161,7 +168,8 @@ pub fn preflight() -> Result<(), LabError> {
 
 /// Builds (or reuses) the guest image.
 pub fn guest_image(agent_binary: &Path) -> Result<image::GuestImage, LabError> {
-    std::fs::create_dir_all(CACHE_DIR).map_err(|e| LabError::io(format!("create {CACHE_DIR}"), e))?;
+    std::fs::create_dir_all(CACHE_DIR)
+        .map_err(|e| LabError::io(format!("create {CACHE_DIR}"), e))?;
     Ok(image::build_image(&image::ImageSpec {
         cache_dir: PathBuf::from(CACHE_DIR),
         agent_binary: agent_binary.to_path_buf(),
@@ -179,7 +187,9 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
         )));
     }
     if opts.shaping.bandwidth_mbit == Some(0) {
-        return Err(LabError::BadInput("--bandwidth must be at least 1 Mbit/s".into()));
+        return Err(LabError::BadInput(
+            "--bandwidth must be at least 1 Mbit/s".into(),
+        ));
     }
     let _lock = Lock::take()?;
     if let Some(mut s) = LabState::load()? {
@@ -225,18 +235,35 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
     }
 }
 
-fn build(state: &mut LabState, opts: &UpOptions, image: &image::GuestImage) -> Result<(), LabError> {
+fn build(
+    state: &mut LabState,
+    opts: &UpOptions,
+    image: &image::GuestImage,
+) -> Result<(), LabError> {
     let accel = probe::choose_accel(image, Path::new(CACHE_DIR))?;
     state.accel = Some(accel);
     let pool = state.pool.clone();
     cvm::make_dir(state, &pool)?;
-    sys::run("mount", &["-t", "tmpfs", "-o", "mode=0700,size=75%", "vmbeam-lab-pool", &pool.to_string_lossy()])?;
+    sys::run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "mode=0700,size=75%",
+            "vmbeam-lab-pool",
+            &pool.to_string_lossy(),
+        ],
+    )?;
     state.record(Resource::Mount { path: pool })?;
     net::create_hub(state)?;
     net::create_loadgen(state)?;
     for i in 1..=opts.cloud_vms {
         net::create_cvm_net(state, i, opts.shaping)?;
-        let host_uuid = format!("00000000-0000-4000-8000-{:012x}", 0xbea0_0000u64 + i as u64 + rand_suffix());
+        let host_uuid = format!(
+            "00000000-0000-4000-8000-{:012x}",
+            0xbea0_0000u64 + i as u64 + rand_suffix()
+        );
         let c = cvm::create(state, i, &host_uuid)?;
         state.cloud_vms.push(c);
         state.save()?;
@@ -315,7 +342,10 @@ fn teardown(s: &mut LabState) -> DownReport {
     // 2. Recorded processes (newest first), then anything else left in a cloud VM's namespace
     //    (QEMUs whose libvirtd died, helpers the lab started there).
     for res in s.resources.iter().rev() {
-        if let Resource::Process { pid, start_time, .. } = res {
+        if let Resource::Process {
+            pid, start_time, ..
+        } = res
+        {
             if sys::process_alive(*pid, *start_time) {
                 r.processes += 1;
             }
@@ -425,7 +455,10 @@ pub fn status() -> Result<LabStatus, LabError> {
                 if let Ok(doms) = conn.list_all_domains(0) {
                     for d in doms {
                         let name = d.get_name().unwrap_or_default();
-                        let st = d.get_state().map(|(s, _)| state_name(s)).unwrap_or("unknown");
+                        let st = d
+                            .get_state()
+                            .map(|(s, _)| state_name(s))
+                            .unwrap_or("unknown");
                         domains.push((name, st.to_string()));
                     }
                 }
@@ -445,7 +478,11 @@ pub fn status() -> Result<LabStatus, LabError> {
         use std::os::unix::fs::MetadataExt;
         for e in rd.flatten() {
             if let Ok(m) = e.metadata() {
-                pool_files.push((e.file_name().to_string_lossy().into_owned(), m.len(), m.blocks() * 512));
+                pool_files.push((
+                    e.file_name().to_string_lossy().into_owned(),
+                    m.len(),
+                    m.blocks() * 512,
+                ));
             }
         }
     }

@@ -69,15 +69,40 @@ pub fn create_hub(state: &mut LabState) -> Result<(), LabError> {
         run("ip", &["-n", HUB_NS, "link", "add", br, "type", "bridge"])?;
         run("ip", &["-n", HUB_NS, "link", "set", br, "up"])?;
     }
-    if std::path::Path::new("/sys/class/net").join(HOST_LINK).exists() {
+    if std::path::Path::new("/sys/class/net")
+        .join(HOST_LINK)
+        .exists()
+    {
         return Err(LabError::Conflict(format!(
             "host link {HOST_LINK} already exists but is not part of a recorded lab"
         )));
     }
-    run("ip", &["link", "add", HOST_LINK, "type", "veth", "peer", "name", "h0", "netns", HUB_NS])?;
-    state.record(Resource::HostLink { name: HOST_LINK.into() })?;
-    run("ip", &["-n", HUB_NS, "link", "set", "h0", "master", CLOUD_BRIDGE, "up"])?;
-    run("ip", &["addr", "add", &format!("{HOST_ADDR}/24"), "dev", HOST_LINK])?;
+    run(
+        "ip",
+        &[
+            "link", "add", HOST_LINK, "type", "veth", "peer", "name", "h0", "netns", HUB_NS,
+        ],
+    )?;
+    state.record(Resource::HostLink {
+        name: HOST_LINK.into(),
+    })?;
+    run(
+        "ip",
+        &[
+            "-n",
+            HUB_NS,
+            "link",
+            "set",
+            "h0",
+            "master",
+            CLOUD_BRIDGE,
+            "up",
+        ],
+    )?;
+    run(
+        "ip",
+        &["addr", "add", &format!("{HOST_ADDR}/24"), "dev", HOST_LINK],
+    )?;
     run("ip", &["link", "set", HOST_LINK, "up"])?;
     Ok(())
 }
@@ -87,17 +112,77 @@ pub fn create_cvm_net(state: &mut LabState, i: u32, shaping: Shaping) -> Result<
     let ns = cvm_netns(i);
     add_netns(state, &ns)?;
     let c = format!("c{i}");
-    run("ip", &["-n", HUB_NS, "link", "add", &c, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-    run("ip", &["-n", HUB_NS, "link", "set", &c, "master", CLOUD_BRIDGE, "up"])?;
-    run("ip", &["-n", &ns, "addr", "add", &format!("{}/24", cvm_addr(i)), "dev", "eth0"])?;
+    run(
+        "ip",
+        &[
+            "-n", HUB_NS, "link", "add", &c, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            HUB_NS,
+            "link",
+            "set",
+            &c,
+            "master",
+            CLOUD_BRIDGE,
+            "up",
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", cvm_addr(i)),
+            "dev",
+            "eth0",
+        ],
+    )?;
     run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
     apply_shaping(&ns, "eth0", shaping)?;
 
     let g = format!("g{i}");
-    run("ip", &["-n", HUB_NS, "link", "add", &g, "type", "veth", "peer", "name", "gw0", "netns", &ns])?;
-    run("ip", &["-n", HUB_NS, "link", "set", &g, "master", GUEST_BRIDGE, "up"])?;
-    run("ip", &["-n", &ns, "link", "add", CVM_GUEST_BRIDGE, "type", "bridge"])?;
-    run("ip", &["-n", &ns, "link", "set", "gw0", "master", CVM_GUEST_BRIDGE, "up"])?;
+    run(
+        "ip",
+        &[
+            "-n", HUB_NS, "link", "add", &g, "type", "veth", "peer", "name", "gw0", "netns", &ns,
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            HUB_NS,
+            "link",
+            "set",
+            &g,
+            "master",
+            GUEST_BRIDGE,
+            "up",
+        ],
+    )?;
+    run(
+        "ip",
+        &["-n", &ns, "link", "add", CVM_GUEST_BRIDGE, "type", "bridge"],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "link",
+            "set",
+            "gw0",
+            "master",
+            CVM_GUEST_BRIDGE,
+            "up",
+        ],
+    )?;
     run("ip", &["-n", &ns, "link", "set", CVM_GUEST_BRIDGE, "up"])?;
     Ok(ns)
 }
@@ -105,9 +190,38 @@ pub fn create_cvm_net(state: &mut LabState, i: u32, shaping: Shaping) -> Result<
 /// Creates the load generator's namespace on the guest network.
 pub fn create_loadgen(state: &mut LabState) -> Result<(), LabError> {
     add_netns(state, LOAD_NS)?;
-    run("ip", &["-n", HUB_NS, "link", "add", "l0", "type", "veth", "peer", "name", "eth0", "netns", LOAD_NS])?;
-    run("ip", &["-n", HUB_NS, "link", "set", "l0", "master", GUEST_BRIDGE, "up"])?;
-    run("ip", &["-n", LOAD_NS, "addr", "add", &format!("{LOADGEN_ADDR}/16"), "dev", "eth0"])?;
+    run(
+        "ip",
+        &[
+            "-n", HUB_NS, "link", "add", "l0", "type", "veth", "peer", "name", "eth0", "netns",
+            LOAD_NS,
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            HUB_NS,
+            "link",
+            "set",
+            "l0",
+            "master",
+            GUEST_BRIDGE,
+            "up",
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            LOAD_NS,
+            "addr",
+            "add",
+            &format!("{LOADGEN_ADDR}/16"),
+            "dev",
+            "eth0",
+        ],
+    )?;
     run("ip", &["-n", LOAD_NS, "link", "set", "eth0", "up"])?;
     state.loadgen_netns = Some(LOAD_NS.into());
     state.save()?;
@@ -175,7 +289,9 @@ pub fn link_counters(ns: &str, dev: &str) -> Result<(u64, u64), LabError> {
             format!("/sys/class/net/{dev}/statistics/rx_bytes"),
         ],
     )?;
-    let mut it = out.split_whitespace().map(|s| s.parse::<u64>().unwrap_or(0));
+    let mut it = out
+        .split_whitespace()
+        .map(|s| s.parse::<u64>().unwrap_or(0));
     Ok((it.next().unwrap_or(0), it.next().unwrap_or(0)))
 }
 
@@ -194,11 +310,15 @@ mod tests {
     fn tbf_burst_is_at_least_32k() {
         let a = tbf_args("eth0", "root", 100);
         assert!(a.contains(&"100mbit".to_string()));
-        let burst: u64 = a[a.iter().position(|x| x == "burst").unwrap() + 1].parse().unwrap();
+        let burst: u64 = a[a.iter().position(|x| x == "burst").unwrap() + 1]
+            .parse()
+            .unwrap();
         assert_eq!(burst, 125_000);
         let a = tbf_args("eth0", "parent 1:1", 1);
         assert!(a.contains(&"parent".to_string()));
-        let burst: u64 = a[a.iter().position(|x| x == "burst").unwrap() + 1].parse().unwrap();
+        let burst: u64 = a[a.iter().position(|x| x == "burst").unwrap() + 1]
+            .parse()
+            .unwrap();
         assert_eq!(burst, 32 * 1024);
     }
 }

@@ -21,16 +21,33 @@ pub struct ProbeResult {
 }
 
 /// Boots the image under `accel` and waits for the init marker on the serial console.
-pub fn boot_probe(image: &GuestImage, accel: &str, timeout: Duration) -> Result<ProbeResult, LabError> {
+pub fn boot_probe(
+    image: &GuestImage,
+    accel: &str,
+    timeout: Duration,
+) -> Result<ProbeResult, LabError> {
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel, "-machine", "pc", "-m", "192", "-nodefaults", "-nographic", "-no-reboot"])
+        .args([
+            "-accel",
+            accel,
+            "-machine",
+            "pc",
+            "-m",
+            "192",
+            "-nodefaults",
+            "-nographic",
+            "-no-reboot",
+        ])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .arg("-kernel")
         .arg(&image.kernel)
         .arg("-initrd")
         .arg(&image.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet vmbeam.probe=1 vmbeam.mem_mib=8"])
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet vmbeam.probe=1 vmbeam.mem_mib=8",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -49,6 +66,7 @@ pub fn boot_probe(image: &GuestImage, accel: &str, timeout: Duration) -> Result<
     });
     let booted = rx.recv_timeout(timeout).is_ok();
     let elapsed = start.elapsed();
+    let exited_early = !booted && matches!(child.try_wait(), Ok(Some(_)));
     let _ = child.kill();
     let out = child.wait_with_output().ok();
     let stderr = out
@@ -56,8 +74,11 @@ pub fn boot_probe(image: &GuestImage, accel: &str, timeout: Duration) -> Result<
         .unwrap_or_default();
     let detail = if booted {
         format!("reached init in {} ms", elapsed.as_millis())
-    } else if !stderr.is_empty() {
-        format!("did not reach init: {}", stderr.lines().last().unwrap_or(""))
+    } else if exited_early {
+        format!(
+            "did not reach init: QEMU exited: {}",
+            stderr.lines().last().unwrap_or("")
+        )
     } else {
         format!("did not reach init within {} s", timeout.as_secs())
     };
@@ -72,7 +93,13 @@ fn cache_key(image: &GuestImage) -> String {
     let qemu = Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     use sha2::Digest;
@@ -85,7 +112,10 @@ fn cache_key(image: &GuestImage) -> String {
 pub fn choose_accel(image: &GuestImage, cache_dir: &Path) -> Result<AccelChoice, LabError> {
     let cache = cache_dir.join(format!("accel-{}.json", cache_key(image)));
     if std::env::var_os("VMBEAM_REPROBE").is_none() {
-        if let Some(c) = std::fs::read(&cache).ok().and_then(|b| serde_json::from_slice::<AccelChoice>(&b).ok()) {
+        if let Some(c) = std::fs::read(&cache)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<AccelChoice>(&b).ok())
+        {
             return Ok(c);
         }
     }
@@ -101,7 +131,10 @@ pub fn choose_accel(image: &GuestImage, cache_dir: &Path) -> Result<AccelChoice,
             save_cache(&cache, &c);
             return Ok(c);
         }
-        format!("/dev/kvm exists but the guest kernel {} under KVM", r.detail)
+        format!(
+            "/dev/kvm exists but the guest kernel {} under KVM",
+            r.detail
+        )
     } else {
         "/dev/kvm is absent".to_string()
     };

@@ -26,7 +26,11 @@ pub enum Resource {
     /// A network link in the host namespace (links inside lab namespaces go with them).
     HostLink { name: String },
     /// A process, identified by PID and start time.
-    Process { pid: u32, start_time: u64, what: String },
+    Process {
+        pid: u32,
+        start_time: u64,
+        what: String,
+    },
 }
 
 /// One cloud VM of the lab.
@@ -59,7 +63,9 @@ pub struct CloudVm {
 impl CloudVm {
     /// The host path of a path as seen inside this cloud VM's private `/run`.
     pub fn host_run_path(&self, inner: &str) -> PathBuf {
-        self.root.join("run").join(inner.trim_start_matches("/run/"))
+        self.root
+            .join("run")
+            .join(inner.trim_start_matches("/run/"))
     }
 }
 
@@ -137,7 +143,10 @@ impl LabState {
     pub fn save(&self) -> std::io::Result<()> {
         let path = Self::path();
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
         std::fs::rename(tmp, path)
     }
 
@@ -168,7 +177,9 @@ mod tests {
             version: 1,
             ..Default::default()
         };
-        s.resources.push(Resource::Netns { name: "vmbeam-cvm1".into() });
+        s.resources.push(Resource::Netns {
+            name: "vmbeam-cvm1".into(),
+        });
         s.resources.push(Resource::Process {
             pid: 42,
             start_time: 7,

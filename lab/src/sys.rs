@@ -69,7 +69,12 @@ pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String, SysErro
 
 /// Like [`run`] but inside network namespace `ns` (through `ip netns exec`).
 pub fn run_in_ns<S: AsRef<OsStr>>(ns: &str, program: &str, args: &[S]) -> Result<String, SysError> {
-    let mut full: Vec<&OsStr> = vec![OsStr::new("netns"), OsStr::new("exec"), OsStr::new(ns), OsStr::new(program)];
+    let mut full: Vec<&OsStr> = vec![
+        OsStr::new("netns"),
+        OsStr::new("exec"),
+        OsStr::new(ns),
+        OsStr::new(program),
+    ];
     full.extend(args.iter().map(|a| a.as_ref()));
     run("ip", &full)
 }
@@ -96,7 +101,12 @@ pub fn require_programs(programs: &[&str]) -> Result<(), SysError> {
         if !program_exists(p) {
             return Err(SysError::Missing {
                 program: (*p).to_string(),
-                hint: package_hint(Path::new(p).file_name().and_then(|f| f.to_str()).unwrap_or(p)),
+                hint: package_hint(
+                    Path::new(p)
+                        .file_name()
+                        .and_then(|f| f.to_str())
+                        .unwrap_or(p),
+                ),
             });
         }
     }
@@ -204,7 +214,11 @@ pub fn is_mount_point(path: &Path) -> bool {
 }
 
 /// Waits until `f` returns `Some`, polling every `every`, up to `timeout`.
-pub fn wait_for<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

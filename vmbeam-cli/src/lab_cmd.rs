@@ -71,9 +71,9 @@ pub enum GuestCmd {
 
 fn code_for(e: &LabError) -> u8 {
     match e {
-        LabError::NotUp | LabError::NotRoot | LabError::Sys(vmbeam_lab::sys::SysError::Missing { .. }) => {
-            exit::NOT_READY
-        }
+        LabError::NotUp
+        | LabError::NotRoot
+        | LabError::Sys(vmbeam_lab::sys::SysError::Missing { .. }) => exit::NOT_READY,
         LabError::AlreadyUp { .. }
         | LabError::Conflict(_)
         | LabError::UnknownCloudVm { .. }
@@ -100,14 +100,20 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locate the vmbeam binary")?;
     let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     let profile = dir.file_name().map(|s| s.to_owned()).unwrap_or_default();
+    // The static build (scripts/build.sh) first: the workspace's own build of the agent,
+    // next to this binary, is dynamically linked. An installed layout has only the sibling.
     let candidates = [
-        dir.join("vmbeam-guest-agent"),
-        dir.join("../x86_64-unknown-linux-gnu").join(&profile).join("vmbeam-guest-agent"),
+        dir.join("../x86_64-unknown-linux-gnu")
+            .join(&profile)
+            .join("vmbeam-guest-agent"),
         dir.join("../x86_64-unknown-linux-gnu/release/vmbeam-guest-agent"),
+        dir.join("vmbeam-guest-agent"),
     ];
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        anyhow!("the static guest agent is not built: run scripts/build.sh (or set VMBEAM_GUEST_AGENT)")
-            .context(Coded(exit::NOT_READY))
+        anyhow!(
+            "the static guest agent is not built: run scripts/build.sh (or set VMBEAM_GUEST_AGENT)"
+        )
+        .context(Coded(exit::NOT_READY))
     })
 }
 
@@ -129,7 +135,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             };
             match lab(vmbeam_lab::up(&opts))? {
                 UpOutcome::Created(s) => {
-                    println!("lab up in {:.1} s: {} cloud VM(s)", t.elapsed().as_secs_f64(), s.cloud_vms.len());
+                    println!(
+                        "lab up in {:.1} s: {} cloud VM(s)",
+                        t.elapsed().as_secs_f64(),
+                        s.cloud_vms.len()
+                    );
                     print_made(&s);
                 }
                 UpOutcome::AlreadyUp { state, repaired } => {
@@ -150,15 +160,23 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             let sh = st.state.shaping;
             println!(
                 "cloud network: {}{}",
-                sh.bandwidth_mbit.map(|b| format!("{b} Mbit/s")).unwrap_or_else(|| "unshaped".into()),
-                sh.latency_ms.map(|l| format!(", +{l} ms")).unwrap_or_default()
+                sh.bandwidth_mbit
+                    .map(|b| format!("{b} Mbit/s"))
+                    .unwrap_or_else(|| "unshaped".into()),
+                sh.latency_ms
+                    .map(|l| format!(", +{l} ms"))
+                    .unwrap_or_default()
             );
             for c in &st.cloud_vms {
                 println!(
                     "{:<6} {:<28} {}",
                     c.cvm.name,
                     c.cvm.uri,
-                    if c.healthy { "up" } else { "DEGRADED (run `vmbeam lab up` to repair)" }
+                    if c.healthy {
+                        "up"
+                    } else {
+                        "DEGRADED (run `vmbeam lab up` to repair)"
+                    }
                 );
                 if let Some(e) = &c.error {
                     println!("         error: {e}");
@@ -168,12 +186,20 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                     println!("         {d:<20} {s:<10} {ip}");
                 }
             }
-            println!("pool {} (seen as {} in every cloud VM):", st.state.pool.display(), vmbeam_lab::POOL_DIR);
+            println!(
+                "pool {} (seen as {} in every cloud VM):",
+                st.state.pool.display(),
+                vmbeam_lab::POOL_DIR
+            );
             if st.pool_files.is_empty() {
                 println!("  (empty)");
             }
             for (f, size, res) in &st.pool_files {
-                println!("  {f:<48} {:>8} MiB ({} MiB resident)", size >> 20, res >> 20);
+                println!(
+                    "  {f:<48} {:>8} MiB ({} MiB resident)",
+                    size >> 20,
+                    res >> 20
+                );
             }
             Ok(())
         }
@@ -187,23 +213,38 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 for p in &r.problems {
                     eprintln!("  problem: {p}");
                 }
-                return Err(anyhow!("lab down left {} problem(s) behind", r.problems.len()));
+                return Err(anyhow!(
+                    "lab down left {} problem(s) behind",
+                    r.problems.len()
+                ));
             }
             Ok(())
         }
         LabCmd::Exec { cvm, command } => {
             let st = lab(vmbeam_lab::require_state())?;
-            let c = lab(st.cloud_vm(&cvm).cloned().ok_or_else(|| LabError::UnknownCloudVm {
-                name: cvm.clone(),
-                known: st.cloud_vms.iter().map(|c| c.name.clone()).collect(),
-            }))?;
+            let c = lab(st
+                .cloud_vm(&cvm)
+                .cloned()
+                .ok_or_else(|| LabError::UnknownCloudVm {
+                    name: cvm.clone(),
+                    known: st.cloud_vms.iter().map(|c| c.name.clone()).collect(),
+                }))?;
             let status = std::process::Command::new("nsenter")
-                .args(["-t", &c.holder_pid.to_string(), "-m", "-u", "-n", "--wd=/", "--"])
+                .args([
+                    "-t",
+                    &c.holder_pid.to_string(),
+                    "-m",
+                    "-u",
+                    "-n",
+                    "--wd=/",
+                    "--",
+                ])
                 .args(&command)
                 .status()
                 .context("run nsenter")?;
             if !status.success() {
-                return Err(anyhow!("command exited with {status}").context(Coded(status.code().unwrap_or(1) as u8)));
+                return Err(anyhow!("command exited with {status}")
+                    .context(Coded(status.code().unwrap_or(1) as u8)));
             }
             Ok(())
         }
@@ -216,11 +257,21 @@ fn print_made(s: &vmbeam_lab::state::LabState) {
         println!("  accelerator: {} ({})", a.accel, a.reason);
     }
     for c in &s.cloud_vms {
-        println!("  {:<6} {:<14} {:<28} netns {}", c.name, c.addr, c.uri, c.netns);
+        println!(
+            "  {:<6} {:<14} {:<28} netns {}",
+            c.name, c.addr, c.uri, c.netns
+        );
     }
-    println!("  pool: {} (tmpfs; {} inside each cloud VM)", s.pool.display(), vmbeam_lab::POOL_DIR);
+    println!(
+        "  pool: {} (tmpfs; {} inside each cloud VM)",
+        s.pool.display(),
+        vmbeam_lab::POOL_DIR
+    );
     if let Some(l) = &s.loadgen_netns {
-        println!("  load generator: netns {l}, {} on the guest network", vmbeam_lab::net::LOADGEN_ADDR);
+        println!(
+            "  load generator: netns {l}, {} on the guest network",
+            vmbeam_lab::net::LOADGEN_ADDR
+        );
     }
 }
 
@@ -272,7 +323,9 @@ fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
         GuestCmd::Stats { name } => {
             let st = lab(vmbeam_lab::require_state())?;
             let (on, mut c) = lab(guest::agent(&st, &name))?;
-            let kv = lab(c.stats(std::time::Duration::from_secs(10)).map_err(LabError::from))?;
+            let kv = lab(c
+                .stats(std::time::Duration::from_secs(10))
+                .map_err(LabError::from))?;
             println!("{name} on {on}:");
             for (k, v) in kv {
                 println!("  {k:<18} {v}");

@@ -18,7 +18,11 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "vmbeam", version, about = "Zero-copy live migration for libvirt-managed virtual IaaS clouds")]
+#[command(
+    name = "vmbeam",
+    version,
+    about = "Zero-copy live migration for libvirt-managed virtual IaaS clouds"
+)]
 struct Cli {
     /// libvirt connection URI of the source (as virsh -c); default: LIBVIRT_DEFAULT_URI or qemu:///system
     #[arg(short = 'c', long = "connect", global = true)]
@@ -41,10 +45,14 @@ enum Cmd {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMBEAM_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("VMBEAM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    // libvirt's default error callback prints every error (even expected look-up misses)
+    // to stderr; errors are returned and reported once instead.
+    virt::error::clear_error_callback();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Migrate(a) => migrate_cmd::run(cli.connect, a),
@@ -53,8 +61,11 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e.downcast_ref::<Coded>().map(|c| c.0).unwrap_or(exit::FAILED);
-            eprintln!("vmbeam: {}", chain(&e));
+            let code = e
+                .downcast_ref::<Coded>()
+                .map(|c| c.0)
+                .unwrap_or(exit::FAILED);
+            eprintln!("vmbeam: {}", chain(&e, code));
             ExitCode::from(code)
         }
     }
@@ -71,10 +82,11 @@ impl std::fmt::Display for Coded {
 }
 impl std::error::Error for Coded {}
 
-/// The whole error chain on one line, skipping exit-code markers.
-fn chain(e: &anyhow::Error) -> String {
+/// The whole error chain on one line, skipping the exit-code marker.
+fn chain(e: &anyhow::Error, code: u8) -> String {
+    let marker = Coded(code).to_string();
     e.chain()
-        .filter(|c| c.downcast_ref::<Coded>().is_none())
+        .filter(|c| c.to_string() != marker)
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(": ")

@@ -43,8 +43,10 @@ pub struct MigrateArgs {
 
 pub fn run(connect: Option<String>, a: MigrateArgs) -> anyhow::Result<()> {
     if a.zero_copy {
-        return Err(anyhow!("--zero-copy is not available yet in this build (traditional migration only)"))
-            .context(crate::Coded(crate::exit::REFUSED));
+        return Err(anyhow!(
+            "--zero-copy is not available yet in this build (traditional migration only)"
+        ))
+        .context(crate::Coded(crate::exit::REFUSED));
     }
     let src = connect
         .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok())
