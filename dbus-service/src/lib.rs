@@ -2,4 +2,9 @@
 //! hook, and drives every migration as libvirt's own job (P2P `migrateToURI3`), so
 //! `virsh domjobinfo`/`domjobabort` and libvirt's events behave as users know.
 
+pub mod config;
+pub mod engine;
+pub mod hooks;
 pub mod libvirt_job;
+pub mod rendezvous;
+pub mod state;

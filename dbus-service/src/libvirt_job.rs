@@ -91,43 +91,72 @@ fn progress_of(s: &JobStats) -> Progress {
     }
 }
 
-/// Migrates `domain` from `src_uri` to `dest_uri` (P2P when `flags.p2p`), reporting progress
-/// every `every`. `migrate_uri` is QEMU's data URI (`tcp://ADDR`), as in virsh.
+/// One migration, as libvirt's `migrateToURI3` takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The source's libvirt.
+    pub src_uri: String,
+    pub domain: String,
+    /// The destination's libvirt (P2P: the source's libvirtd connects there).
+    pub dest_uri: String,
+    /// QEMU's data URI (`tcp://ADDR`), as in virsh; default: libvirt's choice.
+    pub migrate_uri: Option<String>,
+    pub flags: Flags,
+    /// The domain XML the destination gets (`VIR_MIGRATE_PARAM_DEST_XML`).
+    pub dest_xml: Option<String>,
+    /// The persistent definition for the destination (`VIR_MIGRATE_PARAM_PERSIST_XML`).
+    pub persist_xml: Option<String>,
+    /// Suspend the guest after this long, as `virsh migrate --timeout` does.
+    pub suspend_after: Option<Duration>,
+}
+
+/// Aborts the running job of `domain` (what `virsh domjobabort` does).
+pub fn abort(src_uri: &str, domain: &str) -> Result<(), JobError> {
+    let c = connect(src_uri)?;
+    let d = Domain::lookup_by_name(&c, domain).map_err(|_| JobError::NoDomain(domain.into()))?;
+    // SAFETY: `d` is a valid domain handle that outlives the call; virDomainAbortJob only
+    // reads it and takes no ownership.
+    let r = unsafe { sys::virDomainAbortJob(d.as_ptr()) };
+    if r < 0 {
+        return Err(JobError::Migration(
+            virt::error::Error::last_error().message().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Migrates `req.domain` (P2P when `req.flags.p2p`), reporting progress every `every`.
 pub fn migrate(
-    src_uri: &str,
-    domain: &str,
-    dest_uri: &str,
-    migrate_uri: Option<&str>,
-    flags: Flags,
+    req: &Request,
     every: Duration,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Completed, JobError> {
     let start = Instant::now();
-    let src = connect(src_uri)?;
-    let dom = Domain::lookup_by_name(&src, domain).map_err(|_| JobError::NoDomain(domain.into()))?;
+    let src = connect(&req.src_uri)?;
+    let dom = Domain::lookup_by_name(&src, &req.domain)
+        .map_err(|_| JobError::NoDomain(req.domain.clone()))?;
     if !dom.is_active().unwrap_or(false) {
-        return Err(JobError::NotRunning(domain.into()));
+        return Err(JobError::NotRunning(req.domain.clone()));
     }
     let (tx, rx) = mpsc::channel();
-    let (src_uri2, name, dest, params_uri) = (
-        src_uri.to_string(),
-        domain.to_string(),
-        dest_uri.to_string(),
-        migrate_uri.map(String::from),
-    );
+    let r2 = req.clone();
     let worker = std::thread::spawn(move || {
         let r = (|| {
-            let c = connect(&src_uri2)?;
-            let d = Domain::lookup_by_name(&c, &name).map_err(|_| JobError::NoDomain(name.clone()))?;
+            let c = connect(&r2.src_uri)?;
+            let d = Domain::lookup_by_name(&c, &r2.domain)
+                .map_err(|_| JobError::NoDomain(r2.domain.clone()))?;
             let params = MigrateParameters {
-                uri: params_uri,
+                uri: r2.migrate_uri.clone(),
+                dest_xml: r2.dest_xml.clone(),
+                persist_xml: r2.persist_xml.clone(),
                 ..Default::default()
             };
-            d.migrate_to_uri3(Some(&dest), params, flags.bits())
+            d.migrate_to_uri3(Some(&r2.dest_uri), params, r2.flags.bits())
                 .map_err(|e| JobError::Migration(e.message().to_string()))
         })();
         let _ = tx.send(r);
     });
+    let mut suspended = false;
     let result = loop {
         match rx.recv_timeout(every) {
             Ok(r) => break r,
@@ -137,8 +166,15 @@ pub fn migrate(
                         on_progress(progress_of(&s));
                     }
                 }
+                if let Some(after) = req.suspend_after {
+                    if !suspended && start.elapsed() >= after {
+                        suspended = dom.suspend().is_ok();
+                    }
+                }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break Err(JobError::Migration("worker thread died".into())),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(JobError::Migration("worker thread died".into()))
+            }
         }
     };
     let _ = worker.join();
@@ -150,8 +186,8 @@ pub fn migrate(
         total_ms,
         ..Default::default()
     };
-    if let Ok(dc) = connect(dest_uri) {
-        if let Ok(d) = Domain::lookup_by_name(&dc, domain) {
+    if let Ok(dc) = connect(&req.dest_uri) {
+        if let Ok(d) = Domain::lookup_by_name(&dc, &req.domain) {
             if let Ok(s) = d.get_job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED) {
                 done.bytes_transferred = s.data_processed.or(s.mem_processed).unwrap_or(0);
                 done.ram_bytes = s.mem_processed.unwrap_or(0);

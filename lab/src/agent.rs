@@ -47,7 +47,9 @@ impl AgentClient {
             path: path.into(),
             source,
         })?;
-        let writer = s.try_clone()?;
+        let mut writer = s.try_clone()?;
+        // A partial line left by an earlier client would prefix our first command.
+        writer.write_all(b"\n")?;
         Ok(Self {
             reader: BufReader::new(s),
             writer,

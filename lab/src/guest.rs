@@ -36,9 +36,9 @@ pub struct GuestSpec {
 }
 
 /// Default fill: what is left after the kernel, the unpacked initramfs and the kernel's
-/// per-page bookkeeping (about 110 MiB plus 1/64 of the memory, measured on the lab kernel).
+/// per-page bookkeeping (measured on the lab kernel; see [`crate::image::max_fill_mib`]).
 pub fn default_fill(memory_mib: u64) -> u64 {
-    memory_mib.saturating_sub(110 + memory_mib / 64)
+    crate::image::max_fill_mib(memory_mib)
 }
 
 /// Smallest guest the lab makes.
@@ -352,8 +352,8 @@ mod tests {
 
     #[test]
     fn fill_leaves_room_for_the_kernel() {
-        assert_eq!(default_fill(2048), 1906);
-        assert_eq!(default_fill(256), 142);
+        assert_eq!(default_fill(2048), 1680);
+        assert!(default_fill(256) < 162);
         assert!(default_fill(MIN_MEMORY_MIB) > 0);
     }
 

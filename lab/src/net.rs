@@ -264,18 +264,15 @@ fn tbf_args(dev: &str, parent: &str, rate_mbit: u32) -> Vec<String> {
     let burst = ((rate_mbit as u64 * 1_000_000 / 8) / 100).max(32 * 1024);
     let mut a: Vec<String> = vec!["qdisc".into(), "add".into(), "dev".into(), dev.into()];
     a.extend(parent.split_whitespace().map(String::from));
-    a.extend(
-        [
-            "tbf".to_string(),
-            "rate".into(),
-            format!("{rate_mbit}mbit"),
-            "burst".into(),
-            burst.to_string(),
-            "latency".into(),
-            "100ms".into(),
-        ]
-        .into_iter(),
-    );
+    a.extend([
+        "tbf".to_string(),
+        "rate".into(),
+        format!("{rate_mbit}mbit"),
+        "burst".into(),
+        burst.to_string(),
+        "latency".into(),
+        "100ms".into(),
+    ]);
     a
 }
 

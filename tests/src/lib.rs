@@ -8,7 +8,10 @@ use std::process::{Command, Output};
 pub fn target_dir() -> PathBuf {
     // The test binary lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test exe");
-    exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path to the built `vmbeam` binary.
@@ -50,9 +53,21 @@ pub fn vmbeam_ok(args: &[&str]) -> String {
 pub fn vmbeam_err(args: &[&str]) -> (i32, String) {
     let o = vmbeam(args);
     let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
-    assert!(!o.status.success(), "vmbeam {} should have failed; stdout: {}", args.join(" "), String::from_utf8_lossy(&o.stdout));
-    assert!(err.starts_with("vmbeam: "), "error should be one clear line, got: {err}");
-    assert_eq!(err.lines().count(), 1, "error should be one line, got: {err}");
+    assert!(
+        !o.status.success(),
+        "vmbeam {} should have failed; stdout: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        err.starts_with("vmbeam: "),
+        "error should be one clear line, got: {err}"
+    );
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "error should be one line, got: {err}"
+    );
     (o.status.code().unwrap_or(-1), err)
 }
 
@@ -62,7 +77,10 @@ pub struct LabGuard;
 impl LabGuard {
     /// Brings up a lab with `n` cloud VMs (after taking down any leftover from a failed run).
     pub fn up(n: u32, extra: &[&str]) -> LabGuard {
-        assert!(nix_is_root(), "the end-to-end tests need root (they create namespaces and daemons)");
+        assert!(
+            nix_is_root(),
+            "the end-to-end tests need root (they create namespaces and daemons)"
+        );
         if std::path::Path::new("/run/vmbeam-lab/state.json").exists() {
             let _ = vmbeam(&["lab", "down"]);
         }
@@ -107,7 +125,10 @@ pub struct Residue {
 
 fn lines_of(cmd: &str, args: &[&str]) -> Vec<String> {
     let o = Command::new(cmd).args(args).output().expect("run");
-    let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect();
+    let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
     v.sort();
     v
 }
@@ -121,7 +142,12 @@ impl Residue {
             .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
             .collect();
         let mut files = Vec::new();
-        for d in ["/run/vmbeam-lab", "/var/lib/vmbeam", "/etc/vmbeam", "/dev/shm"] {
+        for d in [
+            "/run/vmbeam-lab",
+            "/var/lib/vmbeam",
+            "/etc/vmbeam",
+            "/dev/shm",
+        ] {
             if let Ok(rd) = std::fs::read_dir(d) {
                 for e in rd.flatten() {
                     files.push(e.path().display().to_string());
@@ -136,7 +162,10 @@ impl Residue {
             for e in rd.flatten() {
                 let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
                 let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                if cmd.contains("vmbeam-lab") || cmd.contains("/etc/libvirt/libvirtd.conf") || cmd.contains("vmbeam-cvm") {
+                if cmd.contains("vmbeam-lab")
+                    || cmd.contains("/etc/libvirt/libvirtd.conf")
+                    || cmd.contains("vmbeam-cvm")
+                {
                     processes.push(cmd);
                 }
             }

@@ -20,7 +20,16 @@ fn http_from_loadgen(ip: &str) -> String {
         "exec 3<>/dev/tcp/{ip}/80; printf 'GET /stats HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' >&3; timeout 10 cat <&3"
     );
     let o = Command::new("ip")
-        .args(["netns", "exec", vmbeam_lab::net::LOAD_NS, "timeout", "15", "bash", "-c", &script])
+        .args([
+            "netns",
+            "exec",
+            vmbeam_lab::net::LOAD_NS,
+            "timeout",
+            "15",
+            "bash",
+            "-c",
+            &script,
+        ])
         .output()
         .expect("run http client");
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -54,15 +63,31 @@ fn up_down_leaves_no_residue_and_bad_input_is_refused() {
         for c in &st.cloud_vms {
             let conn = virt::connect::Connect::open(Some(&c.uri)).expect("libvirt reachable");
             let caps = conn.get_capabilities().unwrap();
-            assert!(caps.contains(&c.host_uuid), "{} reports its own host UUID", c.name);
+            assert!(
+                caps.contains(&c.host_uuid),
+                "{} reports its own host UUID",
+                c.name
+            );
         }
         // Both see the same pool.
         let marker = st.pool.join("residue-test-marker");
         std::fs::write(&marker, b"x").unwrap();
-        vmbeam_ok(&["lab", "exec", "cvm2", "test", "-f", &format!("{}/residue-test-marker", vmbeam_lab::POOL_DIR)]);
+        vmbeam_ok(&[
+            "lab",
+            "exec",
+            "cvm2",
+            "test",
+            "-f",
+            &format!("{}/residue-test-marker", vmbeam_lab::POOL_DIR),
+        ]);
         // Bad input: unknown cloud VM and guest names.
-        let (code, err) = vmbeam_err(&["lab", "guest", "create", "g", "--memory", "128", "--on", "cvm9"]);
-        assert!(err.contains("unknown cloud VM 'cvm9'") && err.contains("cvm1"), "{err}");
+        let (code, err) = vmbeam_err(&[
+            "lab", "guest", "create", "g", "--memory", "128", "--on", "cvm9",
+        ]);
+        assert!(
+            err.contains("unknown cloud VM 'cvm9'") && err.contains("cvm1"),
+            "{err}"
+        );
         assert_eq!(code, 2);
         let (_, err) = vmbeam_err(&["lab", "guest", "check", "nosuch"]);
         assert!(err.contains("unknown lab guest 'nosuch'"), "{err}");
@@ -77,7 +102,16 @@ fn up_down_leaves_no_residue_and_bad_input_is_refused() {
 fn shaped_lab_limits_the_cloud_link() {
     let _lab = LabGuard::up(2, &["--bandwidth", "100"]);
     let qd = Command::new("ip")
-        .args(["netns", "exec", "vmbeam-cvm1", "tc", "qdisc", "show", "dev", "eth0"])
+        .args([
+            "netns",
+            "exec",
+            "vmbeam-cvm1",
+            "tc",
+            "qdisc",
+            "show",
+            "dev",
+            "eth0",
+        ])
         .output()
         .unwrap();
     let qd = String::from_utf8_lossy(&qd.stdout);
@@ -88,16 +122,23 @@ fn shaped_lab_limits_the_cloud_link() {
 fn guests_boot_on_every_cloud_vm_and_serve_http() {
     let _lab = LabGuard::up(2, &[]);
     for (name, cvm) in [("g1", "cvm1"), ("g2", "cvm2")] {
-        vmbeam_ok(&["lab", "guest", "create", name, "--memory", "160", "--on", cvm]);
+        vmbeam_ok(&[
+            "lab", "guest", "create", name, "--memory", "160", "--on", cvm,
+        ]);
         let out = vmbeam_ok(&["lab", "guest", "check", name]);
         assert!(out.starts_with(&format!("PASS {name} on {cvm}")), "{out}");
     }
     let st = vmbeam_lab::require_state().unwrap();
     let ip = &st.guest("g2").unwrap().ip;
     let body = http_from_loadgen(ip);
-    assert!(body.contains("200") && body.contains("boot_id"), "HTTP from the load generator: {body}");
+    assert!(
+        body.contains("200") && body.contains("boot_id"),
+        "HTTP from the load generator: {body}"
+    );
     // A duplicate name is refused and changes nothing.
-    let (_, err) = vmbeam_err(&["lab", "guest", "create", "g1", "--memory", "160", "--on", "cvm2"]);
+    let (_, err) = vmbeam_err(&[
+        "lab", "guest", "create", "g1", "--memory", "160", "--on", "cvm2",
+    ]);
     assert!(err.contains("exists already"), "{err}");
     vmbeam_ok(&["lab", "guest", "check", "g1"]);
 }
@@ -105,25 +146,49 @@ fn guests_boot_on_every_cloud_vm_and_serve_http() {
 #[test]
 fn checker_catches_a_corrupted_page() {
     let _lab = LabGuard::up(1, &[]);
-    vmbeam_ok(&["lab", "guest", "create", "victim", "--memory", "160", "--on", "cvm1"]);
+    vmbeam_ok(&[
+        "lab", "guest", "create", "victim", "--memory", "160", "--on", "cvm1",
+    ]);
     vmbeam_ok(&["lab", "guest", "check", "victim"]);
-    let answer = agent("victim").request("CORRUPT 17", Duration::from_secs(10)).unwrap();
+    let answer = agent("victim")
+        .request("CORRUPT 17", Duration::from_secs(10))
+        .unwrap();
     assert!(answer.starts_with("OK"), "{answer}");
     let o = vmbeam(&["lab", "guest", "check", "victim"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(!o.status.success(), "check must fail after corruption: {out}");
+    assert!(
+        !o.status.success(),
+        "check must fail after corruption: {out}"
+    );
     assert!(out.starts_with("FAIL victim"), "{out}");
-    assert!(out.contains("first_bad=17"), "the checker names the corrupted page: {out}");
+    assert!(
+        out.contains("first_bad=17"),
+        "the checker names the corrupted page: {out}"
+    );
 }
 
 #[test]
 fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
     let _lab = LabGuard::up(2, &[]);
-    vmbeam_ok(&["lab", "guest", "create", "mover", "--memory", "384", "--dirty-rate", "2000", "--on", "cvm1"]);
+    vmbeam_ok(&[
+        "lab",
+        "guest",
+        "create",
+        "mover",
+        "--memory",
+        "384",
+        "--dirty-rate",
+        "2000",
+        "--on",
+        "cvm1",
+    ]);
     let boot_before = agent("mover").ping(Duration::from_secs(10)).unwrap();
     let st = vmbeam_lab::require_state().unwrap();
     let ip = st.guest("mover").unwrap().ip.clone();
-    assert!(http_from_loadgen(&ip).contains("200"), "guest reachable before migration");
+    assert!(
+        http_from_loadgen(&ip).contains("200"),
+        "guest reachable before migration"
+    );
     let out = vmbeam_ok(&[
         "-c",
         "qemu+tcp://198.18.0.11/system",
@@ -143,18 +208,35 @@ fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|b| b.parse().ok())
         .expect("bytes on wire in the summary");
-    assert!(bytes > 100 << 20, "a copying migration sends the filled memory: {bytes}");
+    assert!(
+        bytes > 100 << 20,
+        "a copying migration sends the filled memory: {bytes}"
+    );
     let check = vmbeam_ok(&["lab", "guest", "check", "mover"]);
     assert!(check.starts_with("PASS mover on cvm2"), "{check}");
     let boot_after = agent("mover").ping(Duration::from_secs(10)).unwrap();
-    assert_eq!(boot_before, boot_after, "same agent run: the guest was moved, not rebooted");
+    assert_eq!(
+        boot_before, boot_after,
+        "same agent run: the guest was moved, not rebooted"
+    );
     // The agent kept dirtying at the requested rate on the destination.
     let stats = agent("mover").stats(Duration::from_secs(10)).unwrap();
-    let dirtied: u64 = stats.iter().find(|(k, _)| k == "dirtied").map(|(_, v)| v.parse().unwrap()).unwrap();
+    let dirtied: u64 = stats
+        .iter()
+        .find(|(k, _)| k == "dirtied")
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap();
     assert!(dirtied > 0);
     // The destination QEMU announced the guest: still reachable from the load generator.
-    assert!(http_from_loadgen(&ip).contains("200"), "guest reachable after migration");
+    assert!(
+        http_from_loadgen(&ip).contains("200"),
+        "guest reachable after migration"
+    );
     let status = vmbeam_ok(&["lab", "status"]);
-    let cvm1_block: String = status.lines().skip_while(|l| !l.starts_with("cvm1")).take_while(|l| !l.starts_with("cvm2")).collect();
+    let cvm1_block: String = status
+        .lines()
+        .skip_while(|l| !l.starts_with("cvm1"))
+        .take_while(|l| !l.starts_with("cvm2"))
+        .collect();
     assert!(!cvm1_block.contains("mover"), "source undefined: {status}");
 }

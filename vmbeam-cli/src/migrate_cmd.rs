@@ -70,28 +70,29 @@ pub fn run(connect: Option<String>, a: MigrateArgs) -> anyhow::Result<()> {
     });
     let mut shown = 0u64;
     let mut last_line = std::time::Instant::now();
-    let done = libvirt_job::migrate(
-        &src,
-        &a.domain,
-        &a.desturi,
-        a.migrateuri.as_deref(),
+    let req = libvirt_job::Request {
+        src_uri: src,
+        domain: a.domain.clone(),
+        dest_uri: a.desturi.clone(),
+        migrate_uri: a.migrateuri.clone(),
         flags,
-        Duration::from_millis(250),
-        |p| {
-            if p.total == 0 {
-                return;
-            }
-            // Progress never goes backwards: re-sent dirty pages grow "remaining" again.
-            let pct = (100 * p.processed.min(p.total) / p.total).min(99);
-            shown = shown.max(pct);
-            if let Some(b) = &bar {
-                b.set_position(shown);
-            } else if a.verbose && last_line.elapsed() >= Duration::from_secs(1) {
-                eprintln!("migrating: {shown}% ({} MiB sent)", p.processed >> 20);
-                last_line = std::time::Instant::now();
-            }
-        },
-    )
+        suspend_after: a.timeout.map(Duration::from_secs),
+        ..Default::default()
+    };
+    let done = libvirt_job::migrate(&req, Duration::from_millis(250), |p| {
+        if p.total == 0 {
+            return;
+        }
+        // Progress never goes backwards: re-sent dirty pages grow "remaining" again.
+        let pct = (100 * p.processed.min(p.total) / p.total).min(99);
+        shown = shown.max(pct);
+        if let Some(b) = &bar {
+            b.set_position(shown);
+        } else if a.verbose && last_line.elapsed() >= Duration::from_secs(1) {
+            eprintln!("migrating: {shown}% ({} MiB sent)", p.processed >> 20);
+            last_line = std::time::Instant::now();
+        }
+    })
     .with_context(|| format!("migrating {} to {}", a.domain, a.desturi))?;
     if let Some(b) = bar {
         b.set_position(100);

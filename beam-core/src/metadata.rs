@@ -1,0 +1,602 @@
+//! VMBeam's element in a libvirt domain's `<metadata>`.
+//!
+//! In a domain XML it looks like this (any prefix works; matching is by namespace URI):
+//!
+//! ```xml
+//! <metadata>
+//!   <vmbeam:beam xmlns:vmbeam="https://vmbeam.dev/xmlns/vmbeam/1">
+//!     <vmbeam:cloud>acme-virtual-iaas</vmbeam:cloud>
+//!     <vmbeam:pool>/var/lib/vmbeam/pool</vmbeam:pool>
+//!     <vmbeam:owner>cvm1</vmbeam:owner>
+//!     <vmbeam:generation>3</vmbeam:generation>
+//!     <vmbeam:pool-file>6e3b1e9a-1b2c-4d5e-8f90-0123456789ab.2.ram</vmbeam:pool-file>
+//!   </vmbeam:beam>
+//! </metadata>
+//! ```
+//!
+//! `virDomainGetMetadata(VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE)` returns the element with
+//! our namespace stripped from it and from its descendants (`<beam><cloud>…`), and
+//! `virDomainSetMetadata` expects that same bare form and re-adds the namespace under the
+//! key it is given ([`PREFIX`]). [`BeamMetadata::parse_metadata_element`] accepts both the
+//! bare and the namespaced form; [`BeamMetadata::to_element_xml`] writes the bare form for
+//! `virDomainSetMetadata`, [`BeamMetadata::to_namespaced_xml`] the form embedded in a
+//! domain XML.
+//!
+//! Metadata is a claim made by whoever could edit the domain, never a proof of anything:
+//! co-location is proven through the pool itself and agreements through tickets.
+
+use std::path::{Path, PathBuf};
+
+use quick_xml::escape::escape;
+use serde::Deserialize;
+
+use crate::ids::{CloudId, DomainUuid, HostId, IdError};
+use crate::pool;
+use crate::xml::{self, Element, Node, XmlError};
+
+/// The namespace URI of VMBeam's metadata element (version 1 of the format).
+pub const NAMESPACE: &str = "https://vmbeam.dev/xmlns/vmbeam/1";
+/// The namespace prefix (libvirt's metadata "key") VMBeam writes.
+pub const PREFIX: &str = "vmbeam";
+/// The local name of VMBeam's metadata element.
+pub const ELEMENT: &str = "beam";
+
+/// Why VMBeam metadata could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// The input is not well-formed XML.
+    #[error("malformed XML")]
+    Xml(#[from] XmlError),
+    /// A full domain XML was expected.
+    #[error("root element is <{0}>, not <domain>")]
+    NotADomain(String),
+    /// The element belongs to another namespace.
+    #[error("element <{local}> is in namespace '{ns}', not VMBeam's")]
+    ForeignElement {
+        /// The element's namespace URI.
+        ns: String,
+        /// The element's local name.
+        local: String,
+    },
+    /// The element is in our namespace (or none) but is not `<beam>`.
+    #[error("expected <{ELEMENT}>, found <{0}>")]
+    WrongElement(String),
+    /// The domain carries more than one element in VMBeam's namespace.
+    #[error("more than one VMBeam metadata element")]
+    Duplicate,
+    /// A field element contains child elements.
+    #[error("<{0}> must contain text only")]
+    NestedElement(String),
+    /// Non-blank text directly inside `<beam>`.
+    #[error("unexpected text inside <{ELEMENT}>")]
+    UnexpectedText,
+    /// A required field is missing, duplicated or otherwise not in the expected shape.
+    #[error("VMBeam metadata does not have the expected fields")]
+    Shape(#[source] quick_xml::DeError),
+    /// An identifier field is invalid.
+    #[error("invalid <{field}>")]
+    BadId {
+        /// The field's element name.
+        field: &'static str,
+        /// Why the identifier is invalid.
+        #[source]
+        source: IdError,
+    },
+    /// A field has a value of the wrong form.
+    #[error("invalid <{field}> '{value}': {expected}")]
+    BadValue {
+        /// The field's element name.
+        field: &'static str,
+        /// The value found.
+        value: String,
+        /// What was expected instead.
+        expected: &'static str,
+    },
+    /// The generation counter cannot be incremented.
+    #[error("generation counter exhausted")]
+    GenerationOverflow,
+}
+
+/// VMBeam's per-domain record: which cloud and pool the domain's memory lives in and which
+/// cloud VM owns the pool file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BeamMetadata {
+    /// The virtual IaaS cloud the domain belongs to.
+    pub cloud: CloudId,
+    /// The beam pool directory (absolute path, as seen by the owner).
+    pub pool: PathBuf,
+    /// The cloud VM that owns the pool file.
+    pub owner: HostId,
+    /// Bumped at every ownership change.
+    pub generation: u64,
+    /// The pool file's name inside `pool`, when it is not the default
+    /// `<uuid>.<generation>.ram` (after a zero-copy migration the file keeps the name it
+    /// was created with).
+    pub pool_file: Option<String>,
+}
+
+/// The serde shape of the bare element; values are validated afterwards.
+#[derive(Deserialize)]
+struct RawBeam {
+    cloud: String,
+    pool: String,
+    owner: String,
+    generation: String,
+    #[serde(rename = "pool-file")]
+    pool_file: Option<String>,
+}
+
+impl BeamMetadata {
+    /// Parses the bare metadata element, as `virDomainGetMetadata(ELEMENT, NAMESPACE)`
+    /// returns it (`<beam><cloud>…</cloud>…</beam>`), or the namespaced form with any
+    /// prefix. Child elements in other namespaces are ignored.
+    pub fn parse_metadata_element(xml: &str) -> Result<Self, MetadataError> {
+        let root = xml::parse(xml)?;
+        Self::from_element(&root)
+    }
+
+    /// Finds and parses VMBeam's element in a full domain XML.
+    ///
+    /// Returns `Ok(None)` when the domain carries no element in [`NAMESPACE`] (other
+    /// applications' metadata is ignored), and an error when the XML is malformed, is not
+    /// a `<domain>`, or our element is malformed or duplicated.
+    pub fn from_domain_xml(domain_xml: &str) -> Result<Option<Self>, MetadataError> {
+        let root = xml::parse(domain_xml)?;
+        Self::from_domain_root(&root)
+    }
+
+    pub(crate) fn from_domain_root(root: &Element) -> Result<Option<Self>, MetadataError> {
+        if !root.is(None, "domain") {
+            return Err(MetadataError::NotADomain(root.local.clone()));
+        }
+        let mut ours = root
+            .children_named(None, "metadata")
+            .flat_map(|m| m.elements())
+            .filter(|e| e.ns.as_deref() == Some(NAMESPACE));
+        let Some(first) = ours.next() else {
+            return Ok(None);
+        };
+        if ours.next().is_some() {
+            return Err(MetadataError::Duplicate);
+        }
+        Self::from_element(first).map(Some)
+    }
+
+    fn from_element(el: &Element) -> Result<Self, MetadataError> {
+        match el.ns.as_deref() {
+            None | Some(NAMESPACE) => {}
+            Some(other) => {
+                return Err(MetadataError::ForeignElement {
+                    ns: other.to_owned(),
+                    local: el.local.clone(),
+                })
+            }
+        }
+        if el.local != ELEMENT {
+            return Err(MetadataError::WrongElement(el.local.clone()));
+        }
+        // Normalise to the bare form (children in our namespace or none, text only), then
+        // let serde map it onto the struct: missing and duplicated fields are its errors.
+        let mut bare = String::from("<beam>");
+        for node in &el.children {
+            match node {
+                Node::Text(t) if t.trim().is_empty() => {}
+                Node::Text(_) => return Err(MetadataError::UnexpectedText),
+                Node::Element(child) => {
+                    if !matches!(child.ns.as_deref(), None | Some(NAMESPACE)) {
+                        continue;
+                    }
+                    if child.elements().next().is_some() {
+                        return Err(MetadataError::NestedElement(child.local.clone()));
+                    }
+                    bare.push_str(&format!(
+                        "<{0}>{1}</{0}>",
+                        child.local,
+                        escape(child.text().trim())
+                    ));
+                }
+            }
+        }
+        bare.push_str("</beam>");
+        let raw: RawBeam = quick_xml::de::from_str(&bare).map_err(MetadataError::Shape)?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawBeam) -> Result<Self, MetadataError> {
+        let cloud = CloudId::new(raw.cloud.trim()).map_err(|source| MetadataError::BadId {
+            field: "cloud",
+            source,
+        })?;
+        let owner = HostId::new(raw.owner.trim()).map_err(|source| MetadataError::BadId {
+            field: "owner",
+            source,
+        })?;
+        let pool_str = raw.pool.trim();
+        let pool = PathBuf::from(pool_str);
+        if !pool.is_absolute() || pool_str.contains('\0') {
+            return Err(MetadataError::BadValue {
+                field: "pool",
+                value: pool_str.to_owned(),
+                expected: "an absolute path",
+            });
+        }
+        let gen_str = raw.generation.trim();
+        let generation = parse_decimal(gen_str).ok_or_else(|| MetadataError::BadValue {
+            field: "generation",
+            value: gen_str.to_owned(),
+            expected: "a non-negative decimal integer",
+        })?;
+        let pool_file = match raw.pool_file {
+            None => None,
+            Some(name) => {
+                let name = name.trim();
+                if !pool::is_plain_file_name(name) {
+                    return Err(MetadataError::BadValue {
+                        field: "pool-file",
+                        value: name.to_owned(),
+                        expected: "a file name without '/'",
+                    });
+                }
+                Some(name.to_owned())
+            }
+        };
+        Ok(Self {
+            cloud,
+            pool,
+            owner,
+            generation,
+            pool_file,
+        })
+    }
+
+    /// The bare element for `virDomainSetMetadata(VIR_DOMAIN_METADATA_ELEMENT, xml,
+    /// PREFIX, NAMESPACE)`; libvirt adds the namespace itself.
+    pub fn to_element_xml(&self) -> String {
+        self.write_xml(None, Some(""))
+    }
+
+    /// The element with its namespace declaration, for embedding in a domain XML's
+    /// `<metadata>`.
+    pub fn to_namespaced_xml(&self) -> String {
+        self.write_xml(Some(PREFIX), Some(""))
+    }
+
+    /// Writes the element; with `indent`, one field per line, each line after the first
+    /// starting with `indent` (plus two spaces for fields); without, on one line.
+    pub(crate) fn write_xml(&self, prefix: Option<&str>, indent: Option<&str>) -> String {
+        let (nl, indent, step) = match indent {
+            Some(indent) => ("\n", indent, "  "),
+            None => ("", "", ""),
+        };
+        let p = prefix.map(|p| format!("{p}:")).unwrap_or_default();
+        let decl = match prefix {
+            Some(prefix) => format!(" xmlns:{prefix}=\"{NAMESPACE}\""),
+            None => String::new(),
+        };
+        let mut out = format!("<{p}{ELEMENT}{decl}>");
+        let mut field = |name: &str, value: &str| {
+            out.push_str(&format!(
+                "{nl}{indent}{step}<{p}{name}>{}</{p}{name}>",
+                escape(value)
+            ));
+        };
+        field("cloud", self.cloud.as_str());
+        field("pool", &self.pool.to_string_lossy());
+        field("owner", self.owner.as_str());
+        field("generation", &self.generation.to_string());
+        if let Some(file) = &self.pool_file {
+            field("pool-file", file);
+        }
+        out.push_str(&format!("{nl}{indent}</{p}{ELEMENT}>"));
+        out
+    }
+
+    /// The pool file's name: `pool_file` when set, otherwise the default name for this
+    /// generation (see [`pool::pool_file_name`]).
+    pub fn pool_file_name(&self, uuid: &DomainUuid) -> String {
+        match &self.pool_file {
+            Some(name) => name.clone(),
+            None => pool::pool_file_name(uuid, self.generation),
+        }
+    }
+
+    /// The pool file's path: [`Self::pool_file_name`] inside `pool`.
+    pub fn pool_file_path(&self, uuid: &DomainUuid) -> PathBuf {
+        self.pool.join(self.pool_file_name(uuid))
+    }
+
+    /// The record after a zero-copy migration to `new_owner`: the destination keeps using
+    /// the same pool file, so its name is recorded explicitly and the generation bumped.
+    pub fn after_zero_copy(
+        &self,
+        uuid: &DomainUuid,
+        new_owner: HostId,
+    ) -> Result<Self, MetadataError> {
+        Ok(Self {
+            cloud: self.cloud.clone(),
+            pool: self.pool.clone(),
+            owner: new_owner,
+            generation: self.next_generation()?,
+            pool_file: Some(self.pool_file_name(uuid)),
+        })
+    }
+
+    /// The record after a copying migration to `new_owner`, whose pool (`new_pool`) gets a
+    /// fresh file under the default name of the bumped generation.
+    pub fn after_copy(&self, new_owner: HostId, new_pool: &Path) -> Result<Self, MetadataError> {
+        Ok(Self {
+            cloud: self.cloud.clone(),
+            pool: new_pool.to_path_buf(),
+            owner: new_owner,
+            generation: self.next_generation()?,
+            pool_file: None,
+        })
+    }
+
+    fn next_generation(&self) -> Result<u64, MetadataError> {
+        self.generation
+            .checked_add(1)
+            .ok_or(MetadataError::GenerationOverflow)
+    }
+}
+
+/// Parses ASCII decimal digits only (no sign, no spaces) into a `u64`.
+pub(crate) fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test case's expectation on the error.
+    type Check = fn(&MetadataError) -> bool;
+
+    const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
+
+    fn sample() -> BeamMetadata {
+        BeamMetadata {
+            cloud: CloudId::new("acme-virtual-iaas").unwrap(),
+            pool: PathBuf::from("/var/lib/vmbeam/pool"),
+            owner: HostId::new("cvm1").unwrap(),
+            generation: 3,
+            pool_file: Some(format!("{UUID}.2.ram")),
+        }
+    }
+
+    /// What libvirt's virDomainGetMetadata(ELEMENT) returns: namespace stripped.
+    const LIBVIRT_BARE: &str = "<beam>\n  <cloud>acme-virtual-iaas</cloud>\n  <pool>/var/lib/vmbeam/pool</pool>\n  <owner>cvm1</owner>\n  <generation>3</generation>\n  <pool-file>6e3b1e9a-1b2c-4d5e-8f90-0123456789ab.2.ram</pool-file>\n</beam>\n";
+
+    #[test]
+    fn parses_libvirt_bare_form() {
+        assert_eq!(
+            BeamMetadata::parse_metadata_element(LIBVIRT_BARE).unwrap(),
+            sample()
+        );
+    }
+
+    #[test]
+    fn parses_namespaced_forms_with_any_prefix() {
+        let prefixed = r#"<vmbeam:beam xmlns:vmbeam="https://vmbeam.dev/xmlns/vmbeam/1">
+              <vmbeam:cloud>acme-virtual-iaas</vmbeam:cloud>
+              <vmbeam:pool>/var/lib/vmbeam/pool</vmbeam:pool>
+              <vmbeam:owner> cvm1 </vmbeam:owner>
+              <vmbeam:generation>3</vmbeam:generation>
+              <vmbeam:pool-file>6e3b1e9a-1b2c-4d5e-8f90-0123456789ab.2.ram</vmbeam:pool-file>
+            </vmbeam:beam>"#;
+        assert_eq!(
+            BeamMetadata::parse_metadata_element(prefixed).unwrap(),
+            sample()
+        );
+        let other_prefix = prefixed
+            .replace("vmbeam:", "vb:")
+            .replace("xmlns:vmbeam", "xmlns:vb");
+        assert_eq!(
+            BeamMetadata::parse_metadata_element(&other_prefix).unwrap(),
+            sample()
+        );
+        let default_ns = r#"<beam xmlns="https://vmbeam.dev/xmlns/vmbeam/1"><cloud>acme-virtual-iaas</cloud><pool>/var/lib/vmbeam/pool</pool><owner>cvm1</owner><generation>3</generation><pool-file>6e3b1e9a-1b2c-4d5e-8f90-0123456789ab.2.ram</pool-file></beam>"#;
+        assert_eq!(
+            BeamMetadata::parse_metadata_element(default_ns).unwrap(),
+            sample()
+        );
+    }
+
+    #[test]
+    fn round_trips_both_forms() {
+        let m = sample();
+        assert_eq!(
+            BeamMetadata::parse_metadata_element(&m.to_element_xml()).unwrap(),
+            m
+        );
+        assert_eq!(
+            BeamMetadata::parse_metadata_element(&m.to_namespaced_xml()).unwrap(),
+            m
+        );
+        let no_file = BeamMetadata {
+            pool_file: None,
+            ..m
+        };
+        let xml = no_file.to_element_xml();
+        assert!(!xml.contains("pool-file"));
+        assert!(!xml.contains("xmlns"));
+        assert_eq!(BeamMetadata::parse_metadata_element(&xml).unwrap(), no_file);
+    }
+
+    #[test]
+    fn escapes_values() {
+        let m = BeamMetadata {
+            pool: PathBuf::from("/pool/a&b<c>"),
+            ..sample()
+        };
+        let xml = m.to_namespaced_xml();
+        assert!(xml.contains("/pool/a&amp;b&lt;c&gt;"));
+        assert_eq!(BeamMetadata::parse_metadata_element(&xml).unwrap(), m);
+    }
+
+    #[test]
+    fn ignores_foreign_children_and_unknown_fields() {
+        let xml = r#"<beam xmlns:x="urn:other"><cloud>acme-virtual-iaas</cloud><x:cloud>evil</x:cloud><pool>/var/lib/vmbeam/pool</pool><owner>cvm1</owner><generation>3</generation><future-field>1</future-field></beam>"#;
+        let m = BeamMetadata::parse_metadata_element(xml).unwrap();
+        assert_eq!(m.cloud.as_str(), "acme-virtual-iaas");
+        assert_eq!(m.pool_file, None);
+    }
+
+    #[test]
+    fn rejects_bad_elements() {
+        let cases: &[(&str, Check)] = &[
+            ("<beam>", |e| matches!(e, MetadataError::Xml(_))),
+            ("<x:beam xmlns:x='urn:other'/>", |e| {
+                matches!(e, MetadataError::ForeignElement { .. })
+            }),
+            ("<bean/>", |e| matches!(e, MetadataError::WrongElement(_))),
+            ("<beam><cloud>a</cloud></beam>", |e| {
+                matches!(e, MetadataError::Shape(_))
+            }),
+            (
+                "<beam><cloud>a</cloud><cloud>b</cloud><pool>/p</pool><owner>o</owner><generation>1</generation></beam>",
+                |e| matches!(e, MetadataError::Shape(_)),
+            ),
+            (
+                "<beam><cloud><b>a</b></cloud><pool>/p</pool><owner>o</owner><generation>1</generation></beam>",
+                |e| matches!(e, MetadataError::NestedElement(n) if n == "cloud"),
+            ),
+            (
+                "<beam>hello<cloud>a</cloud><pool>/p</pool><owner>o</owner><generation>1</generation></beam>",
+                |e| matches!(e, MetadataError::UnexpectedText),
+            ),
+            (
+                "<beam><cloud>a b</cloud><pool>/p</pool><owner>o</owner><generation>1</generation></beam>",
+                |e| matches!(e, MetadataError::BadId { field: "cloud", .. }),
+            ),
+            (
+                "<beam><cloud>a</cloud><pool>/p</pool><owner>../x</owner><generation>1</generation></beam>",
+                |e| matches!(e, MetadataError::BadId { field: "owner", .. }),
+            ),
+            (
+                "<beam><cloud>a</cloud><pool>relative</pool><owner>o</owner><generation>1</generation></beam>",
+                |e| matches!(e, MetadataError::BadValue { field: "pool", .. }),
+            ),
+            (
+                "<beam><cloud>a</cloud><pool>/p</pool><owner>o</owner><generation>-1</generation></beam>",
+                |e| matches!(e, MetadataError::BadValue { field: "generation", .. }),
+            ),
+            (
+                "<beam><cloud>a</cloud><pool>/p</pool><owner>o</owner><generation>99999999999999999999999</generation></beam>",
+                |e| matches!(e, MetadataError::BadValue { field: "generation", .. }),
+            ),
+            (
+                "<beam><cloud>a</cloud><pool>/p</pool><owner>o</owner><generation>1</generation><pool-file>../../etc/shadow</pool-file></beam>",
+                |e| matches!(e, MetadataError::BadValue { field: "pool-file", .. }),
+            ),
+        ];
+        for (xml, check) in cases {
+            let err = BeamMetadata::parse_metadata_element(xml).unwrap_err();
+            assert!(check(&err), "{xml}: {err:?}");
+            // Messages are sentences, never empty.
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    const DOMAIN: &str = r#"<domain type='kvm' id='4'>
+  <name>web1</name>
+  <uuid>6e3b1e9a-1b2c-4d5e-8f90-0123456789ab</uuid>
+  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+      <libosinfo:os id="http://debian.org/debian/12"/>
+    </libosinfo:libosinfo>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:owner><nova:user uuid="u">admin</nova:user></nova:owner>
+    </nova:instance>
+    VMBEAM
+  </metadata>
+  <memory unit='KiB'>1048576</memory>
+</domain>"#;
+
+    #[test]
+    fn finds_element_in_domain_xml() {
+        let with = DOMAIN.replace("VMBEAM", &sample().to_namespaced_xml());
+        assert_eq!(
+            BeamMetadata::from_domain_xml(&with).unwrap(),
+            Some(sample())
+        );
+        let without = DOMAIN.replace("VMBEAM", "");
+        assert_eq!(BeamMetadata::from_domain_xml(&without).unwrap(), None);
+        let no_metadata = "<domain type='kvm'><name>a</name></domain>";
+        assert_eq!(BeamMetadata::from_domain_xml(no_metadata).unwrap(), None);
+    }
+
+    #[test]
+    fn bare_beam_in_domain_metadata_is_not_ours() {
+        // Without our namespace it is someone else's (or nobody's) element.
+        let with = DOMAIN.replace("VMBEAM", &sample().to_element_xml());
+        assert_eq!(BeamMetadata::from_domain_xml(&with).unwrap(), None);
+    }
+
+    #[test]
+    fn domain_errors() {
+        let malformed = DOMAIN.replace(
+            "VMBEAM",
+            "<vmbeam:beam xmlns:vmbeam='https://vmbeam.dev/xmlns/vmbeam/1'><vmbeam:cloud>x</vmbeam:cloud></vmbeam:beam>",
+        );
+        assert!(matches!(
+            BeamMetadata::from_domain_xml(&malformed),
+            Err(MetadataError::Shape(_))
+        ));
+        let twice = DOMAIN.replace(
+            "VMBEAM",
+            &format!(
+                "{}{}",
+                sample().to_namespaced_xml(),
+                sample().to_namespaced_xml()
+            ),
+        );
+        assert!(matches!(
+            BeamMetadata::from_domain_xml(&twice),
+            Err(MetadataError::Duplicate)
+        ));
+        assert!(matches!(
+            BeamMetadata::from_domain_xml("<network><name>x</name></network>"),
+            Err(MetadataError::NotADomain(n)) if n == "network"
+        ));
+        assert!(matches!(
+            BeamMetadata::from_domain_xml("<domain>"),
+            Err(MetadataError::Xml(_))
+        ));
+    }
+
+    #[test]
+    fn successors() {
+        let uuid = DomainUuid::new(UUID).unwrap();
+        let m = BeamMetadata {
+            pool_file: None,
+            ..sample()
+        };
+        assert_eq!(m.pool_file_name(&uuid), format!("{UUID}.3.ram"));
+        let z = m
+            .after_zero_copy(&uuid, HostId::new("cvm2").unwrap())
+            .unwrap();
+        assert_eq!(z.generation, 4);
+        assert_eq!(z.owner.as_str(), "cvm2");
+        assert_eq!(z.pool_file_name(&uuid), format!("{UUID}.3.ram"));
+        let c = z
+            .after_copy(HostId::new("cvm3").unwrap(), Path::new("/pool3"))
+            .unwrap();
+        assert_eq!(c.generation, 5);
+        assert_eq!(
+            c.pool_file_path(&uuid),
+            PathBuf::from(format!("/pool3/{UUID}.5.ram"))
+        );
+        let max = BeamMetadata {
+            generation: u64::MAX,
+            ..sample()
+        };
+        assert!(matches!(
+            max.after_copy(HostId::new("x").unwrap(), Path::new("/p")),
+            Err(MetadataError::GenerationOverflow)
+        ));
+    }
+}

@@ -1,0 +1,1092 @@
+//! The beam pool: a directory on memory that every co-located cloud VM can see (tmpfs in the
+//! lab, shared memory between cloud VMs in production), holding the guests' RAM files.
+//!
+//! - Pool files are named `<domain-uuid>.<generation>.ram` and created at full size without
+//!   touching a page (sparse: `set_len` only), before QEMU opens them.
+//! - Next to each is an ownership record, `<file>.owner` (JSON): owner host, domain,
+//!   generation and state (`active`, `handing-over`, `released`). A record appears
+//!   atomically (written aside, then linked or renamed into place); claiming is exclusive.
+//!   Only the current owner rewrites its record, so there is a single writer per file.
+//! - Co-location is proven through the pool itself: the source writes a proof file with a
+//!   random content and sends its hash ([`ProofToken`]); the destination must find and hash
+//!   it in its own view of the pool ([`read_proof`]).
+//!
+//! Device/inode numbers identify a file only within one kernel. Where the pool is shared
+//! between separate kernels, both sides' numbers differ even for the same file; the
+//! comparisons here assume one kernel (namespaced libvirt instances, the lab).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ids::{DomainUuid, HostId};
+use crate::ticket::Nonce;
+
+/// Suffix of pool files.
+pub const RAM_SUFFIX: &str = ".ram";
+/// Suffix appended to a pool file's name for its ownership record.
+pub const OWNER_SUFFIX: &str = ".owner";
+/// Suffix of proof files.
+pub const PROOF_SUFFIX: &str = ".proof";
+const TMP_SUFFIX: &str = ".tmp";
+const PROOF_MAGIC: &str = "vmbeam-proof-v1";
+const MAX_RECORD_LEN: u64 = 64 * 1024;
+const MAX_PROOF_LEN: u64 = 4096;
+
+/// Why a pool operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A file-system call failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done ("create", "read", …).
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// A name that is not a plain file name in the pool.
+    #[error("invalid pool file name '{0}'")]
+    BadName(String),
+    /// Creating something that already exists.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    /// A pool file or record that should exist does not.
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
+    /// Not a regular file (a directory, a symlink, a device…).
+    #[error("{0} is not a regular file")]
+    NotRegular(PathBuf),
+    /// A pool file of zero bytes was requested.
+    #[error("pool file size must be positive")]
+    ZeroSize,
+    /// A pool file's size is not the guest's memory size.
+    #[error("{path} holds {found} bytes, expected {expected}")]
+    WrongSize {
+        /// The pool file.
+        path: PathBuf,
+        /// Its size.
+        found: u64,
+        /// The guest's memory size.
+        expected: u64,
+    },
+    /// An ownership record cannot be parsed.
+    #[error("ownership record {path} is corrupt")]
+    BadRecord {
+        /// The record.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An ownership record does not describe the file it sits next to.
+    #[error("ownership record {0} does not match its pool file")]
+    RecordMismatch(PathBuf),
+    /// The record names another owner.
+    #[error("{path} is owned by {owner}, not {host}")]
+    NotOwner {
+        /// The pool file.
+        path: PathBuf,
+        /// The recorded owner.
+        owner: HostId,
+        /// The host that tried to act as owner.
+        host: HostId,
+    },
+    /// The record is in a state that does not allow the transition.
+    #[error("{path} is {found}, expected {expected}")]
+    WrongState {
+        /// The pool file.
+        path: PathBuf,
+        /// Its state.
+        found: OwnerState,
+        /// The state the transition needs.
+        expected: OwnerState,
+    },
+    /// A hand-over is in progress to another host than the one named.
+    #[error("{path} is being handed over to {to}, not {expected}")]
+    WrongRecipient {
+        /// The pool file.
+        path: PathBuf,
+        /// The recorded recipient.
+        to: HostId,
+        /// The recipient named by the caller.
+        expected: HostId,
+    },
+    /// The proof file is not visible in this view of the pool.
+    #[error("proof file {0} not found in this pool view")]
+    ProofMissing(PathBuf),
+    /// The proof file exists but its content is not what the source wrote.
+    #[error("proof file {0} does not hold the source's content")]
+    ProofMismatch(PathBuf),
+    /// The proof file here is not the file the source wrote.
+    #[error("proof file {path} is {found} here but {expected} at the source")]
+    ProofIdentityMismatch {
+        /// The proof file.
+        path: PathBuf,
+        /// Identity at the source.
+        expected: FileIdentity,
+        /// Identity here.
+        found: FileIdentity,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PoolError + 'a {
+    move |source| PoolError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A file's device and inode numbers: its identity within one kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl fmt::Display for FileIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dev {} inode {}", self.dev, self.ino)
+    }
+}
+
+impl FileIdentity {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// The device/inode of `path` (symlinks followed: a linked RAM path reports its target).
+pub fn file_identity(path: &Path) -> Result<FileIdentity, PoolError> {
+    let meta = fs::metadata(path).map_err(|e| not_found_or(e, "stat", path))?;
+    Ok(FileIdentity::of(&meta))
+}
+
+fn not_found_or(e: io::Error, op: &'static str, path: &Path) -> PoolError {
+    if e.kind() == io::ErrorKind::NotFound {
+        PoolError::Missing(path.to_path_buf())
+    } else {
+        io_err(op, path)(e)
+    }
+}
+
+/// The default pool file name for a domain and generation: `<uuid>.<generation>.ram`.
+pub fn pool_file_name(uuid: &DomainUuid, generation: u64) -> String {
+    format!("{uuid}.{generation}{RAM_SUFFIX}")
+}
+
+/// Splits a pool file name into its domain and generation.
+pub fn parse_pool_file_name(name: &str) -> Option<(DomainUuid, u64)> {
+    let stem = name.strip_suffix(RAM_SUFFIX)?;
+    let (uuid, generation) = stem.rsplit_once('.')?;
+    let generation = crate::metadata::parse_decimal(generation)?;
+    Some((DomainUuid::new(uuid).ok()?, generation))
+}
+
+/// True for a plain file name: non-empty, at most 255 bytes, no `/` or NUL, not `.`/`..`.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
+}
+
+/// The state of a pool file's ownership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OwnerState {
+    /// The owner runs (or may run) the domain on this file.
+    Active,
+    /// A zero-copy migration to `handing_over_to` is in flight.
+    HandingOver,
+    /// The owner let go; the file is being deleted.
+    Released,
+}
+
+impl fmt::Display for OwnerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Active => "active",
+            Self::HandingOver => "handing-over",
+            Self::Released => "released",
+        })
+    }
+}
+
+/// The content of a `<file>.owner` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerRecord {
+    /// The cloud VM that owns the pool file.
+    pub owner: HostId,
+    /// The domain whose RAM the file holds.
+    pub domain_uuid: DomainUuid,
+    /// The metadata generation at the last ownership change.
+    pub generation: u64,
+    /// The pool file's name.
+    pub pool_file: String,
+    /// The ownership state.
+    pub state: OwnerState,
+    /// The recipient while `state` is `handing-over`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handing_over_to: Option<HostId>,
+}
+
+/// One pool file (or a record whose file is gone) as listed by [`BeamPool::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolEntry {
+    /// The pool file's name.
+    pub file_name: String,
+    /// The domain, from the name.
+    pub domain_uuid: DomainUuid,
+    /// The generation, from the name.
+    pub generation: u64,
+    /// The file's size; `None` when only the record exists.
+    pub size: Option<u64>,
+    /// The ownership record.
+    pub record: RecordStatus,
+}
+
+/// What was found next to a pool file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordStatus {
+    /// No record.
+    Missing,
+    /// A valid record.
+    Valid(OwnerRecord),
+    /// A record that cannot be parsed or does not match (the error's message).
+    Corrupt(String),
+}
+
+/// What the source sends the destination so it can prove co-location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofToken {
+    /// Names the proof file (`<nonce>.proof`).
+    pub nonce: Nonce,
+    /// SHA-256 of the proof file's content, hex.
+    pub sha256: String,
+    /// The proof file's identity at the source.
+    pub identity: FileIdentity,
+}
+
+impl ProofToken {
+    /// The proof file's name.
+    pub fn file_name(&self) -> String {
+        format!("{}{PROOF_SUFFIX}", self.nonce)
+    }
+}
+
+/// Writes a proof file named after `nonce` into `pool_dir`, holding the nonce and 32 fresh
+/// random bytes, and returns the token describing it.
+pub fn write_proof(pool_dir: &Path, nonce: &Nonce) -> Result<ProofToken, PoolError> {
+    let path = pool_dir.join(format!("{nonce}{PROOF_SUFFIX}"));
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let content = format!("{PROOF_MAGIC}\n{nonce}\n{}\n", hex::encode(secret));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                PoolError::Exists(path.clone())
+            } else {
+                io_err("create", &path)(e)
+            }
+        })?;
+    let written = file
+        .write_all(content.as_bytes())
+        .and_then(|()| file.metadata());
+    let meta = match written {
+        Ok(meta) => meta,
+        Err(e) => {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("write", &path)(e));
+        }
+    };
+    Ok(ProofToken {
+        nonce: *nonce,
+        sha256: hex::encode(Sha256::digest(content.as_bytes())),
+        identity: FileIdentity::of(&meta),
+    })
+}
+
+/// Reads the proof file described by `token` from this host's view of the pool and checks
+/// its content hash and its device/inode against the source's.
+pub fn read_proof(pool_dir: &Path, token: &ProofToken) -> Result<(), PoolError> {
+    let path = pool_dir.join(token.file_name());
+    let (mut file, meta) = open_regular(&path).map_err(|e| match e {
+        PoolError::Missing(p) => PoolError::ProofMissing(p),
+        other => other,
+    })?;
+    let mut content = Vec::new();
+    io::Read::by_ref(&mut file)
+        .take(MAX_PROOF_LEN)
+        .read_to_end(&mut content)
+        .map_err(io_err("read", &path))?;
+    let digest = hex::encode(Sha256::digest(&content));
+    if !digest.eq_ignore_ascii_case(&token.sha256) {
+        return Err(PoolError::ProofMismatch(path));
+    }
+    let found = FileIdentity::of(&meta);
+    if found != token.identity {
+        return Err(PoolError::ProofIdentityMismatch {
+            path,
+            expected: token.identity,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Deletes the proof file described by `token` (done by the source once the destination
+/// answered, whatever the answer). A missing file is not an error.
+pub fn remove_proof(pool_dir: &Path, token: &ProofToken) -> Result<(), PoolError> {
+    let path = pool_dir.join(token.file_name());
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", &path)(e)),
+    }
+}
+
+/// Opens `path` for reading, refusing symlinks and non-regular files; the check is made on
+/// the opened file, so the path cannot be swapped in between.
+fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
+    let before = fs::symlink_metadata(path).map_err(|e| not_found_or(e, "stat", path))?;
+    if !before.file_type().is_file() {
+        return Err(PoolError::NotRegular(path.to_path_buf()));
+    }
+    let file = File::open(path).map_err(|e| not_found_or(e, "open", path))?;
+    let meta = file.metadata().map_err(io_err("stat", path))?;
+    if !meta.file_type().is_file() || FileIdentity::of(&meta) != FileIdentity::of(&before) {
+        return Err(PoolError::NotRegular(path.to_path_buf()));
+    }
+    Ok((file, meta))
+}
+
+/// A beam pool directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeamPool {
+    dir: PathBuf,
+}
+
+impl BeamPool {
+    /// A pool at `dir` (not touched until used).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The pool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of pool file `file_name`, refusing anything but a plain file name.
+    pub fn path_of(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        if !is_plain_file_name(file_name) {
+            return Err(PoolError::BadName(file_name.to_owned()));
+        }
+        Ok(self.dir.join(file_name))
+    }
+
+    fn record_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(&format!("{file_name}{OWNER_SUFFIX}"))
+    }
+
+    /// Creates the pool file for `uuid` at `generation`, `size_bytes` long, mode 0600 and,
+    /// when `chown` is given, owned by that (uid, gid) (QEMU's user must open it
+    /// read-write). Only the length is set: no page is written, so the file stays sparse.
+    /// Fails with [`PoolError::Exists`] if the file exists.
+    pub fn create_file(
+        &self,
+        uuid: &DomainUuid,
+        generation: u64,
+        size_bytes: u64,
+        chown: Option<(u32, u32)>,
+    ) -> Result<PathBuf, PoolError> {
+        if size_bytes == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let path = self.path_of(&pool_file_name(uuid, generation))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    PoolError::Exists(path.clone())
+                } else {
+                    io_err("create", &path)(e)
+                }
+            })?;
+        let sized = file.set_len(size_bytes).map_err(io_err("size", &path));
+        let owned = sized.and_then(|()| match chown {
+            Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .map_err(io_err("chown", &path)),
+            None => Ok(()),
+        });
+        if let Err(e) = owned {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(path)
+    }
+
+    /// Checks that pool file `file_name` exists, is a regular file and holds exactly
+    /// `expected_size` bytes; returns its identity.
+    pub fn check_file(
+        &self,
+        file_name: &str,
+        expected_size: u64,
+    ) -> Result<FileIdentity, PoolError> {
+        let path = self.path_of(file_name)?;
+        let (_, meta) = open_regular(&path)?;
+        if meta.len() != expected_size {
+            return Err(PoolError::WrongSize {
+                path,
+                found: meta.len(),
+                expected: expected_size,
+            });
+        }
+        Ok(FileIdentity::of(&meta))
+    }
+
+    /// Reads the ownership record of `file_name`; `Ok(None)` when there is none.
+    pub fn read_owner(&self, file_name: &str) -> Result<Option<OwnerRecord>, PoolError> {
+        let path = self.record_path(file_name)?;
+        let (file, _) = match open_regular(&path) {
+            Ok(opened) => opened,
+            Err(PoolError::Missing(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut text = Vec::new();
+        file.take(MAX_RECORD_LEN)
+            .read_to_end(&mut text)
+            .map_err(io_err("read", &path))?;
+        let record: OwnerRecord =
+            serde_json::from_slice(&text).map_err(|source| PoolError::BadRecord {
+                path: path.clone(),
+                source,
+            })?;
+        let consistent = record.pool_file == file_name
+            && (record.state == OwnerState::HandingOver) == record.handing_over_to.is_some();
+        if !consistent {
+            return Err(PoolError::RecordMismatch(path));
+        }
+        Ok(Some(record))
+    }
+
+    /// Claims `file_name` for `host`: writes an `active` record, failing with
+    /// [`PoolError::Exists`] if any record exists (exclusive, atomic).
+    pub fn claim(
+        &self,
+        file_name: &str,
+        uuid: &DomainUuid,
+        generation: u64,
+        host: &HostId,
+    ) -> Result<OwnerRecord, PoolError> {
+        let record = OwnerRecord {
+            owner: host.clone(),
+            domain_uuid: uuid.clone(),
+            generation,
+            pool_file: file_name.to_owned(),
+            state: OwnerState::Active,
+            handing_over_to: None,
+        };
+        self.write_record(&record, true)?;
+        Ok(record)
+    }
+
+    /// `active` → `handing-over` to `to`, by the owner `from`, when a zero-copy migration
+    /// starts.
+    pub fn begin_hand_over(
+        &self,
+        file_name: &str,
+        from: &HostId,
+        to: &HostId,
+    ) -> Result<OwnerRecord, PoolError> {
+        let mut record = self.owned_record(file_name, from, OwnerState::Active)?;
+        record.state = OwnerState::HandingOver;
+        record.handing_over_to = Some(to.clone());
+        self.write_record(&record, false)?;
+        Ok(record)
+    }
+
+    /// `handing-over` → `active` with `to` as owner and the generation bumped to
+    /// `generation`, by the old owner `from`, once libvirt reported success.
+    pub fn complete_hand_over(
+        &self,
+        file_name: &str,
+        from: &HostId,
+        to: &HostId,
+        generation: u64,
+    ) -> Result<OwnerRecord, PoolError> {
+        let mut record = self.owned_record(file_name, from, OwnerState::HandingOver)?;
+        self.check_recipient(file_name, &record, to)?;
+        record.owner = to.clone();
+        record.generation = generation;
+        record.state = OwnerState::Active;
+        record.handing_over_to = None;
+        self.write_record(&record, false)?;
+        Ok(record)
+    }
+
+    /// `handing-over` → `active` with the owner unchanged, when the migration failed.
+    pub fn abort_hand_over(
+        &self,
+        file_name: &str,
+        from: &HostId,
+    ) -> Result<OwnerRecord, PoolError> {
+        let mut record = self.owned_record(file_name, from, OwnerState::HandingOver)?;
+        record.state = OwnerState::Active;
+        record.handing_over_to = None;
+        self.write_record(&record, false)?;
+        Ok(record)
+    }
+
+    /// Releases `file_name` when its domain stops for good on `owner`: marks the record
+    /// `released`, deletes the pool file, then the record. A record already `released`
+    /// (an interrupted earlier release) is finished off.
+    pub fn release(&self, file_name: &str, owner: &HostId) -> Result<(), PoolError> {
+        let path = self.path_of(file_name)?;
+        let mut record = self.read_owner(file_name)?.ok_or_else(|| {
+            PoolError::Missing(self.dir.join(format!("{file_name}{OWNER_SUFFIX}")))
+        })?;
+        self.check_owner(file_name, &record, owner)?;
+        match record.state {
+            OwnerState::Active => {
+                record.state = OwnerState::Released;
+                self.write_record(&record, false)?;
+            }
+            OwnerState::Released => {}
+            OwnerState::HandingOver => {
+                return Err(PoolError::WrongState {
+                    path,
+                    found: record.state,
+                    expected: OwnerState::Active,
+                })
+            }
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        let record_path = self.record_path(file_name)?;
+        fs::remove_file(&record_path).map_err(io_err("remove", &record_path))
+    }
+
+    fn owned_record(
+        &self,
+        file_name: &str,
+        host: &HostId,
+        state: OwnerState,
+    ) -> Result<OwnerRecord, PoolError> {
+        let record_path = self.record_path(file_name)?;
+        let record = self
+            .read_owner(file_name)?
+            .ok_or(PoolError::Missing(record_path))?;
+        self.check_owner(file_name, &record, host)?;
+        if record.state != state {
+            return Err(PoolError::WrongState {
+                path: self.dir.join(file_name),
+                found: record.state,
+                expected: state,
+            });
+        }
+        Ok(record)
+    }
+
+    fn check_owner(
+        &self,
+        file_name: &str,
+        record: &OwnerRecord,
+        host: &HostId,
+    ) -> Result<(), PoolError> {
+        if &record.owner != host {
+            return Err(PoolError::NotOwner {
+                path: self.dir.join(file_name),
+                owner: record.owner.clone(),
+                host: host.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_recipient(
+        &self,
+        file_name: &str,
+        record: &OwnerRecord,
+        to: &HostId,
+    ) -> Result<(), PoolError> {
+        match &record.handing_over_to {
+            Some(recorded) if recorded == to => Ok(()),
+            Some(recorded) => Err(PoolError::WrongRecipient {
+                path: self.dir.join(file_name),
+                to: recorded.clone(),
+                expected: to.clone(),
+            }),
+            None => Err(PoolError::RecordMismatch(self.dir.join(file_name))),
+        }
+    }
+
+    /// Writes `record` next to its pool file: to a temporary file first, then linked into
+    /// place (`exclusive`: fails if a record exists) or renamed over the old one.
+    fn write_record(&self, record: &OwnerRecord, exclusive: bool) -> Result<(), PoolError> {
+        let target = self.record_path(&record.pool_file)?;
+        let mut rnd = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut rnd);
+        let tmp = self.dir.join(format!(
+            ".{}{OWNER_SUFFIX}.{}{TMP_SUFFIX}",
+            record.pool_file,
+            hex::encode(rnd)
+        ));
+        let json = serde_json::to_vec_pretty(record).map_err(|source| PoolError::BadRecord {
+            path: target.clone(),
+            source,
+        })?;
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&tmp)
+                .map_err(io_err("create", &tmp))?;
+            f.write_all(&json)
+                .and_then(|()| f.write_all(b"\n"))
+                .and_then(|()| f.sync_all())
+                .map_err(io_err("write", &tmp))?;
+            if exclusive {
+                fs::hard_link(&tmp, &target).map_err(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        PoolError::Exists(target.clone())
+                    } else {
+                        io_err("link", &target)(e)
+                    }
+                })
+            } else {
+                fs::rename(&tmp, &target).map_err(io_err("rename", &target))
+            }
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    /// Every pool file in the pool, and every record whose pool file is gone, sorted by
+    /// name. Other files (proofs, temporary files, foreign files) are not listed.
+    pub fn list(&self) -> Result<Vec<PoolEntry>, PoolError> {
+        let mut names: Vec<String> = Vec::new();
+        let dir = fs::read_dir(&self.dir).map_err(|e| not_found_or(e, "list", &self.dir))?;
+        for entry in dir {
+            let entry = entry.map_err(io_err("list", &self.dir))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let file_name = name.strip_suffix(OWNER_SUFFIX).unwrap_or(&name);
+            if parse_pool_file_name(file_name).is_some() && !names.iter().any(|n| n == file_name) {
+                names.push(file_name.to_owned());
+            }
+        }
+        names.sort();
+        let mut entries = Vec::with_capacity(names.len());
+        for file_name in names {
+            let Some((domain_uuid, generation)) = parse_pool_file_name(&file_name) else {
+                continue;
+            };
+            let path = self.dir.join(&file_name);
+            let size = match fs::symlink_metadata(&path) {
+                Ok(meta) => Some(meta.len()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err("stat", &path)(e)),
+            };
+            let record = match self.read_owner(&file_name) {
+                Ok(None) => RecordStatus::Missing,
+                Ok(Some(r)) => RecordStatus::Valid(r),
+                Err(
+                    e @ (PoolError::BadRecord { .. }
+                    | PoolError::RecordMismatch(_)
+                    | PoolError::NotRegular(_)),
+                ) => RecordStatus::Corrupt(e.to_string()),
+                Err(e) => return Err(e),
+            };
+            entries.push(PoolEntry {
+                file_name,
+                domain_uuid,
+                generation,
+                size,
+                record,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Pool files `host` owns but should not keep: records naming `host` as owner whose
+    /// domain is not in `live_domains` (the domains this host's libvirt knows), and records
+    /// `host` left `released`. Files in `handing-over` are never orphans: the destination may
+    /// be running on them; they need the migration's outcome.
+    pub fn orphans(
+        &self,
+        host: &HostId,
+        live_domains: &HashSet<DomainUuid>,
+    ) -> Result<Vec<PoolEntry>, PoolError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|e| match &e.record {
+                RecordStatus::Valid(r) if &r.owner == host => match r.state {
+                    OwnerState::Released => true,
+                    OwnerState::Active => !live_domains.contains(&r.domain_uuid),
+                    OwnerState::HandingOver => false,
+                },
+                _ => false,
+            })
+            .collect())
+    }
+
+    /// Proof files and temporary files left in the pool (by crashed processes, when
+    /// nothing else is in flight); for the caller to delete.
+    pub fn leftovers(&self) -> Result<Vec<PathBuf>, PoolError> {
+        let dir = fs::read_dir(&self.dir).map_err(|e| not_found_or(e, "list", &self.dir))?;
+        let mut out = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(io_err("list", &self.dir))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let proof = name
+                .strip_suffix(PROOF_SUFFIX)
+                .is_some_and(|n| n.parse::<Nonce>().is_ok());
+            let tmp = name.starts_with('.') && name.ends_with(TMP_SUFFIX);
+            if proof || tmp {
+                out.push(entry.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
+
+    fn uuid() -> DomainUuid {
+        DomainUuid::new(UUID).unwrap()
+    }
+    fn host(s: &str) -> HostId {
+        HostId::new(s).unwrap()
+    }
+
+    #[test]
+    fn names() {
+        let name = pool_file_name(&uuid(), 3);
+        assert_eq!(name, format!("{UUID}.3.ram"));
+        assert_eq!(parse_pool_file_name(&name), Some((uuid(), 3)));
+        for bad in [
+            "x.ram",
+            &format!("{UUID}.ram"),
+            &format!("{UUID}.-1.ram"),
+            &format!("{UUID}.3.ram.owner"),
+            &format!("{UUID}.3"),
+        ] {
+            assert_eq!(parse_pool_file_name(bad), None, "{bad}");
+        }
+        assert!(is_plain_file_name("a.ram"));
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert!(!is_plain_file_name(bad));
+        }
+        let pool = BeamPool::new("/pool");
+        assert!(matches!(pool.path_of("../x"), Err(PoolError::BadName(_))));
+    }
+
+    #[test]
+    fn creates_sparse_full_size_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let size = 1u64 << 30;
+        let path = pool.create_file(&uuid(), 1, size, None).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), size);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Sparse: (almost) no blocks allocated for a 1 GiB file.
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        assert!(matches!(
+            pool.create_file(&uuid(), 1, size, None),
+            Err(PoolError::Exists(_))
+        ));
+        assert!(matches!(
+            pool.create_file(&uuid(), 2, 0, None),
+            Err(PoolError::ZeroSize)
+        ));
+        let id = pool.check_file(&pool_file_name(&uuid(), 1), size).unwrap();
+        assert_eq!(id, file_identity(&path).unwrap());
+        assert!(matches!(
+            pool.check_file(&pool_file_name(&uuid(), 1), size + 1),
+            Err(PoolError::WrongSize { .. })
+        ));
+        assert!(matches!(
+            pool.check_file(&pool_file_name(&uuid(), 9), size),
+            Err(PoolError::Missing(_))
+        ));
+        // A symlink is not accepted as a pool file.
+        let link = dir.path().join(pool_file_name(&uuid(), 5));
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(
+            pool.check_file(&pool_file_name(&uuid(), 5), size),
+            Err(PoolError::NotRegular(_))
+        ));
+        // But file_identity follows links, as QEMU does.
+        assert_eq!(file_identity(&link).unwrap(), id);
+        // Creating in a missing directory is an I/O error, not a panic.
+        let missing = BeamPool::new(dir.path().join("nope"));
+        assert!(matches!(
+            missing.create_file(&uuid(), 1, 1, None),
+            Err(PoolError::Io { op: "create", .. })
+        ));
+    }
+
+    #[test]
+    fn ownership_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        assert_eq!(pool.read_owner(&name).unwrap(), None);
+        let (a, b, c) = (host("cvm1"), host("cvm2"), host("cvm3"));
+
+        let r = pool.claim(&name, &uuid(), 1, &a).unwrap();
+        assert_eq!(r.state, OwnerState::Active);
+        assert_eq!(pool.read_owner(&name).unwrap(), Some(r));
+        assert!(matches!(
+            pool.claim(&name, &uuid(), 1, &b),
+            Err(PoolError::Exists(_))
+        ));
+
+        // Only the owner can hand over, only from active.
+        assert!(matches!(
+            pool.begin_hand_over(&name, &b, &c),
+            Err(PoolError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            pool.complete_hand_over(&name, &a, &b, 2),
+            Err(PoolError::WrongState { .. })
+        ));
+        let r = pool.begin_hand_over(&name, &a, &b).unwrap();
+        assert_eq!(r.state, OwnerState::HandingOver);
+        assert_eq!(r.handing_over_to, Some(b.clone()));
+        // Not releasable while handing over.
+        assert!(matches!(
+            pool.release(&name, &a),
+            Err(PoolError::WrongState { .. })
+        ));
+        // Abort returns to active under the same owner.
+        let r = pool.abort_hand_over(&name, &a).unwrap();
+        assert_eq!((r.state, &r.owner), (OwnerState::Active, &a));
+
+        pool.begin_hand_over(&name, &a, &b).unwrap();
+        assert!(matches!(
+            pool.complete_hand_over(&name, &a, &c, 2),
+            Err(PoolError::WrongRecipient { .. })
+        ));
+        let r = pool.complete_hand_over(&name, &a, &b, 2).unwrap();
+        assert_eq!(r.owner, b);
+        assert_eq!(r.generation, 2);
+        assert_eq!(r.state, OwnerState::Active);
+        assert_eq!(pool.read_owner(&name).unwrap(), Some(r));
+
+        // The old owner can no longer release it; the new one can.
+        assert!(matches!(
+            pool.release(&name, &a),
+            Err(PoolError::NotOwner { .. })
+        ));
+        pool.release(&name, &b).unwrap();
+        assert!(fs::read_dir(dir.path()).unwrap().next().is_none());
+        assert!(matches!(
+            pool.release(&name, &b),
+            Err(PoolError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn interrupted_release_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        let mut r = pool.claim(&name, &uuid(), 1, &host("cvm1")).unwrap();
+        r.state = OwnerState::Released;
+        pool.write_record(&r, false).unwrap();
+        fs::remove_file(dir.path().join(&name)).unwrap();
+        let live = HashSet::from([uuid()]);
+        assert_eq!(pool.orphans(&host("cvm1"), &live).unwrap().len(), 1);
+        pool.release(&name, &host("cvm1")).unwrap();
+        assert!(pool.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        let rec = dir.path().join(format!("{name}.owner"));
+        fs::write(&rec, "{not json").unwrap();
+        assert!(matches!(
+            pool.read_owner(&name),
+            Err(PoolError::BadRecord { .. })
+        ));
+        let other = format!(
+            r#"{{"owner":"cvm1","domain_uuid":"{UUID}","generation":1,"pool_file":"other.ram","state":"active"}}"#
+        );
+        fs::write(&rec, other).unwrap();
+        assert!(matches!(
+            pool.read_owner(&name),
+            Err(PoolError::RecordMismatch(_))
+        ));
+        let inconsistent = format!(
+            r#"{{"owner":"cvm1","domain_uuid":"{UUID}","generation":1,"pool_file":"{name}","state":"handing-over"}}"#
+        );
+        fs::write(&rec, inconsistent).unwrap();
+        assert!(matches!(
+            pool.read_owner(&name),
+            Err(PoolError::RecordMismatch(_))
+        ));
+        let list = pool.list().unwrap();
+        assert!(matches!(list[0].record, RecordStatus::Corrupt(_)));
+    }
+
+    #[test]
+    fn listing_and_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let me = host("cvm1");
+        let other = host("cvm2");
+        let u =
+            |n: u8| DomainUuid::new(&format!("00000000-0000-0000-0000-0000000000{n:02}")).unwrap();
+        // 1: mine, live. 2: mine, not live (orphan). 3: other's, not live.
+        // 4: mine, handing over, not live (not an orphan). 5: no record.
+        // 6: record only, mine, not live (orphan).
+        for (n, owner) in [(1, &me), (2, &me), (3, &other), (4, &me), (6, &me)] {
+            let name = pool_file_name(&u(n), 1);
+            pool.create_file(&u(n), 1, 4096, None).unwrap();
+            pool.claim(&name, &u(n), 1, owner).unwrap();
+        }
+        pool.begin_hand_over(&pool_file_name(&u(4), 1), &me, &other)
+            .unwrap();
+        pool.create_file(&u(5), 1, 4096, None).unwrap();
+        fs::remove_file(dir.path().join(pool_file_name(&u(6), 1))).unwrap();
+        fs::write(dir.path().join("README"), "not a pool file").unwrap();
+
+        let list = pool.list().unwrap();
+        assert_eq!(list.len(), 6);
+        assert_eq!(list[4].record, RecordStatus::Missing);
+        assert_eq!(list[5].size, None);
+        assert_eq!(list[0].size, Some(4096));
+
+        let live = HashSet::from([u(1)]);
+        let orphans: Vec<_> = pool
+            .orphans(&me, &live)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.domain_uuid)
+            .collect();
+        assert_eq!(orphans, vec![u(2), u(6)]);
+    }
+
+    #[test]
+    fn proof_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let nonce = Nonce::random();
+        let token = write_proof(dir.path(), &nonce).unwrap();
+        assert_eq!(token.nonce, nonce);
+        // The destination sees the same directory (same kernel): proof holds.
+        read_proof(dir.path(), &token).unwrap();
+        // Token travels as JSON between daemons.
+        let json = serde_json::to_string(&token).unwrap();
+        let back: ProofToken = serde_json::from_str(&json).unwrap();
+        read_proof(dir.path(), &back).unwrap();
+        assert_eq!(pool_leftovers(dir.path()), 1);
+        assert!(matches!(
+            write_proof(dir.path(), &nonce),
+            Err(PoolError::Exists(_))
+        ));
+        remove_proof(dir.path(), &token).unwrap();
+        remove_proof(dir.path(), &token).unwrap();
+        assert_eq!(pool_leftovers(dir.path()), 0);
+    }
+
+    fn pool_leftovers(dir: &Path) -> usize {
+        BeamPool::new(dir).leftovers().unwrap().len()
+    }
+
+    #[test]
+    fn proof_failures() {
+        let source = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let token = write_proof(source.path(), &Nonce::random()).unwrap();
+        // A destination that does not share the pool cannot see the file.
+        assert!(matches!(
+            read_proof(elsewhere.path(), &token),
+            Err(PoolError::ProofMissing(_))
+        ));
+        // A destination that makes up a file of that name has the wrong content.
+        fs::write(elsewhere.path().join(token.file_name()), "guess").unwrap();
+        assert!(matches!(
+            read_proof(elsewhere.path(), &token),
+            Err(PoolError::ProofMismatch(_))
+        ));
+        // Same content copied elsewhere: the content matches but it is another file.
+        fs::copy(
+            source.path().join(token.file_name()),
+            elsewhere.path().join(token.file_name()),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_proof(elsewhere.path(), &token),
+            Err(PoolError::ProofIdentityMismatch { .. })
+        ));
+        // A symlink to the real file is refused.
+        let linked = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            source.path().join(token.file_name()),
+            linked.path().join(token.file_name()),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_proof(linked.path(), &token),
+            Err(PoolError::NotRegular(_))
+        ));
+    }
+
+    #[test]
+    fn leftovers_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        fs::write(dir.path().join(".x.owner.00.tmp"), "").unwrap();
+        fs::write(dir.path().join("notanonce.proof"), "").unwrap();
+        pool.create_file(&uuid(), 1, 10, None).unwrap();
+        assert_eq!(pool.leftovers().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,354 @@
+//! The libvirt hook's events, as vmbeamd handles them. Hook handlers never call libvirt
+//! (libvirt holds the domain's lock while it runs a hook); they work from the XML libvirt
+//! passed, the pool and the private QMP socket, and each is bounded in time.
+//!
+//! Destination of a migration: `migrate begin` (accept or refuse the ticket, strip it),
+//! `prepare begin`, `start begin` (link the RAM path: to the source's pool file only for an
+//! accepted zero-copy migration, else to a fresh file), `started begin` (QEMU waits in
+//! `inmigrate`: set `x-ignore-shared` for zero-copy and watch the incoming migration to reset
+//! it). Any host: `release end` (the owner deletes a pool file whose domain is gone for good).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, info_span, warn};
+use vmbeam_bus::BeamError;
+use vmbeam_core::carrier;
+use vmbeam_core::hook::{HookOp, HookSubOp};
+use vmbeam_core::pool::{BeamPool, OwnerState, RecordStatus};
+use vmbeam_core::ticket::{Expectations, Ticket};
+use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
+use vmbeam_qemu::qmp::{QmpClient, QmpOptions, RunState};
+use vmbeam_qemu::ramlink;
+
+use crate::state::{Incoming, Running, SharedCtx};
+
+/// Suffix of the marker a destination leaves in the pool once the guest ran there.
+pub const RAN_SUFFIX: &str = ".ran";
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn failed(e: impl std::fmt::Display) -> BeamError {
+    BeamError::Failed(e.to_string())
+}
+
+/// Handles one hook invocation; returns what the hook prints (the XML for `migrate`).
+pub fn handle(ctx: &SharedCtx, args: &[String], xml: &str) -> Result<String, BeamError> {
+    let ev = HookEvent::from_args(args).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+    let passthrough = if ev.output_replaces_xml() {
+        xml.to_string()
+    } else {
+        String::new()
+    };
+    let meta = match BeamMetadata::from_domain_xml(xml) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(passthrough),
+        Err(e) => return Err(BeamError::InvalidArgs(format!("VMBeam metadata: {e}"))),
+    };
+    let facts = DomainFacts::from_xml(xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+    let span =
+        info_span!("hook", domain = %facts.name, op = %ev.op.as_str(), sub = %ev.sub_op.as_str());
+    let _g = span.enter();
+    match (&ev.op, &ev.sub_op) {
+        (HookOp::Migrate, HookSubOp::Begin) => migrate_begin(ctx, xml, &facts, &meta),
+        (HookOp::Start, HookSubOp::Begin) => start_begin(ctx, &facts).map(|_| passthrough),
+        (HookOp::Started, HookSubOp::Begin) => started_begin(ctx, &facts).map(|_| passthrough),
+        (HookOp::Release, HookSubOp::End) => {
+            release_end(ctx, &facts);
+            Ok(passthrough)
+        }
+        _ => Ok(passthrough),
+    }
+}
+
+/// Destination, before anything is started: verify a ticket if one came with the XML.
+fn migrate_begin(
+    ctx: &SharedCtx,
+    xml: &str,
+    facts: &DomainFacts,
+    meta: &BeamMetadata,
+) -> Result<String, BeamError> {
+    let (clean, ticket) =
+        carrier::extract_ticket(xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+    let id = &ctx.cfg.identity;
+    let Some(encoded) = ticket else {
+        info!("incoming copying migration: the domain gets a fresh pool file here");
+        ctx.tables
+            .lock()
+            .expect("lock")
+            .incoming
+            .remove(&facts.uuid);
+        return Ok(clean);
+    };
+    let ticket = Ticket::decode(&encoded).map_err(|e| BeamError::TicketRefused(e.to_string()))?;
+    let pool = BeamPool::new(&id.pool_dir);
+    // The pool file must be in our own view of the pool, and be the very file the source
+    // named (device and inode), before the ticket counts.
+    let identity = pool
+        .check_file(&ticket.pool_file, facts.memory_bytes().map_err(failed)?)
+        .map_err(|e| {
+            BeamError::TicketRefused(format!(
+                "pool file {} in this host's pool: {e}",
+                ticket.pool_file
+            ))
+        })?;
+    let expectations = Expectations {
+        cloud: &id.cloud,
+        dest_host: &id.host_id,
+        domain_uuid: &facts.uuid,
+        source_host: None,
+        pool_identity: Some(identity),
+    };
+    {
+        let mut replay = ctx.replay.lock().expect("lock");
+        ticket
+            .verify(&ctx.key, &expectations, now_secs(), &mut *replay)
+            .map_err(|e| {
+                warn!(error = %e, "ticket refused");
+                BeamError::TicketRefused(e.to_string())
+            })?;
+    }
+    info!(source = %ticket.source_host, pool_file = %ticket.pool_file, "ticket accepted: incoming zero-copy migration");
+    ctx.tables.lock().expect("lock").incoming.insert(
+        facts.uuid.clone(),
+        Incoming {
+            pool_file: ticket.pool_file.clone(),
+            source: ticket.source_host.clone(),
+            expires_at: ticket.expires_at,
+        },
+    );
+    let _ = meta;
+    Ok(clean)
+}
+
+fn ram_link_path(ctx: &SharedCtx, facts: &DomainFacts) -> Result<PathBuf, BeamError> {
+    let id = facts
+        .id
+        .ok_or_else(|| BeamError::InvalidArgs("the domain XML at start has no id".into()))?;
+    if facts.numa_cells > 0 {
+        return Err(BeamError::CannotEnable(
+            "guest NUMA cells are not supported by VMBeam".into(),
+        ));
+    }
+    Ok(
+        ramlink::libvirt_domain_memory_dir(&ctx.cfg.memory_backing_dir, id as i64, &facts.name)
+            .join(ramlink::LIBVIRT_DEFAULT_RAM_FILE),
+    )
+}
+
+/// Any start: link libvirt's RAM path to a pool file that exists with the full size.
+fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
+    let id = &ctx.cfg.identity;
+    let pool = BeamPool::new(&id.pool_dir);
+    let size = facts.memory_bytes().map_err(failed)?;
+    let link = ram_link_path(ctx, facts)?;
+    let incoming = {
+        let mut t = ctx.tables.lock().expect("lock");
+        t.incoming
+            .remove(&facts.uuid)
+            .filter(|i| i.expires_at + 60 >= now_secs())
+    };
+    let (file, zero_copy) = match incoming {
+        Some(inc) => (inc.pool_file, true),
+        None => {
+            let generation = next_generation(&pool, &facts.uuid)?;
+            pool.create_file(&facts.uuid, generation, size, None)
+                .map_err(failed)?;
+            let name = vmbeam_core::pool::pool_file_name(&facts.uuid, generation);
+            pool.claim(&name, &facts.uuid, generation, &id.host_id)
+                .map_err(failed)?;
+            (name, false)
+        }
+    };
+    let target = id.pool_dir.join(&file);
+    ramlink::link_ram_path(&link, &target, size).map_err(|e| {
+        if !zero_copy {
+            let _ = pool.release(&file, &id.host_id);
+        }
+        failed(format!(
+            "link {} to {}: {e}",
+            link.display(),
+            target.display()
+        ))
+    })?;
+    info!(pool_file = %file, zero_copy, "RAM path linked into the pool");
+    ctx.tables.lock().expect("lock").running.insert(
+        facts.uuid.clone(),
+        Running {
+            pool_file: file,
+            zero_copy,
+        },
+    );
+    Ok(())
+}
+
+fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, BeamError> {
+    let max = pool
+        .list()
+        .map_err(failed)?
+        .into_iter()
+        .filter(|e| &e.domain_uuid == uuid)
+        .map(|e| e.generation)
+        .max()
+        .unwrap_or(0);
+    Ok(max + 1)
+}
+
+/// QEMU is up and waiting for the stream. For zero-copy: `x-ignore-shared` on, then a watcher
+/// that resets it when the incoming migration is over.
+fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
+    let zero_copy = ctx
+        .tables
+        .lock()
+        .expect("lock")
+        .running
+        .get(&facts.uuid)
+        .map(|r| r.zero_copy)
+        .unwrap_or(false);
+    if !zero_copy {
+        return Ok(());
+    }
+    let sock = facts.private_qmp.clone().ok_or_else(|| {
+        BeamError::NotBeamEnabled(format!("{} has no private QMP socket", facts.name))
+    })?;
+    let opts = QmpOptions {
+        connect_timeout: Duration::from_secs(5),
+        ..QmpOptions::default()
+    };
+    let mut q = QmpClient::connect(&sock, &opts)
+        .map_err(|e| failed(format!("private QMP {}: {e}", sock.display())))?;
+    // The backing must be the shared pool file QEMU maps (invariant: same file both sides).
+    let pool_file = ctx
+        .tables
+        .lock()
+        .expect("lock")
+        .running
+        .get(&facts.uuid)
+        .map(|r| r.pool_file.clone());
+    if let Some(f) = &pool_file {
+        let devs = q.query_memdev().map_err(failed)?;
+        ramlink::verify_memdev_backing(
+            &devs,
+            ramlink::LIBVIRT_DEFAULT_RAM_FILE,
+            &ctx.cfg.identity.pool_dir.join(f),
+        )
+        .map_err(|e| BeamError::ZeroCopyRefused(format!("destination QEMU's RAM backing: {e}")))?;
+    }
+    q.x_ignore_shared(true).map_err(failed)?;
+    info!("x-ignore-shared on (destination)");
+    let name = facts.name.clone();
+    let ran_marker = pool_file.map(|f| ctx.cfg.identity.pool_dir.join(format!("{f}{RAN_SUFFIX}")));
+    std::thread::Builder::new()
+        .name(format!("watch-{name}"))
+        .spawn(move || watch_incoming(q, &name, ran_marker))
+        .map_err(failed)?;
+    Ok(())
+}
+
+/// Follows a destination QEMU until its incoming migration is over: when the stream has
+/// ended it resets `x-ignore-shared`; once the guest runs here it leaves a marker in the pool
+/// (from then on the source must never run the guest again). If QEMU goes away (a failed
+/// migration), there is nothing to reset.
+fn watch_incoming(mut q: QmpClient, name: &str, ran_marker: Option<PathBuf>) {
+    let span = info_span!("watch", domain = %name);
+    let _g = span.enter();
+    let deadline = Instant::now() + Duration::from_secs(24 * 3600);
+    let mut reset = false;
+    while Instant::now() < deadline {
+        let state = match q.query_status() {
+            Ok(s) => s,
+            Err(e) if e.is_gone() => {
+                info!(reset, "destination QEMU is gone");
+                return;
+            }
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        if !reset && state != RunState::InMigrate {
+            let over = q
+                .query_migrate()
+                .map(|m| !m.status().is_in_flight())
+                .unwrap_or(false);
+            if over {
+                match vmbeam_qemu::caps::reset_ignore_shared(&mut q) {
+                    Ok(o) => info!(outcome = ?o, "incoming stream over; x-ignore-shared reset"),
+                    Err(e) => warn!(error = %e, "could not reset x-ignore-shared"),
+                }
+                reset = true;
+            }
+        }
+        if reset && state == RunState::Running {
+            if let Some(m) = &ran_marker {
+                let _ = std::fs::write(m, b"ran\n");
+            }
+            info!("guest runs on the destination");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The domain is gone from this host. Its pool file is deleted only by its owner, and only
+/// when no outgoing zero-copy migration still needs to settle who owns it.
+fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
+    let id = &ctx.cfg.identity;
+    let (running, outgoing) = {
+        let mut t = ctx.tables.lock().expect("lock");
+        t.incoming.remove(&facts.uuid);
+        (
+            t.running.remove(&facts.uuid),
+            t.outgoing.contains_key(&facts.uuid),
+        )
+    };
+    if outgoing {
+        info!("released while a zero-copy migration is in flight: the job settles the pool file");
+        return;
+    }
+    let pool = BeamPool::new(&id.pool_dir);
+    let mut files: Vec<String> = running.map(|r| vec![r.pool_file]).unwrap_or_default();
+    if let Ok(list) = pool.list() {
+        for e in list {
+            if e.domain_uuid == facts.uuid && !files.contains(&e.file_name) {
+                files.push(e.file_name);
+            }
+        }
+    }
+    for f in files {
+        match pool.read_owner(&f) {
+            Ok(Some(r)) if r.owner == id.host_id && r.state == OwnerState::Active => {
+                match pool.release(&f, &id.host_id) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(id.pool_dir.join(format!("{f}{RAN_SUFFIX}")));
+                        info!(pool_file = %f, "domain gone for good here: pool file deleted")
+                    }
+                    Err(e) => warn!(pool_file = %f, error = %e, "could not delete pool file"),
+                }
+            }
+            Ok(Some(r)) => {
+                info!(pool_file = %f, owner = %r.owner, state = %r.state, "pool file kept (not ours to delete)")
+            }
+            Ok(None) => {}
+            Err(e) => warn!(pool_file = %f, error = %e, "unreadable owner record"),
+        }
+    }
+}
+
+/// Pool files this host owns whose domain libvirt no longer knows (after a crash).
+pub fn orphan_report(ctx: &SharedCtx, live: &std::collections::HashSet<DomainUuid>) -> Vec<String> {
+    let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
+    pool.orphans(&ctx.cfg.identity.host_id, live)
+        .map(|v| v.into_iter().map(|e| e.file_name).collect())
+        .unwrap_or_default()
+}
+
+/// Whether an owner record says `RecordStatus::Valid` with this owner.
+pub fn owned_by(status: &RecordStatus, host: &vmbeam_core::HostId) -> bool {
+    matches!(status, RecordStatus::Valid(r) if &r.owner == host)
+}

@@ -1,0 +1,57 @@
+//! What vmbeamd remembers between hook events and jobs. The durable truth about pool files
+//! is their owner records in the pool; this is the in-flight part.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use vmbeam_core::ticket::FileReplayCache;
+use vmbeam_core::{DomainUuid, HostId, TicketKey};
+
+use crate::config::DaemonConfig;
+
+/// An incoming zero-copy migration the destination accepted at `migrate begin`.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub pool_file: String,
+    pub source: HostId,
+    /// Unix time after which the acceptance is void (the ticket's expiry).
+    pub expires_at: u64,
+}
+
+/// A domain this host started, and the pool file its RAM path links to.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub pool_file: String,
+    /// Started as the destination of a zero-copy migration.
+    pub zero_copy: bool,
+}
+
+/// An outgoing zero-copy migration in flight (the source keeps its hands off the pool
+/// file until libvirt says how it ended).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub job: u64,
+    pub pool_file: String,
+    pub dest: HostId,
+}
+
+/// The daemon's shared state.
+#[derive(Default, Debug)]
+pub struct Tables {
+    pub incoming: HashMap<DomainUuid, Incoming>,
+    pub running: HashMap<DomainUuid, Running>,
+    pub outgoing: HashMap<DomainUuid, Outgoing>,
+}
+
+/// Everything the hook handlers and jobs share.
+pub struct Ctx {
+    pub cfg: DaemonConfig,
+    pub key: TicketKey,
+    pub tables: Mutex<Tables>,
+    pub replay: Mutex<FileReplayCache>,
+    /// This host's libvirt host UUID (answers co-location requests addressed to it).
+    pub libvirt_uuid: String,
+}
+
+/// Shared handle.
+pub type SharedCtx = Arc<Ctx>;
