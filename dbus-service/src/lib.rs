@@ -7,4 +7,5 @@ pub mod engine;
 pub mod hooks;
 pub mod libvirt_job;
 pub mod rendezvous;
+pub mod service;
 pub mod state;

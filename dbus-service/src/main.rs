@@ -1,4 +1,135 @@
-fn main() {
-    eprintln!("vmbeamd: the D-Bus service arrives with the zero-copy engine");
-    std::process::exit(2);
+//! vmbeamd: VMBeam's system-bus service.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::info;
+use vmbeam_bus::{BUS_NAME, MANAGER_PATH};
+use vmbeam_core::ticket::FileReplayCache;
+use vmbeam_core::Identity;
+use vmbeamd::config::DaemonConfig;
+use vmbeamd::service::{HookObj, Manager};
+use vmbeamd::state::{Ctx, Tables};
+
+#[derive(Parser)]
+#[command(
+    name = "vmbeamd",
+    version,
+    about = "VMBeam's D-Bus service (system bus)"
+)]
+struct Args {
+    /// The cloud VM's VMBeam configuration
+    #[arg(long, default_value = "/etc/vmbeam/vmbeam.conf")]
+    config: PathBuf,
+    /// The local libvirt
+    #[arg(long, default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// qemu.conf's memory_backing_dir
+    #[arg(long, default_value = "/var/lib/libvirt/qemu/ram")]
+    memory_backing_dir: PathBuf,
+    /// Directory of the private QMP sockets
+    #[arg(long, default_value = vmbeam_core::domain::DEFAULT_QMP_DIR)]
+    qmp_dir: PathBuf,
+    /// Daemon state (the ticket replay cache)
+    #[arg(long, default_value = "/run/vmbeam/state")]
+    state_dir: PathBuf,
+    /// How long to wait for a destination's answer through the pool, in ms
+    #[arg(long, default_value_t = 1500)]
+    rendezvous_timeout_ms: u64,
+    /// Bound on handling one hook event, in seconds
+    #[arg(long, default_value_t = 20)]
+    hook_timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMBEAM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    virt::error::clear_error_callback();
+    let a = Args::parse();
+    let identity = Identity::load(&a.config)
+        .with_context(|| format!("configuration {}", a.config.display()))?;
+    let cfg = DaemonConfig {
+        identity,
+        libvirt_uri: a.libvirt_uri,
+        memory_backing_dir: a.memory_backing_dir,
+        qmp_dir: a.qmp_dir,
+        state_dir: a.state_dir,
+        rendezvous_timeout: Duration::from_millis(a.rendezvous_timeout_ms),
+        hook_timeout: Duration::from_secs(a.hook_timeout_secs),
+    };
+    let key = cfg.key().context("the cloud's key")?;
+    std::fs::create_dir_all(&cfg.qmp_dir)
+        .with_context(|| format!("create {}", cfg.qmp_dir.display()))?;
+    let replay =
+        FileReplayCache::open(cfg.state_dir.join("tickets")).context("ticket replay cache")?;
+    let uri = cfg.libvirt_uri.clone();
+    let libvirt_uuid = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match virt::connect::Connect::open(Some(&uri)) {
+                Ok(mut c) => {
+                    let u = vmbeamd::engine::host_uuid(&c).map_err(|e| anyhow::anyhow!("{e:?}"));
+                    let _ = c.close();
+                    return u;
+                }
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    return Err(anyhow::anyhow!("libvirt at {uri}: {}", e.message()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    })
+    .await??;
+    let ctx = Arc::new(Ctx {
+        cfg,
+        key,
+        tables: Mutex::new(Tables::default()),
+        replay: Mutex::new(replay),
+        libvirt_uuid,
+    });
+    let manager = Manager {
+        ctx: ctx.clone(),
+        jobs: Arc::new(Mutex::new(BTreeMap::new())),
+        next_job: AtomicU64::new(1),
+    };
+    // Objects first, then the name (clients never see a name without its objects).
+    let _conn = zbus::connection::Builder::system()?
+        .serve_at(MANAGER_PATH, manager)?
+        .serve_at(MANAGER_PATH, HookObj { ctx: ctx.clone() })?
+        .name(BUS_NAME)?
+        .build()
+        .await
+        .context("connect to the system bus and own org.vmbeam.VMBeam1")?;
+    info!(host = %ctx.cfg.identity.host_id, cloud = %ctx.cfg.identity.cloud, libvirt_uuid = %ctx.libvirt_uuid, "vmbeamd ready");
+    // Answer co-location requests addressed to this host, through the pool.
+    let c2 = ctx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let c3 = c2.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                vmbeamd::rendezvous::serve_once(&c3.cfg.identity, &c3.key, &c3.libvirt_uuid)
+            })
+            .await;
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: exiting"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: exiting"),
+    }
+    Ok(())
 }

@@ -89,8 +89,81 @@ memory_backing_dir = "/var/lib/libvirt/qemu/ram"
     )
 }
 
-/// Brings up cloud VM `i`: directories and configuration, the namespace holder, libvirtd.
-pub fn create(state: &mut LabState, i: u32, host_uuid: &str) -> Result<CloudVm, LabError> {
+/// What makes one cloud VM.
+#[derive(Debug, Clone)]
+pub struct CvmSpec {
+    pub index: u32,
+    pub host_uuid: String,
+    /// Its virtual IaaS cloud.
+    pub cloud: String,
+    /// Host path of the pool it sees.
+    pub pool: PathBuf,
+    /// Where `vmbeamd` and `vmbeam-hook` are.
+    pub bin_dir: PathBuf,
+}
+
+/// The cloud's key (one per virtual IaaS cloud of the lab), made on first use.
+fn cloud_key(state: &mut LabState, cloud: &str) -> Result<PathBuf, LabError> {
+    let dir = Path::new(LAB_ROOT).join("keys");
+    make_dir(state, &dir)?;
+    let path = dir.join(format!("{cloud}.key"));
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        write_private(&path, &hex::encode(key))?;
+    }
+    Ok(path)
+}
+
+fn write_private(path: &Path, content: &str) -> Result<(), LabError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| LabError::io(format!("create {}", path.display()), e))?;
+    f.write_all(content.as_bytes())
+        .map_err(|e| LabError::io(format!("write {}", path.display()), e))
+}
+
+fn vmbeam_conf(host_id: &str, cloud: &str) -> String {
+    format!(
+        r#"# VMBeam identity of this lab cloud VM
+host_id = "{host_id}"
+cloud = "{cloud}"
+pool_dir = "{POOL_DIR}"
+key_file = "/etc/vmbeam/cloud.key"
+ticket_ttl_secs = 30
+"#
+    )
+}
+
+/// The lab's system bus: a system-type bus whose policy lets root own VMBeam's name and
+/// everyone call it (vmbeamd itself checks who may do what).
+const LAB_BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=/run/dbus/system_bus_socket</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>
+  <policy user="root">
+    <allow own="org.vmbeam.VMBeam1"/>
+  </policy>
+</busconfig>
+"#;
+
+/// Brings up one cloud VM: directories and configuration, the namespace holder, its system
+/// bus, libvirtd (with VMBeam's hook installed) and vmbeamd.
+pub fn create(state: &mut LabState, spec: &CvmSpec) -> Result<CloudVm, LabError> {
+    let i = spec.index;
+    let host_uuid = spec.host_uuid.as_str();
     let name = format!("cvm{i}");
     let ns = cvm_netns(i);
     let addr = cvm_addr(i);
@@ -111,13 +184,28 @@ pub fn create(state: &mut LabState, i: u32, host_uuid: &str) -> Result<CloudVm, 
         &libvirtd_conf(&addr, host_uuid),
     )?;
     write(&root.join("etc-libvirt/qemu.conf"), &qemu_conf(&addr))?;
+    // VMBeam: identity, the cloud's key, the hook (before libvirtd starts: libvirt discovers
+    // hooks only at start), the bus configuration.
+    write(
+        &root.join("etc-vmbeam/vmbeam.conf"),
+        &vmbeam_conf(&name, &spec.cloud),
+    )?;
+    let key = fs::read_to_string(cloud_key(state, &spec.cloud)?)
+        .map_err(|e| LabError::io("read the lab cloud key", e))?;
+    write_private(&root.join("etc-vmbeam/cloud.key"), &key)?;
+    let hook = spec.bin_dir.join("vmbeam-hook");
+    let hook_link = root.join("etc-libvirt/hooks/qemu.d/vmbeam");
+    let _ = fs::remove_file(&hook_link);
+    std::os::unix::fs::symlink(&hook, &hook_link)
+        .map_err(|e| LabError::io(format!("install the hook {}", hook_link.display()), e))?;
+    write(&root.join("run/vmbeam/lab-bus.conf"), LAB_BUS_CONF)?;
     // The mount points must exist on the host; the lab creates (and records) the missing ones.
     for (_, inner) in PRIVATE_DIRS {
         make_dir(state, Path::new(inner))?;
     }
     make_dir(state, Path::new(POOL_DIR))?;
 
-    let (holder_pid, holder_start) = start_holder(state, &name, &ns, &root)?;
+    let (holder_pid, holder_start) = start_holder(state, &name, &ns, &root, &spec.pool)?;
     let mut cvm = CloudVm {
         name,
         index: i,
@@ -130,8 +218,18 @@ pub fn create(state: &mut LabState, i: u32, host_uuid: &str) -> Result<CloudVm, 
         holder_start,
         libvirtd_pid: 0,
         libvirtd_start: 0,
+        dbus_pid: 0,
+        dbus_start: 0,
+        vmbeamd_pid: 0,
+        vmbeamd_start: 0,
+        cloud: spec.cloud.clone(),
+        pool: spec.pool.clone(),
+        own_pool: spec.pool != state.pool,
+        bin_dir: spec.bin_dir.clone(),
     };
+    start_dbus(state, &mut cvm)?;
     start_libvirtd(state, &mut cvm)?;
+    start_vmbeamd(state, &mut cvm)?;
     Ok(cvm)
 }
 
@@ -146,9 +244,9 @@ fn start_holder(
     name: &str,
     ns: &str,
     root: &Path,
+    pool: &Path,
 ) -> Result<(u32, u64), LabError> {
     let mut script = String::from("set -e\n");
-    let pool = Path::new(LAB_ROOT).join("pool");
     for (dir, inner) in PRIVATE_DIRS {
         if *inner == "/run" {
             // The pool is bound before /run hides the lab root.
@@ -230,9 +328,109 @@ pub fn spawn_in(
         .stdin(Stdio::null())
         .stdout(logf)
         .stderr(logf2)
+        .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .env_remove("LIBVIRT_DEFAULT_URI")
         .process_group(0)
         .spawn()
         .map_err(|e| LabError::io(format!("start {program} in {}", cvm.name), e))
+}
+
+/// Starts a daemon inside the cloud VM and records it; returns (pid, start time).
+fn start_daemon(
+    state: &mut LabState,
+    cvm: &CloudVm,
+    what: &str,
+    program: &str,
+    args: &[&str],
+    log: &Path,
+) -> Result<(u32, u64), LabError> {
+    let child = spawn_in(cvm, program, args, log)?;
+    let pid = child.id();
+    std::mem::forget(child);
+    let start = process_start_time(pid).unwrap_or(0);
+    state.record(Resource::Process {
+        pid,
+        start_time: start,
+        what: format!("{} {what}", cvm.name),
+    })?;
+    Ok((pid, start))
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(4).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Starts the cloud VM's own system bus (its /run/dbus is private).
+pub fn start_dbus(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), LabError> {
+    let log = cvm.root.join("var-log-libvirt/dbus-daemon.log");
+    let _ = fs::remove_file(cvm.root.join("run/dbus/system_bus_socket"));
+    let (pid, start) = start_daemon(
+        state,
+        cvm,
+        "dbus-daemon",
+        "dbus-daemon",
+        &[
+            "--config-file=/run/vmbeam/lab-bus.conf",
+            "--nofork",
+            "--nopidfile",
+            "--nosyslog",
+        ],
+        &log,
+    )?;
+    cvm.dbus_pid = pid;
+    cvm.dbus_start = start;
+    let sock = cvm.root.join("run/dbus/system_bus_socket");
+    let ok = wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+        if !process_alive(pid, start) {
+            return Some(false);
+        }
+        sock.exists().then_some(true)
+    });
+    if ok != Some(true) {
+        return Err(LabError::Setup(format!(
+            "{}: its system bus did not start: {}",
+            cvm.name,
+            log_tail(&log)
+        )));
+    }
+    Ok(())
+}
+
+/// Starts the cloud VM's vmbeamd and waits until it owns its bus name.
+pub fn start_vmbeamd(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), LabError> {
+    let log = cvm.root.join("var-log-libvirt/vmbeamd.log");
+    let bin = cvm.bin_dir.join("vmbeamd");
+    let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let (pid, start) = start_daemon(
+        state,
+        cvm,
+        "vmbeamd",
+        &bin.to_string_lossy(),
+        &["--config", "/etc/vmbeam/vmbeam.conf"],
+        &log,
+    )?;
+    cvm.vmbeamd_pid = pid;
+    cvm.vmbeamd_start = start;
+    let ok = wait_for(Duration::from_secs(30), Duration::from_millis(20), || {
+        if !process_alive(pid, start) {
+            return Some(false);
+        }
+        let text = fs::read(&log).unwrap_or_default();
+        let new =
+            String::from_utf8_lossy(text.get(before as usize..).unwrap_or_default()).into_owned();
+        new.contains("vmbeamd ready").then_some(true)
+    });
+    if ok != Some(true) {
+        return Err(LabError::Setup(format!(
+            "{}: vmbeamd did not start: {}",
+            cvm.name,
+            log_tail(&log)
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a command inside the cloud VM and waits for it, returning stdout.
@@ -255,8 +453,10 @@ pub fn run_in(cvm: &CloudVm, program: &str, args: &[&str]) -> Result<String, Lab
 /// Starts (or restarts) the cloud VM's libvirtd and waits until it accepts connections.
 pub fn start_libvirtd(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), LabError> {
     let log = cvm.root.join("var-log-libvirt/libvirtd.stderr");
-    let child = spawn_in(
+    let (pid, start) = start_daemon(
+        state,
         cvm,
+        "libvirtd",
         "libvirtd",
         &[
             "-f",
@@ -267,14 +467,6 @@ pub fn start_libvirtd(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), Lab
         ],
         &log,
     )?;
-    let pid = child.id();
-    std::mem::forget(child);
-    let start = process_start_time(pid).unwrap_or(0);
-    state.record(Resource::Process {
-        pid,
-        start_time: start,
-        what: format!("{} libvirtd", cvm.name),
-    })?;
     cvm.libvirtd_pid = pid;
     cvm.libvirtd_start = start;
     let uri = cvm.uri.clone();
@@ -303,6 +495,8 @@ pub fn start_libvirtd(state: &mut LabState, cvm: &mut CloudVm) -> Result<(), Lab
 pub fn healthy(cvm: &CloudVm) -> bool {
     process_alive(cvm.holder_pid, cvm.holder_start)
         && process_alive(cvm.libvirtd_pid, cvm.libvirtd_start)
+        && process_alive(cvm.dbus_pid, cvm.dbus_start)
+        && process_alive(cvm.vmbeamd_pid, cvm.vmbeamd_start)
 }
 
 /// The host path of the cloud VM's private directory `inner` (e.g. `/etc/vmbeam`).

@@ -33,6 +33,28 @@ pub struct GuestSpec {
     pub dirty_rate: u64,
     /// Cloud VM to start it on.
     pub on: String,
+    /// Make it beam-enabled (shared file memory in the pool, the private QMP socket,
+    /// VMBeam metadata), as `vmbeam enable` would.
+    pub beam: bool,
+}
+
+/// The beam-enabled form of a lab guest's XML for cloud VM `cvm`.
+pub fn beam_xml(xml: &str, cvm: &CloudVm) -> Result<String, LabError> {
+    let bad = |e: String| LabError::Setup(format!("beam-enable the guest: {e}"));
+    let meta = vmbeam_core::BeamMetadata {
+        cloud: vmbeam_core::CloudId::new(&cvm.cloud).map_err(|e| bad(e.to_string()))?,
+        pool: PathBuf::from(crate::POOL_DIR),
+        owner: vmbeam_core::HostId::new(&cvm.name).map_err(|e| bad(e.to_string()))?,
+        generation: 0,
+        pool_file: None,
+    };
+    vmbeam_core::transform::enable(
+        xml,
+        &meta,
+        std::path::Path::new(vmbeam_core::domain::DEFAULT_QMP_DIR),
+    )
+    .map(|r| r.xml)
+    .map_err(|e| bad(e.to_string()))
 }
 
 /// Default fill: what is left after the kernel, the unpacked initramfs and the kernel's
@@ -248,7 +270,10 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
         mac: format!("52:54:00:be:{:02x}:{:02x}", n / 256, n % 256),
         created_on: cvm.name.clone(),
     };
-    let xml = domain_xml(&rec, image, &accel.domain_type);
+    let mut xml = domain_xml(&rec, image, &accel.domain_type);
+    if spec.beam {
+        xml = beam_xml(&xml, &cvm)?;
+    }
     // A console log left by an earlier guest of the same name would be appended to.
     let _ = std::fs::remove_file(crate::cvm::host_path(&cvm, &console_inner(&rec.name)));
     let conn = connect(&cvm)?;

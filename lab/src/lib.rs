@@ -129,7 +129,16 @@ pub struct UpOptions {
     pub shaping: Shaping,
     /// The statically linked guest agent to put in the guest image.
     pub agent_binary: PathBuf,
+    /// Where `vmbeamd` and `vmbeam-hook` are (installed in every cloud VM).
+    pub bin_dir: PathBuf,
+    /// Cloud VMs put in another virtual IaaS cloud (own id and key): (cloud VM, cloud).
+    pub other_clouds: Vec<(String, String)>,
+    /// Cloud VMs given a pool of their own (not shared: not co-located for VMBeam).
+    pub own_pools: Vec<String>,
 }
+
+/// The virtual IaaS cloud every lab cloud VM belongs to unless told otherwise.
+pub const DEFAULT_CLOUD: &str = "lab-cloud";
 
 /// What `up` did.
 #[derive(Debug)]
@@ -196,7 +205,12 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
         if !s.complete {
             // A crashed `up`: roll it back first, then make a fresh lab.
             teardown(&mut s);
-        } else if s.cloud_vms.len() as u32 != opts.cloud_vms || s.shaping != opts.shaping {
+        } else if s.cloud_vms.len() as u32 != opts.cloud_vms
+            || s.shaping != opts.shaping
+            || s.cloud_vms.iter().any(|c| {
+                c.cloud != cloud_of(opts, &c.name) || c.own_pool != opts.own_pools.contains(&c.name)
+            })
+        {
             return Err(LabError::AlreadyUp {
                 running: s.cloud_vms.len(),
                 wanted: opts.cloud_vms,
@@ -240,22 +254,16 @@ fn build(
     opts: &UpOptions,
     image: &image::GuestImage,
 ) -> Result<(), LabError> {
+    for (name, _) in &opts.other_clouds {
+        check_cvm_name(opts, name)?;
+    }
+    for name in &opts.own_pools {
+        check_cvm_name(opts, name)?;
+    }
     let accel = probe::choose_accel(image, Path::new(CACHE_DIR))?;
     state.accel = Some(accel);
     let pool = state.pool.clone();
-    cvm::make_dir(state, &pool)?;
-    sys::run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "mode=0700,size=75%",
-            "vmbeam-lab-pool",
-            &pool.to_string_lossy(),
-        ],
-    )?;
-    state.record(Resource::Mount { path: pool })?;
+    mount_pool(state, &pool, "vmbeam-lab-pool")?;
     net::create_hub(state)?;
     net::create_loadgen(state)?;
     for i in 1..=opts.cloud_vms {
@@ -264,12 +272,66 @@ fn build(
             "00000000-0000-4000-8000-{:012x}",
             0xbea0_0000u64 + i as u64 + rand_suffix()
         );
-        let c = cvm::create(state, i, &host_uuid)?;
+        let name = format!("cvm{i}");
+        let pool = if opts.own_pools.contains(&name) {
+            let p = Path::new(LAB_ROOT).join(format!("pool-{name}"));
+            mount_pool(state, &p, &format!("vmbeam-lab-pool-{name}"))?;
+            p
+        } else {
+            state.pool.clone()
+        };
+        let spec = cvm::CvmSpec {
+            index: i,
+            host_uuid,
+            cloud: cloud_of(opts, &name),
+            pool,
+            bin_dir: opts.bin_dir.clone(),
+        };
+        let c = cvm::create(state, &spec)?;
         state.cloud_vms.push(c);
         state.save()?;
     }
     state.complete = true;
     state.save()?;
+    Ok(())
+}
+
+fn cloud_of(opts: &UpOptions, cvm: &str) -> String {
+    opts.other_clouds
+        .iter()
+        .find(|(c, _)| c == cvm)
+        .map(|(_, cloud)| cloud.clone())
+        .unwrap_or_else(|| DEFAULT_CLOUD.to_string())
+}
+
+fn check_cvm_name(opts: &UpOptions, name: &str) -> Result<(), LabError> {
+    let known: Vec<String> = (1..=opts.cloud_vms).map(|i| format!("cvm{i}")).collect();
+    if !known.iter().any(|k| k == name) {
+        return Err(LabError::UnknownCloudVm {
+            name: name.into(),
+            known,
+        });
+    }
+    Ok(())
+}
+
+/// Mounts a tmpfs pool at `path` (recording the directory and the mount).
+fn mount_pool(state: &mut LabState, path: &Path, source: &str) -> Result<(), LabError> {
+    cvm::make_dir(state, path)?;
+    sys::run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "mode=0700,size=75%",
+            source,
+            &path.to_string_lossy(),
+        ],
+    )?;
+    state.record(Resource::Mount {
+        path: path.to_path_buf(),
+    })?;
     Ok(())
 }
 
@@ -288,10 +350,27 @@ fn repair(state: &mut LabState) -> Result<Vec<String>, LabError> {
                 c.name
             )));
         }
+        let mut c = c.clone();
+        let mut changed = false;
+        if !sys::process_alive(c.dbus_pid, c.dbus_start) {
+            cvm::start_dbus(state, &mut c)?;
+            repaired.push(format!("{}: restarted its system bus", c.name));
+            changed = true;
+        }
         if !sys::process_alive(c.libvirtd_pid, c.libvirtd_start) {
-            let mut c = c.clone();
             cvm::start_libvirtd(state, &mut c)?;
             repaired.push(format!("{}: restarted libvirtd", c.name));
+            changed = true;
+        }
+        if changed || !sys::process_alive(c.vmbeamd_pid, c.vmbeamd_start) {
+            if sys::process_alive(c.vmbeamd_pid, c.vmbeamd_start) {
+                sys::terminate(c.vmbeamd_pid, c.vmbeamd_start, Duration::from_secs(5));
+            }
+            cvm::start_vmbeamd(state, &mut c)?;
+            repaired.push(format!("{}: restarted vmbeamd", c.name));
+            changed = true;
+        }
+        if changed {
             state.cloud_vms[i] = c;
             state.save()?;
         }

@@ -58,6 +58,20 @@ pub struct CloudVm {
     pub libvirtd_pid: u32,
     /// Start time of its libvirtd.
     pub libvirtd_start: u64,
+    /// PID and start time of its system bus (a dbus-daemon of its own).
+    pub dbus_pid: u32,
+    pub dbus_start: u64,
+    /// PID and start time of its vmbeamd.
+    pub vmbeamd_pid: u32,
+    pub vmbeamd_start: u64,
+    /// Its virtual IaaS cloud.
+    pub cloud: String,
+    /// Host path of the pool it sees (the shared one unless it has one of its own).
+    pub pool: PathBuf,
+    /// Whether that pool is its own (not shared).
+    pub own_pool: bool,
+    /// Where the VMBeam binaries it runs live.
+    pub bin_dir: PathBuf,
 }
 
 impl CloudVm {

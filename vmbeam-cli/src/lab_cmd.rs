@@ -23,6 +23,12 @@ pub enum LabCmd {
         /// Add this one-way latency to each cloud VM's link (needs sch_netem)
         #[arg(long, value_name = "MS")]
         latency: Option<u32>,
+        /// Put a cloud VM in another virtual IaaS cloud (own id and key), e.g. cvm3=other
+        #[arg(long = "cloud-of", value_name = "CVM=CLOUD", value_parser = parse_pair)]
+        cloud_of: Vec<(String, String)>,
+        /// Give a cloud VM a pool of its own (not shared: not co-located for VMBeam)
+        #[arg(long = "own-pool", value_name = "CVM")]
+        own_pool: Vec<String>,
     },
     /// Show the cloud VMs, their libvirt URIs and domains, and the pool
     Status,
@@ -60,6 +66,9 @@ pub enum GuestCmd {
         /// Cloud VM to start it on
         #[arg(long, value_name = "CLOUD_VM")]
         on: String,
+        /// Do not beam-enable it (plain anonymous memory)
+        #[arg(long)]
+        no_beam: bool,
     },
     /// Check the guest's memory integrity wherever it runs now (exit 0 PASS, 1 FAIL)
     Check { name: String },
@@ -117,12 +126,36 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     })
 }
 
+/// Where vmbeamd and vmbeam-hook are: next to this binary.
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the vmbeam binary")?;
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    for b in ["vmbeamd", "vmbeam-hook"] {
+        if !dir.join(b).is_file() {
+            return Err(
+                anyhow!("{} is missing: run scripts/build.sh", dir.join(b).display())
+                    .context(Coded(exit::NOT_READY)),
+            );
+        }
+    }
+    Ok(dir)
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .ok_or_else(|| format!("'{s}': expected CVM=CLOUD"))
+}
+
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
         LabCmd::Up {
             cloud_vms,
             bandwidth,
             latency,
+            cloud_of,
+            own_pool,
         } => {
             let t = Instant::now();
             let opts = UpOptions {
@@ -132,6 +165,9 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                     latency_ms: latency,
                 },
                 agent_binary: agent_binary()?,
+                bin_dir: bin_dir()?,
+                other_clouds: cloud_of,
+                own_pools: own_pool,
             };
             match lab(vmbeam_lab::up(&opts))? {
                 UpOutcome::Created(s) => {
@@ -229,17 +265,16 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                     name: cvm.clone(),
                     known: st.cloud_vms.iter().map(|c| c.name.clone()).collect(),
                 }))?;
+            // `vmbeam` inside a cloud VM is this very binary.
+            let mut command = command;
+            if command[0] == "vmbeam" {
+                command[0] = std::env::current_exe()?.to_string_lossy().into_owned();
+            }
+            let holder = c.holder_pid.to_string();
             let status = std::process::Command::new("nsenter")
-                .args([
-                    "-t",
-                    &c.holder_pid.to_string(),
-                    "-m",
-                    "-u",
-                    "-n",
-                    "--wd=/",
-                    "--",
-                ])
+                .args(["-t", &holder, "-m", "-u", "-n", "--wd=/", "--"])
                 .args(&command)
+                .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
                 .status()
                 .context("run nsenter")?;
             if !status.success() {
@@ -283,6 +318,7 @@ fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
             fill,
             dirty_rate,
             on,
+            no_beam,
         } => {
             let t = Instant::now();
             let st = lab(vmbeam_lab::require_state())?;
@@ -295,6 +331,7 @@ fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
                     fill_mib: fill,
                     dirty_rate,
                     on,
+                    beam: !no_beam,
                 },
                 &image,
             ))?;

@@ -24,17 +24,22 @@ pub mod exit {
     about = "Zero-copy live migration for libvirt-managed virtual IaaS clouds"
 )]
 struct Cli {
-    /// libvirt connection URI of the source (as virsh -c); default: LIBVIRT_DEFAULT_URI or qemu:///system
-    #[arg(short = 'c', long = "connect", global = true)]
-    connect: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Live-migrate a domain (virsh migrate's options and order)
+    /// Live-migrate a domain (virsh migrate's options and order); zero-copy when co-located
     Migrate(migrate_cmd::MigrateArgs),
+    /// Make a domain beam-enabled (shared memory in the pool, private QMP, VMBeam metadata)
+    Enable { domain: String },
+    /// Revert `enable`
+    Disable { domain: String },
+    /// Beam domains, pool files and their owners, running jobs
+    Status,
+    /// Whether zero-copy to a destination is possible (proven through the pool)
+    Colocation { desturi: String },
     /// The lab: a virtual IaaS cloud on one machine
     Lab {
         #[command(subcommand)]
@@ -49,13 +54,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // libvirt's default error callback prints every error (even expected look-up misses)
     // to stderr; errors are returned and reported once instead.
     virt::error::clear_error_callback();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Migrate(a) => migrate_cmd::run(cli.connect, a),
+        Cmd::Migrate(a) => migrate_cmd::run(a),
+        Cmd::Enable { domain } => migrate_cmd::set_enabled(&domain, true),
+        Cmd::Disable { domain } => migrate_cmd::set_enabled(&domain, false),
+        Cmd::Status => migrate_cmd::status(),
+        Cmd::Colocation { desturi } => migrate_cmd::colocation(&desturi),
         Cmd::Lab { cmd } => lab_cmd::run(cmd),
     };
     match r {

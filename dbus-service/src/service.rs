@@ -1,0 +1,652 @@
+//! The D-Bus face of vmbeamd: the manager, one object per job (UDisks2.Job-like), and the
+//! hook entry point. Every method translates into the operation model and runs libvirt or
+//! pool work on blocking threads, never on the dispatch thread.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+use vmbeam_bus::{BeamError, DomainRow, JOBS_PATH};
+use vmbeam_core::job::MigrateOptions;
+use vmbeam_core::plan::RequestedMode;
+use vmbeam_core::pool::{BeamPool, RecordStatus};
+use vmbeam_core::{BeamMetadata, DomainFacts, Phase};
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::{interface, Connection, ObjectServer};
+
+use crate::engine::{self, JobHandle, JobView};
+use crate::hooks;
+use crate::state::SharedCtx;
+
+/// The caller's Unix user id (the message's sender, never the daemon's own).
+async fn caller_uid(hdr: &Header<'_>, conn: &Connection) -> Result<u32, BeamError> {
+    let sender = hdr
+        .sender()
+        .ok_or_else(|| BeamError::NotAuthorized("message without a sender".into()))?;
+    let proxy = zbus::fdo::DBusProxy::new(conn)
+        .await
+        .map_err(BeamError::ZBus)?;
+    proxy
+        .get_connection_unix_user(sender.clone().into())
+        .await
+        .map_err(|e| BeamError::NotAuthorized(format!("cannot identify the caller: {e}")))
+}
+
+/// Privileged operations: root only.
+async fn require_root(hdr: &Header<'_>, conn: &Connection, what: &str) -> Result<(), BeamError> {
+    let uid = caller_uid(hdr, conn).await?;
+    if uid != 0 {
+        return Err(BeamError::NotAuthorized(format!(
+            "{what} needs root (caller uid {uid})"
+        )));
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BeamError> + Send + 'static,
+) -> Result<T, BeamError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BeamError::Failed(format!("worker: {e}")))?
+}
+
+fn lv(e: virt::error::Error) -> BeamError {
+    BeamError::Libvirt(e.message().to_string())
+}
+
+fn opt_bool(o: &HashMap<String, OwnedValue>, k: &str) -> Result<bool, BeamError> {
+    match o.get(k) {
+        None => Ok(false),
+        Some(v) => bool::try_from(v)
+            .map_err(|_| BeamError::InvalidArgs(format!("option {k} must be a boolean"))),
+    }
+}
+
+fn opt_str(o: &HashMap<String, OwnedValue>, k: &str) -> Result<Option<String>, BeamError> {
+    match o.get(k) {
+        None => Ok(None),
+        Some(v) => <&str>::try_from(v)
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| BeamError::InvalidArgs(format!("option {k} must be a string"))),
+    }
+}
+
+/// Translates D-Bus options into the operation model.
+pub fn parse_options(
+    o: &HashMap<String, OwnedValue>,
+) -> Result<(MigrateOptions, Option<String>), BeamError> {
+    const KNOWN: &[&str] = &[
+        "mode",
+        "live",
+        "persistent",
+        "undefine-source",
+        "migrate-uri",
+        "timeout",
+        "verbose",
+        "p2p",
+    ];
+    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(BeamError::InvalidArgs(format!(
+            "unknown option '{k}' (known: {})",
+            KNOWN.join(", ")
+        )));
+    }
+    let mode = match opt_str(o, "mode")?.as_deref() {
+        None | Some("auto") => RequestedMode::Auto,
+        Some("zero-copy") => RequestedMode::RequireZeroCopy,
+        Some("traditional") => RequestedMode::ForceTraditional,
+        Some(other) => {
+            return Err(BeamError::InvalidArgs(format!(
+                "mode '{other}': use auto, zero-copy or traditional"
+            )))
+        }
+    };
+    let timeout_secs = match o.get("timeout") {
+        None => None,
+        Some(v) => Some(
+            u32::try_from(v)
+                .map_err(|_| BeamError::InvalidArgs("option timeout must be u (seconds)".into()))?
+                as u64,
+        ),
+    };
+    Ok((
+        MigrateOptions {
+            mode,
+            live: opt_bool(o, "live")?,
+            p2p: true,
+            persistent: opt_bool(o, "persistent")?,
+            undefine_source: opt_bool(o, "undefine-source")?,
+            timeout_secs,
+            verbose: opt_bool(o, "verbose")?,
+        },
+        opt_str(o, "migrate-uri")?,
+    ))
+}
+
+/// The manager object.
+pub struct Manager {
+    pub ctx: SharedCtx,
+    pub jobs: Arc<Mutex<BTreeMap<u64, (String, Arc<JobHandle>)>>>,
+    pub next_job: AtomicU64,
+}
+
+#[interface(name = "org.vmbeam.VMBeam1.Manager")]
+impl Manager {
+    /// Starts a migration and returns its job object.
+    async fn migrate(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+        domain: String,
+        dest_uri: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, BeamError> {
+        require_root(&hdr, conn, "Migrate").await?;
+        let (opts, migrate_uri) = parse_options(&options)?;
+        if domain.is_empty() || dest_uri.is_empty() {
+            return Err(BeamError::InvalidArgs(
+                "domain and destination URI are required".into(),
+            ));
+        }
+        {
+            let jobs = self.jobs.lock().expect("lock");
+            if jobs.values().any(|(_, j)| {
+                let v = j.view.lock().expect("lock");
+                v.domain == domain && v.finished.is_none()
+            }) {
+                return Err(BeamError::Busy(format!(
+                    "a migration of {domain} is already running"
+                )));
+            }
+        }
+        let id = self.next_job.fetch_add(1, Ordering::SeqCst);
+        let path = OwnedObjectPath::try_from(format!("{JOBS_PATH}/{id}"))
+            .map_err(|e| BeamError::Failed(e.to_string()))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let handle = Arc::new(JobHandle::new(
+            id,
+            &domain,
+            &dest_uri,
+            Box::new(move || {
+                let _ = tx.send(());
+            }),
+        ));
+        server
+            .at(
+                path.clone(),
+                JobObj {
+                    handle: handle.clone(),
+                    ctx: self.ctx.clone(),
+                },
+            )
+            .await
+            .map_err(BeamError::ZBus)?;
+        self.jobs
+            .lock()
+            .expect("lock")
+            .insert(id, (path.to_string(), handle.clone()));
+        // Property changes follow the job's updates.
+        let server2 = server.clone();
+        let p2 = path.clone();
+        tokio::spawn(async move {
+            let mut last = JobView::default();
+            while rx.recv().await.is_some() {
+                while rx.try_recv().is_ok() {}
+                let Ok(iref) = server2.interface::<_, JobObj>(p2.clone()).await else {
+                    break;
+                };
+                let now = iref.get().await.handle.view.lock().expect("lock").clone();
+                emit_changes(&iref, &last, &now).await;
+                last = now;
+            }
+        });
+        let ctx = self.ctx.clone();
+        let server3 = server.clone();
+        let p3 = path.clone();
+        let h2 = handle.clone();
+        info!(job = id, %domain, %dest_uri, mode = ?opts.mode, "migration requested");
+        tokio::spawn(async move {
+            let h3 = h2.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                engine::run(&ctx, &h3, &domain, &dest_uri, migrate_uri.as_deref(), &opts)
+            })
+            .await
+            .unwrap_or_else(|e| Err(BeamError::Failed(format!("job thread: {e}"))));
+            let (success, message) = match &outcome {
+                Ok(m) => (true, m.clone()),
+                Err(e) => (false, beam_error_text(e)),
+            };
+            {
+                let mut v = h2.view.lock().expect("lock");
+                v.finished = Some(success);
+                if success {
+                    v.phase = Phase::Completed;
+                    v.progress = 100;
+                } else {
+                    v.phase = if h2.cancelled.load(Ordering::SeqCst) {
+                        Phase::Cancelled
+                    } else {
+                        Phase::Failed
+                    };
+                    v.error = message.clone();
+                }
+            }
+            (h2.notify)();
+            if let Ok(iref) = server3.interface::<_, JobObj>(p3).await {
+                // Give the property task a moment so Completed follows the last update.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = JobObj::completed(iref.signal_emitter(), success, &message).await;
+            }
+        });
+        Ok(path)
+    }
+
+    /// Makes a domain beam-enabled (its persistent definition).
+    async fn enable(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        domain: String,
+    ) -> Result<Vec<String>, BeamError> {
+        require_root(&hdr, conn, "Enable").await?;
+        let ctx = self.ctx.clone();
+        blocking(move || set_enabled(&ctx, &domain, true)).await
+    }
+
+    /// Reverts `enable`.
+    async fn disable(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        domain: String,
+    ) -> Result<Vec<String>, BeamError> {
+        require_root(&hdr, conn, "Disable").await?;
+        let ctx = self.ctx.clone();
+        blocking(move || set_enabled(&ctx, &domain, false)).await
+    }
+
+    /// The beam-enabled domains of this host.
+    async fn list_domains(&self) -> Result<Vec<DomainRow>, BeamError> {
+        let ctx = self.ctx.clone();
+        blocking(move || list_domains(&ctx)).await
+    }
+
+    /// Whether zero-copy to `dest_uri` is possible (proven through the pool).
+    async fn co_location(&self, dest_uri: String) -> Result<(bool, String, String), BeamError> {
+        let ctx = self.ctx.clone();
+        blocking(move || {
+            let c = engine::probe_destination(&ctx, &dest_uri, None)?;
+            let id = &ctx.cfg.identity;
+            Ok(match (c.report, c.detail) {
+                (Some(r), _) => {
+                    let ok =
+                        r.cloud == id.cloud && r.proof == vmbeam_core::plan::ProofStatus::Proven;
+                    let why = if r.cloud != id.cloud {
+                        format!(
+                            "{} is in virtual IaaS cloud '{}', not '{}'",
+                            r.host_id, r.cloud, id.cloud
+                        )
+                    } else if ok {
+                        format!("{} shares the beam pool (proven)", r.host_id)
+                    } else {
+                        format!("{} answered but the proof failed: {:?}", r.host_id, r.proof)
+                    };
+                    (ok, r.host_id.to_string(), why)
+                }
+                (None, d) => (
+                    false,
+                    String::new(),
+                    d.unwrap_or_else(|| "no answer".into()),
+                ),
+            })
+        })
+        .await
+    }
+
+    /// The daemon's view: identity, pool files, jobs.
+    async fn status(&self) -> Result<Vec<(String, String)>, BeamError> {
+        let ctx = self.ctx.clone();
+        let jobs: Vec<(String, JobView)> = self
+            .jobs
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|(p, h)| (p.clone(), h.view.lock().expect("lock").clone()))
+            .collect();
+        blocking(move || {
+            let id = &ctx.cfg.identity;
+            let mut out = vec![
+                ("host".to_string(), id.host_id.to_string()),
+                ("cloud".to_string(), id.cloud.to_string()),
+                ("pool".to_string(), id.pool_dir.display().to_string()),
+                ("libvirt-host-uuid".to_string(), ctx.libvirt_uuid.clone()),
+            ];
+            let pool = BeamPool::new(&id.pool_dir);
+            for e in pool.list().map_err(|e| BeamError::Failed(e.to_string()))? {
+                let rec = match &e.record {
+                    RecordStatus::Valid(r) => format!(
+                        "owner={} state={}{}",
+                        r.owner,
+                        r.state,
+                        r.handing_over_to
+                            .as_ref()
+                            .map(|t| format!(" to={t}"))
+                            .unwrap_or_default()
+                    ),
+                    RecordStatus::Missing => "no owner record".into(),
+                    RecordStatus::Corrupt(c) => format!("corrupt record: {c}"),
+                };
+                out.push((
+                    "pool-file".into(),
+                    format!(
+                        "{} size={} {rec}",
+                        e.file_name,
+                        e.size
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "missing".into())
+                    ),
+                ));
+            }
+            for (p, v) in jobs {
+                out.push((
+                    "job".into(),
+                    format!(
+                        "{p} {} -> {} phase={} progress={}% mode={}",
+                        v.domain,
+                        v.destination,
+                        v.phase.as_str(),
+                        v.progress,
+                        v.mode
+                    ),
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Paths of the jobs this daemon knows.
+    #[zbus(property)]
+    async fn jobs(&self) -> Vec<OwnedObjectPath> {
+        self.jobs
+            .lock()
+            .expect("lock")
+            .values()
+            .filter_map(|(p, _)| OwnedObjectPath::try_from(p.clone()).ok())
+            .collect()
+    }
+
+    /// This cloud VM's host id.
+    #[zbus(property)]
+    async fn host_id(&self) -> String {
+        self.ctx.cfg.identity.host_id.to_string()
+    }
+
+    /// Its virtual IaaS cloud.
+    #[zbus(property)]
+    async fn cloud(&self) -> String {
+        self.ctx.cfg.identity.cloud.to_string()
+    }
+}
+
+/// The text of a typed error (without the D-Bus name).
+pub fn beam_error_text(e: &BeamError) -> String {
+    match e {
+        BeamError::ZBus(z) => z.to_string(),
+        BeamError::NoSuchDomain(s)
+        | BeamError::NotBeamEnabled(s)
+        | BeamError::CannotEnable(s)
+        | BeamError::ZeroCopyRefused(s)
+        | BeamError::TicketRefused(s)
+        | BeamError::InvalidArgs(s)
+        | BeamError::NotAuthorized(s)
+        | BeamError::Busy(s)
+        | BeamError::Libvirt(s)
+        | BeamError::MigrationFailed(s)
+        | BeamError::NoSuchJob(s)
+        | BeamError::Failed(s) => s.clone(),
+    }
+}
+
+async fn emit_changes(iref: &zbus::object_server::InterfaceRef<JobObj>, a: &JobView, b: &JobView) {
+    let em = iref.signal_emitter();
+    let obj = iref.get().await;
+    if a.phase != b.phase {
+        let _ = obj.phase_changed(em).await;
+    }
+    if a.progress != b.progress {
+        let _ = obj.progress_changed(em).await;
+    }
+    if a.bytes_transferred != b.bytes_transferred {
+        let _ = obj.bytes_transferred_changed(em).await;
+    }
+    if a.downtime_ms != b.downtime_ms {
+        let _ = obj.downtime_changed(em).await;
+    }
+    if a.total_ms != b.total_ms {
+        let _ = obj.total_time_changed(em).await;
+    }
+    if a.mode != b.mode {
+        let _ = obj.mode_changed(em).await;
+    }
+    if a.mode_reason != b.mode_reason {
+        let _ = obj.mode_reason_changed(em).await;
+    }
+    if a.error != b.error {
+        let _ = obj.error_changed(em).await;
+    }
+}
+
+fn set_enabled(ctx: &SharedCtx, domain: &str, enable: bool) -> Result<Vec<String>, BeamError> {
+    let conn = Connect::open(Some(&ctx.cfg.libvirt_uri)).map_err(lv)?;
+    let dom = Domain::lookup_by_name(&conn, domain)
+        .map_err(|_| BeamError::NoSuchDomain(domain.into()))?;
+    if !dom.is_persistent().map_err(lv)? {
+        return Err(BeamError::InvalidArgs(format!(
+            "{domain} is transient: define it first (virsh define)"
+        )));
+    }
+    let xml = dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(lv)?;
+    let id = &ctx.cfg.identity;
+    let rewrite = if enable {
+        let existing = BeamMetadata::from_domain_xml(&xml)
+            .map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+        let meta = BeamMetadata {
+            cloud: id.cloud.clone(),
+            pool: id.pool_dir.clone(),
+            owner: id.host_id.clone(),
+            generation: existing.map(|m| m.generation).unwrap_or(0),
+            pool_file: None,
+        };
+        vmbeam_core::transform::enable(&xml, &meta, &ctx.cfg.qmp_dir)
+    } else {
+        vmbeam_core::transform::disable(&xml)
+    }
+    .map_err(|e| BeamError::CannotEnable(e.to_string()))?;
+    if rewrite.changes.is_empty() {
+        return Ok(vec![format!(
+            "{domain} is already {}",
+            if enable {
+                "beam-enabled"
+            } else {
+                "not beam-enabled"
+            }
+        )]);
+    }
+    Domain::define_xml(&conn, &rewrite.xml).map_err(lv)?;
+    let mut out: Vec<String> = rewrite.changes.iter().map(|c| c.to_string()).collect();
+    if dom.is_active().unwrap_or(false) {
+        out.push(format!(
+            "{domain} is running: the change applies at its next start"
+        ));
+    }
+    Ok(out)
+}
+
+fn list_domains(ctx: &SharedCtx) -> Result<Vec<DomainRow>, BeamError> {
+    let conn = Connect::open(Some(&ctx.cfg.libvirt_uri)).map_err(lv)?;
+    let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
+    let mut rows = Vec::new();
+    let mut live = HashSet::new();
+    for d in conn.list_all_domains(0).map_err(lv)? {
+        let Ok(xml) = d.get_xml_desc(0) else { continue };
+        let Ok(Some(meta)) = BeamMetadata::from_domain_xml(&xml) else {
+            continue;
+        };
+        let Ok(facts) = DomainFacts::from_xml(&xml) else {
+            continue;
+        };
+        live.insert(facts.uuid.clone());
+        let state = if d.is_active().unwrap_or(false) {
+            "running"
+        } else {
+            "shut off"
+        };
+        let file = engine::current_pool_file(ctx, &facts).unwrap_or_default();
+        let owner = if file.is_empty() {
+            meta.owner.to_string()
+        } else {
+            match pool.read_owner(&file) {
+                Ok(Some(r)) => r.owner.to_string(),
+                _ => meta.owner.to_string(),
+            }
+        };
+        rows.push((
+            facts.name,
+            facts.uuid.to_string(),
+            state.into(),
+            owner,
+            file,
+            meta.generation,
+        ));
+    }
+    let orphans = hooks::orphan_report(ctx, &live);
+    if !orphans.is_empty() {
+        warn!(?orphans, "pool files owned here whose domain is gone");
+    }
+    Ok(rows)
+}
+
+/// One migration job.
+pub struct JobObj {
+    pub handle: Arc<JobHandle>,
+    pub ctx: SharedCtx,
+}
+
+#[interface(name = "org.vmbeam.VMBeam1.Job")]
+impl JobObj {
+    /// Cancels the migration (libvirt's job abort); the guest keeps running on the source.
+    async fn cancel(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BeamError> {
+        require_root(&hdr, conn, "Cancel").await?;
+        let (domain, finished) = {
+            let v = self.handle.view.lock().expect("lock");
+            (v.domain.clone(), v.finished.is_some())
+        };
+        if finished {
+            return Err(BeamError::InvalidArgs("the job has already ended".into()));
+        }
+        self.handle.cancelled.store(true, Ordering::SeqCst);
+        let uri = self.ctx.cfg.libvirt_uri.clone();
+        blocking(move || {
+            crate::libvirt_job::abort(&uri, &domain).map_err(|e| BeamError::Libvirt(e.to_string()))
+        })
+        .await
+    }
+
+    /// Emitted once when the job ends.
+    #[zbus(signal)]
+    async fn completed(
+        emitter: &SignalEmitter<'_>,
+        success: bool,
+        message: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    async fn domain(&self) -> String {
+        self.handle.view.lock().expect("lock").domain.clone()
+    }
+    #[zbus(property)]
+    async fn destination(&self) -> String {
+        self.handle.view.lock().expect("lock").destination.clone()
+    }
+    #[zbus(property)]
+    async fn phase(&self) -> String {
+        self.handle
+            .view
+            .lock()
+            .expect("lock")
+            .phase
+            .as_str()
+            .to_string()
+    }
+    #[zbus(property)]
+    async fn progress(&self) -> u32 {
+        self.handle.view.lock().expect("lock").progress
+    }
+    #[zbus(property)]
+    async fn bytes_transferred(&self) -> u64 {
+        self.handle.view.lock().expect("lock").bytes_transferred
+    }
+    #[zbus(property)]
+    async fn downtime(&self) -> u64 {
+        self.handle.view.lock().expect("lock").downtime_ms
+    }
+    #[zbus(property)]
+    async fn total_time(&self) -> u64 {
+        self.handle.view.lock().expect("lock").total_ms
+    }
+    #[zbus(property)]
+    async fn mode(&self) -> String {
+        self.handle.view.lock().expect("lock").mode.clone()
+    }
+    #[zbus(property)]
+    async fn mode_reason(&self) -> String {
+        self.handle.view.lock().expect("lock").mode_reason.clone()
+    }
+    #[zbus(property)]
+    async fn error(&self) -> String {
+        self.handle.view.lock().expect("lock").error.clone()
+    }
+}
+
+/// The hook's entry point.
+pub struct HookObj {
+    pub ctx: SharedCtx,
+}
+
+#[interface(name = "org.vmbeam.VMBeam1.Hook")]
+impl HookObj {
+    /// One hook invocation; answers within the configured hook timeout.
+    async fn hook_event(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        args: Vec<String>,
+        xml: String,
+    ) -> Result<String, BeamError> {
+        require_root(&hdr, conn, "HookEvent").await?;
+        let ctx = self.ctx.clone();
+        let limit = ctx.cfg.hook_timeout;
+        match tokio::time::timeout(limit, blocking(move || hooks::handle(&ctx, &args, &xml))).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(BeamError::Failed(format!(
+                "hook event not handled within {limit:?}"
+            ))),
+        }
+    }
+}
