@@ -122,8 +122,23 @@ fn migrate_begin(
             expires_at: ticket.expires_at,
         },
     );
-    let _ = meta;
-    Ok(clean)
+    owned_here(ctx, &clean, meta, Some(ticket.pool_file))
+}
+
+/// The incoming domain's XML with its metadata saying this host owns it now (the pool's
+/// owner records stay the truth; the metadata follows them).
+fn owned_here(ctx: &SharedCtx, xml: &str, meta: &BeamMetadata, pool_file: Option<String>) -> Result<String, BeamError> {
+    let id = &ctx.cfg.identity;
+    let moved = BeamMetadata {
+        cloud: id.cloud.clone(),
+        pool: id.pool_dir.clone(),
+        owner: id.host_id.clone(),
+        generation: meta.generation.saturating_add(1),
+        pool_file,
+    };
+    vmbeam_core::transform::enable(xml, &moved, &ctx.cfg.qmp_dir)
+        .map(|r| r.xml)
+        .map_err(|e| BeamError::InvalidArgs(format!("incoming domain XML: {e}")))
 }
 
 fn ram_link_path(ctx: &SharedCtx, facts: &DomainFacts) -> Result<PathBuf, BeamError> {
