@@ -143,6 +143,9 @@ pub trait Job {
     /// The error, if it failed.
     #[zbus(property)]
     fn error(&self) -> zbus::Result<String>;
+    /// The typed D-Bus name of that error (e.g. `org.vmbeam.VMBeam1.Error.ZeroCopyRefused`).
+    #[zbus(property)]
+    fn error_name(&self) -> zbus::Result<String>;
 }
 
 /// The libvirt hook's entry point (root only).

@@ -39,6 +39,7 @@ pub struct JobView {
     pub mode: String,
     pub mode_reason: String,
     pub error: String,
+    pub error_name: String,
     pub finished: Option<bool>,
 }
 
@@ -55,6 +56,7 @@ impl Default for JobView {
             mode: String::new(),
             mode_reason: String::new(),
             error: String::new(),
+            error_name: String::new(),
             finished: None,
         }
     }
@@ -212,9 +214,14 @@ pub fn run(
     }
     let xml = dom.get_xml_desc(0).map_err(lv)?;
     let facts = DomainFacts::from_xml(&xml).map_err(|e| BeamError::Failed(e.to_string()))?;
-    let meta =
+    let mut meta =
         BeamMetadata::from_domain_xml(&xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
     let pool_file = meta.as_ref().and_then(|_| current_pool_file(ctx, &facts));
+    // The metadata's owner is a claim; the pool's owner record is the truth. A domain whose
+    // pool file this host owns is this host's, whatever a stale definition says.
+    if let (Some(m), Some(_)) = (meta.as_mut(), &pool_file) {
+        m.owner = id.host_id.clone();
+    }
 
     // Co-location, proven through the pool (skipped when forced traditional).
     let mut colo = Colocation {

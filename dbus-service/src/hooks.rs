@@ -83,7 +83,7 @@ fn migrate_begin(
             .expect("lock")
             .incoming
             .remove(&facts.uuid);
-        return Ok(clean);
+        return owned_here(ctx, &clean, meta, None);
     };
     let ticket = Ticket::decode(&encoded).map_err(|e| BeamError::TicketRefused(e.to_string()))?;
     let pool = BeamPool::new(&id.pool_dir);
@@ -127,7 +127,12 @@ fn migrate_begin(
 
 /// The incoming domain's XML with its metadata saying this host owns it now (the pool's
 /// owner records stay the truth; the metadata follows them).
-fn owned_here(ctx: &SharedCtx, xml: &str, meta: &BeamMetadata, pool_file: Option<String>) -> Result<String, BeamError> {
+fn owned_here(
+    ctx: &SharedCtx,
+    xml: &str,
+    meta: &BeamMetadata,
+    pool_file: Option<String>,
+) -> Result<String, BeamError> {
     let id = &ctx.cfg.identity;
     let moved = BeamMetadata {
         cloud: id.cloud.clone(),
@@ -139,6 +144,20 @@ fn owned_here(ctx: &SharedCtx, xml: &str, meta: &BeamMetadata, pool_file: Option
     vmbeam_core::transform::enable(xml, &moved, &ctx.cfg.qmp_dir)
         .map(|r| r.xml)
         .map_err(|e| BeamError::InvalidArgs(format!("incoming domain XML: {e}")))
+}
+
+/// Fault injection for tests: if `/run/vmbeam/fault-delay-<point>-ms` exists, the hook
+/// waits that long at `<point>` (with QEMU started and waiting for the stream), which gives
+/// a test a window to kill a destination QEMU or abort the job. Absent in production.
+fn fault_delay(point: &str) {
+    let path = format!("/run/vmbeam/fault-delay-{point}-ms");
+    if let Some(ms) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    {
+        warn!(ms, "fault injection: delaying the {point} hook");
+        std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+    }
 }
 
 fn ram_link_path(ctx: &SharedCtx, facts: &DomainFacts) -> Result<PathBuf, BeamError> {
@@ -217,6 +236,7 @@ fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, BeamError>
 /// QEMU is up and waiting for the stream. For zero-copy: `x-ignore-shared` on, then a watcher
 /// that resets it when the incoming migration is over.
 fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
+    fault_delay("started");
     let zero_copy = ctx
         .tables
         .lock()

@@ -222,9 +222,13 @@ impl Manager {
             })
             .await
             .unwrap_or_else(|e| Err(BeamError::Failed(format!("job thread: {e}"))));
-            let (success, message) = match &outcome {
-                Ok(m) => (true, m.clone()),
-                Err(e) => (false, beam_error_text(e)),
+            let (success, message, name) = match &outcome {
+                Ok(m) => (true, m.clone(), String::new()),
+                Err(e) => (
+                    false,
+                    beam_error_text(e),
+                    zbus::DBusError::name(e).to_string(),
+                ),
             };
             {
                 let mut v = h2.view.lock().expect("lock");
@@ -239,6 +243,7 @@ impl Manager {
                         Phase::Failed
                     };
                     v.error = message.clone();
+                    v.error_name = name;
                 }
             }
             (h2.notify)();
@@ -444,6 +449,7 @@ async fn emit_changes(iref: &zbus::object_server::InterfaceRef<JobObj>, a: &JobV
     }
     if a.error != b.error {
         let _ = obj.error_changed(em).await;
+        let _ = obj.error_name_changed(em).await;
     }
 }
 
@@ -620,6 +626,10 @@ impl JobObj {
     #[zbus(property)]
     async fn error(&self) -> String {
         self.handle.view.lock().expect("lock").error.clone()
+    }
+    #[zbus(property)]
+    async fn error_name(&self) -> String {
+        self.handle.view.lock().expect("lock").error_name.clone()
     }
 }
 

@@ -73,7 +73,15 @@ fn ask_daemon(args: &[String], xml: &str) -> Result<String, String> {
                     "vmbeamd is not running (org.vmbeam.VMBeam1 is not on the system bus)"
                         .to_string()
                 }
-                other => other.to_string(),
+                // Typed errors print as `org.vmbeam.VMBeam1.Error.Name: text`; libvirt shows
+                // the text to the user, so give the text.
+                other => {
+                    let s = other.to_string();
+                    match s.split_once(": ") {
+                        Some((name, text)) if name.starts_with("org.vmbeam.") => text.to_string(),
+                        _ => s,
+                    }
+                }
             })
         })();
         let _ = tx.send(r);

@@ -183,3 +183,159 @@ impl Residue {
         }
     }
 }
+
+/// Runs `vmbeam ARGS` inside a cloud VM (where its vmbeamd and system bus are).
+pub fn vmbeam_in(cvm: &str, args: &[&str]) -> Output {
+    let mut full = vec!["lab", "exec", cvm, "vmbeam"];
+    full.extend_from_slice(args);
+    vmbeam(&full)
+}
+
+/// The libvirt URI of lab cloud VM `i`.
+pub fn cvm_uri(i: u32) -> String {
+    format!("qemu+tcp://198.18.0.{}/system", 10 + i)
+}
+
+/// Zero-copy (or other) migration through `vmbeam migrate` on the source cloud VM.
+pub fn migrate(from: u32, to: u32, domain: &str, mode: &[&str]) -> Output {
+    let from = format!("cvm{from}");
+    let dest = cvm_uri(to);
+    let mut args = vec!["migrate"];
+    args.extend_from_slice(mode);
+    args.extend_from_slice(&["--live", "--persistent", "--undefinesource", domain, &dest]);
+    vmbeam_in(&from, &args)
+}
+
+/// A field of `vmbeam migrate`'s summary (`bytes on wire`, `downtime`, `mode`, ...).
+pub fn summary_field(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key}:")))
+        .map(|l| {
+            l.split_once(':')
+                .map(|x| x.1)
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+}
+
+/// Polls the run state of one domain on every cloud VM, all the time, and records any
+/// instant at which more than one runs it (with shared RAM that would be two CPUs writing
+/// one memory).
+pub struct SplitBrainWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl SplitBrainWatch {
+    /// Starts watching `domain` on cloud VMs `1..=n`.
+    pub fn start(domain: &str, n: u32) -> SplitBrainWatch {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let domain = domain.to_string();
+        let handle = std::thread::spawn(move || {
+            let conns: Vec<virt::connect::Connect> = (1..=n)
+                .map(|i| virt::connect::Connect::open(Some(&cvm_uri(i))).expect("connect"))
+                .collect();
+            let mut samples = 0u64;
+            let mut violations = Vec::new();
+            while !s2.load(Ordering::SeqCst) {
+                let running: Vec<usize> = conns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| {
+                        virt::domain::Domain::lookup_by_name(c, &domain)
+                            .ok()
+                            .and_then(|d| d.get_state().ok())
+                            .map(|(st, _)| st == virt::sys::VIR_DOMAIN_RUNNING)
+                            .unwrap_or(false)
+                    })
+                    .map(|(i, _)| i + 1)
+                    .collect();
+                samples += 1;
+                if running.len() > 1 {
+                    violations.push(format!("sample {samples}: running on cvm{running:?}"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            (samples, violations)
+        });
+        SplitBrainWatch {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops and asserts that at no sampled instant two cloud VMs ran the guest.
+    #[track_caller]
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (samples, v) = self
+            .handle
+            .take()
+            .expect("running")
+            .join()
+            .expect("watch thread");
+        assert!(v.is_empty(), "split brain: {v:?}");
+        assert!(samples > 10, "the watch sampled too little ({samples})");
+        samples
+    }
+}
+
+impl Drop for SplitBrainWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Files in the shared lab pool.
+pub fn pool_files() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/run/vmbeam-lab/pool")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Asserts the pool holds exactly one RAM file (and its owner record) per listed running
+/// beam guest, and nothing else: no proof, rendezvous, marker or temporary files.
+#[track_caller]
+pub fn assert_pool_clean(guests: usize) {
+    let files = pool_files();
+    let ram = files.iter().filter(|f| f.ends_with(".ram")).count();
+    let owners = files.iter().filter(|f| f.ends_with(".ram.owner")).count();
+    assert_eq!(
+        (ram, owners, files.len()),
+        (guests, guests, 2 * guests),
+        "pool: {files:?}"
+    );
+}
+
+/// Whether `x-ignore-shared` is on in the QEMU running `uuid` on cloud VM `cvm`, asked over
+/// its private QMP socket.
+pub fn ignore_shared_on(cvm: &str, uuid: &str) -> bool {
+    let sock = format!("/run/vmbeam-lab/{cvm}/run/vmbeam/qmp/{uuid}.sock");
+    let mut q = vmbeam_qemu::qmp::QmpClient::connect_default(&sock).expect("private QMP");
+    q.migrate_capability("x-ignore-shared").expect("query caps")
+}
+
+/// PIDs of the QEMU processes of cloud VM `cvm` (processes in its network namespace).
+pub fn qemu_pids(cvm: &str) -> Vec<u32> {
+    let ns = format!("/run/netns/vmbeam-{cvm}");
+    vmbeam_lab::sys::pids_in_netns(std::path::Path::new(&ns))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.starts_with("qemu-system"))
+                .unwrap_or(false)
+        })
+        .collect()
+}

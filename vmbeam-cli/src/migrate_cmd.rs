@@ -81,6 +81,15 @@ pub fn daemon_err(e: BeamError) -> anyhow::Error {
     anyhow!(strip_name(&text)).context(Coded(code))
 }
 
+/// The exit code for a typed VMBeam error name.
+fn code_for_name(name: &str) -> u8 {
+    match name.rsplit('.').next().unwrap_or("") {
+        "ZeroCopyRefused" | "TicketRefused" | "NotAuthorized" => exit::REFUSED,
+        "NoSuchDomain" | "InvalidArgs" | "NotBeamEnabled" | "Busy" => exit::BAD_INPUT,
+        _ => exit::FAILED,
+    }
+}
+
 /// zbus prints typed errors as `Name: text`; users want the text.
 fn strip_name(s: &str) -> String {
     s.split_once(": ")
@@ -174,11 +183,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     let total = started.elapsed().as_millis();
     if phase != "completed" {
         let err = job.error().unwrap_or_default();
-        let code = if err.contains("refused") {
-            exit::REFUSED
-        } else {
-            exit::FAILED
-        };
+        let code = code_for_name(&job.error_name().unwrap_or_default());
         return Err(anyhow!("migration of {} {phase}: {err}", a.domain).context(Coded(code)));
     }
     let mode = job.mode().unwrap_or_default();

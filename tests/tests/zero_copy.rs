@@ -1,0 +1,514 @@
+//! Zero-copy live migration on the real lab (libvirtd + QEMU + dbus-daemon + vmbeamd + the
+//! guest agent). Every test ends with the agent's memory check passing and nothing leaked;
+//! every zero-copy test polls both ends' run state throughout (no split brain).
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use vmbeam_lab::agent::AgentClient;
+use vmbeam_tests::*;
+
+fn agent(name: &str) -> AgentClient {
+    let st = vmbeam_lab::require_state().expect("lab state");
+    vmbeam_lab::guest::agent(&st, name).expect("agent").1
+}
+
+fn boot_id(name: &str) -> String {
+    agent(name).ping(Duration::from_secs(10)).expect("ping")
+}
+
+fn uuid_of(name: &str) -> String {
+    vmbeam_lab::require_state()
+        .unwrap()
+        .guest(name)
+        .unwrap()
+        .uuid
+        .clone()
+}
+
+#[track_caller]
+fn check_on(name: &str, cvm: &str) {
+    let out = vmbeam_ok(&["lab", "guest", "check", name]);
+    assert!(out.starts_with(&format!("PASS {name} on {cvm}")), "{out}");
+}
+
+#[track_caller]
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "failed ({}):\nstdout: {out}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn virsh(uri: &str, args: &[&str]) -> Output {
+    Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("virsh")
+}
+
+fn create(name: &str, mem: &str, rate: &str, on: &str, extra: &[&str]) {
+    let mut a = vec![
+        "lab",
+        "guest",
+        "create",
+        name,
+        "--memory",
+        mem,
+        "--dirty-rate",
+        rate,
+        "--on",
+        on,
+    ];
+    a.extend_from_slice(extra);
+    vmbeam_ok(&a);
+}
+
+/// Asserts the guest runs on `cvm` only and has x-ignore-shared off.
+#[track_caller]
+fn settled_on(name: &str, cvm: &str, total_cvms: u32) {
+    for i in 1..=total_cvms {
+        let c = format!("cvm{i}");
+        let n = qemu_pids(&c).len();
+        assert_eq!(n, usize::from(c == cvm), "QEMU processes on {c}: {n}");
+    }
+    assert!(
+        !ignore_shared_on(cvm, &uuid_of(name)),
+        "x-ignore-shared must be off after the migration"
+    );
+}
+
+#[test]
+fn zero_copy_of_a_2gib_guest_dirtying_10k_pages_per_second() {
+    let _lab = LabGuard::up(2, &[]);
+    create("big", "2048", "10000", "cvm1", &[]);
+    let boot = boot_id("big");
+    let watch = SplitBrainWatch::start("big", 2);
+    let out = ok(&migrate(1, 2, "big", &["--zero-copy"]));
+    watch.finish();
+    assert!(
+        summary_field(&out, "mode")
+            .unwrap()
+            .starts_with("zero-copy"),
+        "{out}"
+    );
+    let bytes: u64 = summary_field(&out, "bytes on wire")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        bytes < 1 << 20,
+        "only device state crosses the wire: {bytes} bytes"
+    );
+    check_on("big", "cvm2");
+    assert_eq!(
+        boot_id("big"),
+        boot,
+        "the guest moved; it was not restarted"
+    );
+    let stats = agent("big").stats(Duration::from_secs(10)).unwrap();
+    let rate: u64 = stats
+        .iter()
+        .find(|(k, _)| k == "achieved_rate")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert!(
+        rate > 1000,
+        "the guest kept dirtying memory (achieved {rate} pages/s)"
+    );
+    settled_on("big", "cvm2", 2);
+    assert_pool_clean(1);
+}
+
+#[test]
+fn twenty_zero_copy_migrations_back_and_forth() {
+    let _lab = LabGuard::up(2, &[]);
+    create("pingpong", "256", "2000", "cvm1", &[]);
+    let boot = boot_id("pingpong");
+    let watch = SplitBrainWatch::start("pingpong", 2);
+    for i in 0..20u32 {
+        let (from, to) = if i % 2 == 0 { (1, 2) } else { (2, 1) };
+        let out = ok(&migrate(from, to, "pingpong", &["--zero-copy"]));
+        assert!(
+            summary_field(&out, "mode")
+                .unwrap()
+                .starts_with("zero-copy"),
+            "migration {i}: {out}"
+        );
+    }
+    watch.finish();
+    check_on("pingpong", "cvm1");
+    assert_eq!(boot_id("pingpong"), boot);
+    settled_on("pingpong", "cvm1", 2);
+    assert_pool_clean(1);
+}
+
+#[test]
+fn a_guest_moves_a_to_b_to_c() {
+    let _lab = LabGuard::up(3, &[]);
+    create("nomad", "256", "2000", "cvm1", &[]);
+    let watch = SplitBrainWatch::start("nomad", 3);
+    ok(&migrate(1, 2, "nomad", &["--zero-copy"]));
+    ok(&migrate(2, 3, "nomad", &["--zero-copy"]));
+    watch.finish();
+    check_on("nomad", "cvm3");
+    settled_on("nomad", "cvm3", 3);
+    assert_pool_clean(1);
+}
+
+#[test]
+fn stock_virsh_migration_copies_into_a_fresh_pool_file_then_zero_copy_back() {
+    let _lab = LabGuard::up(2, &[]);
+    create("classic", "256", "2000", "cvm1", &[]);
+    let before = pool_files();
+    let o = virsh(
+        &cvm_uri(1),
+        &[
+            "migrate",
+            "--live",
+            "--p2p",
+            "--persistent",
+            "--undefinesource",
+            "classic",
+            &cvm_uri(2),
+        ],
+    );
+    ok(&o);
+    check_on("classic", "cvm2");
+    let after = pool_files();
+    assert_pool_clean(1);
+    assert_ne!(
+        before, after,
+        "the destination got a fresh pool file; the source's was deleted"
+    );
+    let watch = SplitBrainWatch::start("classic", 2);
+    let out = ok(&migrate(2, 1, "classic", &["--zero-copy"]));
+    watch.finish();
+    assert!(
+        summary_field(&out, "mode")
+            .unwrap()
+            .starts_with("zero-copy"),
+        "{out}"
+    );
+    check_on("classic", "cvm1");
+    assert_eq!(pool_files(), after, "zero-copy keeps the same pool file");
+}
+
+#[test]
+fn other_cloud_or_unshared_pool_goes_traditional_or_is_refused() {
+    let _lab = LabGuard::up(3, &["--cloud-of", "cvm2=other-cloud", "--own-pool", "cvm3"]);
+    create("guarded", "256", "1000", "cvm1", &[]);
+    let pool_before = pool_files();
+    // --zero-copy to another virtual IaaS cloud: refused, nothing changed.
+    let o = migrate(1, 2, "guarded", &["--zero-copy"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("other-cloud"), "says why: {err}");
+    check_on("guarded", "cvm1");
+    assert_eq!(pool_files(), pool_before);
+    // --zero-copy to a cloud VM that does not share the pool: refused, nothing changed.
+    let o = migrate(1, 3, "guarded", &["--zero-copy"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("does not share this pool"), "says why: {err}");
+    check_on("guarded", "cvm1");
+    assert_eq!(pool_files(), pool_before);
+    // Automatic mode: traditional, saying why.
+    let out = ok(&migrate(1, 3, "guarded", &[]));
+    let mode = summary_field(&out, "mode").unwrap();
+    assert!(
+        mode.starts_with("traditional") && mode.contains("does not share this pool"),
+        "{mode}"
+    );
+    check_on("guarded", "cvm3");
+    let out = ok(&migrate(3, 2, "guarded", &[]));
+    assert!(
+        summary_field(&out, "mode")
+            .unwrap()
+            .starts_with("traditional"),
+        "{out}"
+    );
+    check_on("guarded", "cvm2");
+    // cvm2 (another cloud) shares the pool; cvm3's own pool is empty again.
+    assert_pool_clean(1);
+    let own: Vec<_> = std::fs::read_dir("/run/vmbeam-lab/pool-cvm3").unwrap().collect();
+    assert!(own.is_empty(), "cvm3's pool: {own:?}");
+}
+
+/// A ticket made by hand, as an attacker (or a bug) would.
+fn hand_ticket(key: &[u8], issued_at: u64, dest: &str) -> String {
+    use vmbeam_core::ticket::{Ticket, TicketFields, TicketKey};
+    let st = vmbeam_lab::require_state().unwrap();
+    let g = st.guest("target").unwrap();
+    let file = pool_files()
+        .into_iter()
+        .find(|f| f.ends_with(".ram"))
+        .unwrap();
+    let ident = vmbeam_core::pool::file_identity(&st.pool.join(&file)).unwrap();
+    Ticket::issue(
+        &TicketKey::from_bytes(key.to_vec()).unwrap(),
+        TicketFields {
+            cloud: vmbeam_core::CloudId::new("lab-cloud").unwrap(),
+            domain_uuid: vmbeam_core::DomainUuid::new(&g.uuid).unwrap(),
+            domain_name: g.name.clone(),
+            pool_file: file,
+            pool_identity: ident,
+            source_host: vmbeam_core::HostId::new("cvm1").unwrap(),
+            dest_host: vmbeam_core::HostId::new(dest).unwrap(),
+            ttl_secs: 30,
+        },
+        issued_at,
+    )
+    .unwrap()
+    .encode()
+    .unwrap()
+}
+
+fn virsh_migrate_with_ticket(ticket: &str) -> Output {
+    let xml = ok(&virsh(&cvm_uri(1), &["dumpxml", "--migratable", "target"]));
+    let xml = vmbeam_core::carrier::insert_ticket(&xml, ticket).unwrap();
+    let f = std::env::temp_dir().join(format!("vmbeam-ticket-test-{}.xml", std::process::id()));
+    std::fs::write(&f, xml).unwrap();
+    let o = virsh(
+        &cvm_uri(1),
+        &[
+            "migrate",
+            "--live",
+            "--p2p",
+            "--xml",
+            &f.to_string_lossy(),
+            "target",
+            &cvm_uri(2),
+        ],
+    );
+    let _ = std::fs::remove_file(&f);
+    o
+}
+
+#[test]
+fn forged_expired_and_replayed_tickets_are_refused() {
+    let _lab = LabGuard::up(2, &[]);
+    create("target", "256", "1000", "cvm1", &[]);
+    let boot = boot_id("target");
+    let key = hex_decode(&std::fs::read_to_string("/run/vmbeam-lab/keys/lab-cloud.key").unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let watch = SplitBrainWatch::start("target", 2);
+    for (what, ticket, expect) in [
+        ("forged", hand_ticket(&[0x55; 32], now, "cvm2"), "forged"),
+        ("expired", hand_ticket(&key, now - 600, "cvm2"), "expired"),
+        (
+            "for another destination",
+            hand_ticket(&key, now, "cvm9"),
+            "destination",
+        ),
+    ] {
+        let o = virsh_migrate_with_ticket(&ticket);
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert!(!o.status.success(), "{what} ticket must be refused");
+        assert!(err.contains(expect), "{what}: {err}");
+        check_on("target", "cvm1");
+    }
+    // A valid ticket is good once; the source did not arm x-ignore-shared for it, so that
+    // attempt fails cleanly too (QEMU refuses the capability mismatch), and replaying the
+    // same ticket is refused by the destination.
+    let valid = hand_ticket(&key, now, "cvm2");
+    let first = virsh_migrate_with_ticket(&valid);
+    assert!(
+        !first.status.success(),
+        "no zero-copy without the source's own job"
+    );
+    check_on("target", "cvm1");
+    let o = virsh_migrate_with_ticket(&valid);
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(
+        !o.status.success() && err.contains("already used"),
+        "replayed ticket: {err}"
+    );
+    watch.finish();
+    check_on("target", "cvm1");
+    assert_eq!(boot_id("target"), boot, "guest unaffected");
+    settled_on("target", "cvm1", 2);
+    assert_pool_clean(1);
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    let s = s.trim();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Starts a zero-copy migration in the background with the destination's `started` hook
+/// held for `hold_ms` (QEMU up and waiting for the stream).
+fn held_migration(hold_ms: u64) -> std::thread::JoinHandle<Output> {
+    std::fs::write(
+        "/run/vmbeam-lab/cvm2/run/vmbeam/fault-delay-started-ms",
+        hold_ms.to_string(),
+    )
+    .unwrap();
+    std::thread::spawn(|| migrate(1, 2, "victim", &["--zero-copy"]))
+}
+
+fn release_hold() {
+    let _ = std::fs::remove_file("/run/vmbeam-lab/cvm2/run/vmbeam/fault-delay-started-ms");
+}
+
+#[track_caller]
+fn wait_dest_qemu() -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(p) = qemu_pids("cvm2").first() {
+            return *p;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no destination QEMU appeared");
+}
+
+#[track_caller]
+fn failed_and_intact(o: Output, boot: &str) {
+    release_hold();
+    assert!(
+        !o.status.success(),
+        "the migration must fail: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("keeps running on the source"), "{err}");
+    check_on("victim", "cvm1");
+    assert_eq!(boot_id("victim"), boot);
+    settled_on("victim", "cvm1", 2);
+    assert_pool_clean(1);
+    let doms = ok(&virsh(&cvm_uri(2), &["list", "--all", "--name"]));
+    assert!(
+        !doms.contains("victim"),
+        "no leftover domain on the destination: {doms}"
+    );
+}
+
+#[test]
+fn killed_destination_and_domjobabort_leave_the_guest_on_the_source() {
+    let _lab = LabGuard::up(2, &[]);
+    create("victim", "256", "2000", "cvm1", &[]);
+    let boot = boot_id("victim");
+    let watch = SplitBrainWatch::start("victim", 2);
+    // 1. The destination QEMU dies during the migration.
+    let m = held_migration(4000);
+    let pid = wait_dest_qemu();
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    failed_and_intact(m.join().unwrap(), &boot);
+    // 2. `virsh domjobabort` on the source during the migration.
+    let m = held_migration(4000);
+    wait_dest_qemu();
+    std::thread::sleep(Duration::from_millis(500));
+    let a = virsh(&cvm_uri(1), &["domjobabort", "victim"]);
+    assert!(
+        a.status.success(),
+        "domjobabort: {}",
+        String::from_utf8_lossy(&a.stderr)
+    );
+    failed_and_intact(m.join().unwrap(), &boot);
+    watch.finish();
+    // And a retry succeeds.
+    let out = ok(&migrate(1, 2, "victim", &["--zero-copy"]));
+    assert!(summary_field(&out, "mode")
+        .unwrap()
+        .starts_with("zero-copy"));
+    check_on("victim", "cvm2");
+}
+
+#[test]
+fn destination_start_does_not_write_the_shared_ram() {
+    use std::io::Read;
+    let _lab = LabGuard::up(2, &[]);
+    create("victim", "256", "0", "cvm1", &[]);
+    let hash = || {
+        let file = pool_files()
+            .into_iter()
+            .find(|f| f.ends_with(".ram"))
+            .unwrap();
+        let mut f = std::fs::File::open(format!("/run/vmbeam-lab/pool/{file}")).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut h: u64 = 0xcbf29ce484222325;
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break h;
+            }
+            for b in &buf[..n] {
+                h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+            }
+        }
+    };
+    ok(&virsh(&cvm_uri(1), &["suspend", "victim"]));
+    let before = hash();
+    let m = held_migration(3000);
+    let pid = wait_dest_qemu();
+    std::thread::sleep(Duration::from_millis(1000));
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let o = m.join().unwrap();
+    release_hold();
+    assert!(!o.status.success());
+    assert_eq!(
+        before,
+        hash(),
+        "the destination QEMU wrote into the shared RAM"
+    );
+    ok(&virsh(&cvm_uri(1), &["resume", "victim"]));
+    check_on("victim", "cvm1");
+    assert_pool_clean(1);
+}
+
+#[test]
+fn plain_memory_is_refused_for_zero_copy_until_enabled() {
+    let _lab = LabGuard::up(2, &[]);
+    create("plain", "256", "1000", "cvm1", &["--no-beam"]);
+    let o = migrate(1, 2, "plain", &["--zero-copy"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("not enabled"), "{err}");
+    check_on("plain", "cvm1");
+    assert_pool_clean(0);
+    // `vmbeam enable` rewrites the definition; it applies at the next start.
+    let out = ok(&vmbeam_in("cvm1", &["enable", "plain"]));
+    assert!(out.contains("next start"), "{out}");
+    ok(&virsh(&cvm_uri(1), &["destroy", "plain"]));
+    ok(&virsh(&cvm_uri(1), &["start", "plain"]));
+    let sock = format!("/run/vmbeam-lab/cvm1/run/vmbeam/lab/plain.agent");
+    vmbeam_lab::agent::wait_ready(std::path::Path::new(&sock), Duration::from_secs(60))
+        .expect("agent after restart");
+    assert_pool_clean(1);
+    let watch = SplitBrainWatch::start("plain", 2);
+    let out = ok(&migrate(1, 2, "plain", &["--zero-copy"]));
+    watch.finish();
+    assert!(
+        summary_field(&out, "mode")
+            .unwrap()
+            .starts_with("zero-copy"),
+        "{out}"
+    );
+    check_on("plain", "cvm2");
+    assert_pool_clean(1);
+}
