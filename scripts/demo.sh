@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# The main job: a lab of two cloud VMs, a guest dirtying memory, migrated between them,
-# its memory checked, the outcome printed, the lab taken down.
+# The main job: a lab of two cloud VMs (each with its own libvirtd, system bus and vmbeamd),
+# a guest that fills and dirties its memory, moved between them by a zero-copy migration and
+# back by a traditional one, its memory checked after each, the outcome printed, the lab
+# taken down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
-V=target/release/vmbeam
+V=$PWD/target/release/vmbeam
+MEM=${VMBEAM_DEMO_MEMORY:-1024}
+RATE=${VMBEAM_DEMO_DIRTY_RATE:-5000}
 trap '$V lab down >/dev/null 2>&1 || true' EXIT
 $V lab up --cloud-vms 2
-$V lab guest create web1 --memory 512 --dirty-rate 5000 --on cvm1
+$V lab guest create web1 --memory "$MEM" --dirty-rate "$RATE" --on cvm1
 $V lab guest check web1
-$V -c qemu+tcp://198.18.0.11/system migrate --live --persistent --undefinesource --verbose --no-zero-copy \
-   web1 qemu+tcp://198.18.0.12/system tcp://198.18.0.12
+echo
+echo "== zero-copy: cvm1 -> cvm2 (vmbeam migrate --zero-copy, run on cvm1)"
+$V lab exec cvm1 vmbeam migrate --zero-copy --live --persistent --undefinesource --verbose \
+   web1 qemu+tcp://198.18.0.12/system | tee /tmp/vmbeam-demo-zc.txt
 $V lab guest check web1
+echo
+echo "== traditional: cvm2 -> cvm1 (vmbeam migrate --no-zero-copy, run on cvm2)"
+$V lab exec cvm2 vmbeam migrate --no-zero-copy --live --persistent --undefinesource --verbose \
+   web1 qemu+tcp://198.18.0.11/system | tee /tmp/vmbeam-demo-tr.txt
+$V lab guest check web1
+echo
 $V lab status
+echo
+field() { grep -m1 "$1:" "$2" | sed 's/^[^:]*: *//'; }
+printf '%-16s %-14s %-14s\n' "" "zero-copy" "traditional"
+for f in "total time" "downtime" "bytes on wire"; do
+  printf '%-16s %-14s %-14s\n' "$f" "$(field "$f" /tmp/vmbeam-demo-zc.txt | cut -d' ' -f1-2)" \
+    "$(field "$f" /tmp/vmbeam-demo-tr.txt | cut -d' ' -f1-2)"
+done
+rm -f /tmp/vmbeam-demo-zc.txt /tmp/vmbeam-demo-tr.txt
 $V lab down
 trap - EXIT

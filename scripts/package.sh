@@ -53,12 +53,35 @@ rm -rf "$work"
 mkdir -p "$work"
 target/pkg-gen/release/vmbeam-pkg-gen --vmbeam "$bin/vmbeam" --vmbeamd "$bin/vmbeamd" --out "$work/gen"
 
-# Pastes packaging/maint/functions.sh where a script says MARKER, with @INVOKE@ set.
+# Replaces a script's line `MARKER fn1 fn2 ...` with those functions of
+# packaging/maint/functions.sh (each with its comment, after the file's variables), with
+# @INVOKE@ set to INVOKE and, for RPM spec files, % doubled.
 inline_functions() { # FILE MARKER INVOKE [ESCAPE_PERCENT]
-  local f=$1 marker=$2 invoke=$3 esc=${4:-0} funcs
-  funcs=$(sed "s/@INVOKE@/$invoke/g" packaging/maint/functions.sh)
-  ((esc)) && funcs=${funcs//%/%%}
-  FUNCS=$funcs awk -v m="$marker" '$0 == m { print ENVIRON["FUNCS"]; next } { print }' "$f" >"$f.tmp"
+  local f=$1 marker=$2 invoke=$3 esc=${4:-0}
+  awk -v m="$marker" -v lib=packaging/maint/functions.sh -v invoke="$invoke" -v esc="$esc" '
+    function emit(line) { gsub(/@INVOKE@/, invoke, line); if (esc) gsub(/%/, "%%", line); print line }
+    BEGIN {
+      n = 0; cur = ""; pending = ""; prelude = ""; in_prelude = 1
+      while ((getline line < lib) > 0) {
+        if (match(line, /^[a-z_]+\(\) \{$/)) {
+          in_prelude = 0; cur = substr(line, 1, index(line, "(") - 1)
+          body[cur] = pending line "\n"; pending = ""; continue
+        }
+        if (cur != "") { body[cur] = body[cur] line "\n"; if (line == "}") cur = ""; continue }
+        if (line ~ /^#/) { pending = pending line "\n"; continue }
+        if (in_prelude && line ~ /^[A-Z_]+=/) prelude = prelude line "\n"
+        pending = ""
+      }
+    }
+    $1 == m {
+      out = prelude
+      for (i = 2; i <= NF; i++) {
+        if (!($i in body)) { print "package.sh: no function " $i " in " lib > "/dev/stderr"; exit 1 }
+        out = out "\n" body[$i]
+      }
+      k = split(out, ls, "\n"); for (j = 1; j < k; j++) emit(ls[j]); next
+    }
+    { print }' "$f" >"$f.tmp"
   mv "$f.tmp" "$f"
 }
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}

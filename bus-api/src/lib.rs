@@ -143,6 +143,9 @@ pub trait Job {
     /// The error, if it failed.
     #[zbus(property)]
     fn error(&self) -> zbus::Result<String>;
+    /// Milliseconds since the job started at which each step began (where the time goes).
+    #[zbus(property)]
+    fn timeline(&self) -> zbus::Result<Vec<(String, u64)>>;
     /// The typed D-Bus name of that error (e.g. `org.vmbeam.VMBeam1.Error.ZeroCopyRefused`).
     #[zbus(property)]
     fn error_name(&self) -> zbus::Result<String>;

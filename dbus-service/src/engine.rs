@@ -41,6 +41,8 @@ pub struct JobView {
     pub error: String,
     pub error_name: String,
     pub finished: Option<bool>,
+    /// Milliseconds since the job started at which each step began (where the time goes).
+    pub timeline: Vec<(String, u64)>,
 }
 
 impl Default for JobView {
@@ -58,6 +60,7 @@ impl Default for JobView {
             error: String::new(),
             error_name: String::new(),
             finished: None,
+            timeline: Vec::new(),
         }
     }
 }
@@ -67,6 +70,7 @@ pub struct JobHandle {
     pub id: u64,
     pub view: Mutex<JobView>,
     tracker: Mutex<Progress>,
+    started: Instant,
     pub cancelled: AtomicBool,
     /// Called after every change (the D-Bus side emits PropertiesChanged).
     pub notify: Box<dyn Fn() + Send + Sync>,
@@ -88,6 +92,7 @@ impl JobHandle {
                 ..Default::default()
             }),
             tracker: Mutex::new(Progress::new()),
+            started: Instant::now(),
             cancelled: AtomicBool::new(false),
             notify,
         }
@@ -98,7 +103,14 @@ impl JobHandle {
         (self.notify)();
     }
 
+    /// Marks a step of the timeline.
+    pub fn mark(&self, what: &str) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.update(|v| v.timeline.push((what.to_string(), ms)));
+    }
+
     fn phase(&self, p: Phase) {
+        self.mark(p.as_str());
         let pct = {
             let mut t = self.tracker.lock().expect("lock");
             let _ = t.enter(p);
@@ -304,6 +316,7 @@ pub fn run(
         job.phase(Phase::Migrating);
         let done = libvirt_job::migrate(&req, Duration::from_millis(200), progress)
             .map_err(|e| BeamError::MigrationFailed(e.to_string()))?;
+        job.mark("libvirt-returned");
         return Ok(finish(job, &done, started, "traditional"));
     }
 
@@ -461,6 +474,7 @@ fn meta_generation(xml: &str) -> u64 {
 
 fn finish(job: &JobHandle, done: &libvirt_job::Completed, started: Instant, mode: &str) -> String {
     let total = started.elapsed().as_millis() as u64;
+    job.mark("done");
     job.update(|v| {
         v.bytes_transferred = done.bytes_transferred;
         v.downtime_ms = done.downtime_ms.unwrap_or(0);

@@ -429,6 +429,9 @@ async fn emit_changes(iref: &zbus::object_server::InterfaceRef<JobObj>, a: &JobV
     if a.phase != b.phase {
         let _ = obj.phase_changed(em).await;
     }
+    if a.timeline != b.timeline {
+        let _ = obj.timeline_changed(em).await;
+    }
     if a.progress != b.progress {
         let _ = obj.progress_changed(em).await;
     }
@@ -626,6 +629,11 @@ impl JobObj {
     #[zbus(property)]
     async fn error(&self) -> String {
         self.handle.view.lock().expect("lock").error.clone()
+    }
+    /// Milliseconds since the job started at which each step began.
+    #[zbus(property)]
+    async fn timeline(&self) -> Vec<(String, u64)> {
+        self.handle.view.lock().expect("lock").timeline.clone()
     }
     #[zbus(property)]
     async fn error_name(&self) -> String {

@@ -1,7 +1,7 @@
 # VMBeam maintainer-script functions, shared by the Debian maintainer scripts and the RPM
-# scriptlets: scripts/package.sh pastes this file into each of them (they must stand alone:
-# in postrm the package's files are already gone). @INVOKE@ becomes deb-systemd-invoke
-# (Debian: honours policy-rc.d) or systemctl (RPM).
+# scriptlets: scripts/package.sh pastes the variables below and the functions a script names
+# into it (scripts must stand alone: in postrm the package's files are already gone).
+# @INVOKE@ becomes deb-systemd-invoke (Debian: honours policy-rc.d) or systemctl (RPM).
 #
 # Rules they follow: they work with and without systemd running (and in a chroot), they never
 # start a service that was not running, and they never fail because a service is absent.
@@ -26,12 +26,11 @@ vmbeam_configure() {
     fi
     if [ ! -e "$VMBEAM_KEY" ] && grep -q "^key_file = \"$VMBEAM_KEY\"" "$VMBEAM_CONF" 2>/dev/null; then
         old_umask=$(umask)
-        umask 077
+        umask 077 # the key file is created 0600
         tmp="$VMBEAM_KEY.new.$$"
         # 32 random bytes as 64 hex digits.
         od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$tmp"
         echo >>"$tmp"
-        chmod 0600 "$tmp"
         mv -f "$tmp" "$VMBEAM_KEY"
         umask "$old_umask"
         echo "vmbeam: generated a new cloud key in $VMBEAM_KEY. Every cloud VM of one virtual" \

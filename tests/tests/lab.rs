@@ -189,18 +189,9 @@ fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
         http_from_loadgen(&ip).contains("200"),
         "guest reachable before migration"
     );
-    let out = vmbeam_ok(&[
-        "-c",
-        "qemu+tcp://198.18.0.11/system",
-        "migrate",
-        "--live",
-        "--persistent",
-        "--undefinesource",
-        "--no-zero-copy",
-        "mover",
-        "qemu+tcp://198.18.0.12/system",
-        "tcp://198.18.0.12",
-    ]);
+    let o = vmbeam_tests::migrate(1, 2, "mover", &["--no-zero-copy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.contains("traditional"), "{out}");
     let bytes: u64 = out
         .lines()

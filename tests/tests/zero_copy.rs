@@ -242,7 +242,9 @@ fn other_cloud_or_unshared_pool_goes_traditional_or_is_refused() {
     check_on("guarded", "cvm2");
     // cvm2 (another cloud) shares the pool; cvm3's own pool is empty again.
     assert_pool_clean(1);
-    let own: Vec<_> = std::fs::read_dir("/run/vmbeam-lab/pool-cvm3").unwrap().collect();
+    let own: Vec<_> = std::fs::read_dir("/run/vmbeam-lab/pool-cvm3")
+        .unwrap()
+        .collect();
     assert!(own.is_empty(), "cvm3's pool: {own:?}");
 }
 
@@ -496,8 +498,8 @@ fn plain_memory_is_refused_for_zero_copy_until_enabled() {
     assert!(out.contains("next start"), "{out}");
     ok(&virsh(&cvm_uri(1), &["destroy", "plain"]));
     ok(&virsh(&cvm_uri(1), &["start", "plain"]));
-    let sock = format!("/run/vmbeam-lab/cvm1/run/vmbeam/lab/plain.agent");
-    vmbeam_lab::agent::wait_ready(std::path::Path::new(&sock), Duration::from_secs(60))
+    let sock = "/run/vmbeam-lab/cvm1/run/vmbeam/lab/plain.agent";
+    vmbeam_lab::agent::wait_ready(std::path::Path::new(sock), Duration::from_secs(60))
         .expect("agent after restart");
     assert_pool_clean(1);
     let watch = SplitBrainWatch::start("plain", 2);

@@ -197,6 +197,15 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     let bytes = job.bytes_transferred().unwrap_or(0);
     println!("  bytes on wire:  {bytes} ({})", human_bytes(bytes));
     println!("  job:            {path}");
+    if a.verbose {
+        let steps: Vec<String> = job
+            .timeline()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, ms)| format!("{s}@{ms}"))
+            .collect();
+        println!("  timeline (ms):  {}", steps.join(" "));
+    }
     Ok(())
 }
 
