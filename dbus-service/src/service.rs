@@ -40,7 +40,7 @@ async fn caller_uid(hdr: &Header<'_>, conn: &Connection) -> Result<u32, BeamErro
         .map_err(|e| BeamError::NotAuthorized(format!("cannot identify the caller: {e}")))
 }
 
-/// Privileged operations: root only.
+/// Root only (the hook's entry point).
 async fn require_root(hdr: &Header<'_>, conn: &Connection, what: &str) -> Result<(), BeamError> {
     let uid = caller_uid(hdr, conn).await?;
     if uid != 0 {
@@ -49,6 +49,58 @@ async fn require_root(hdr: &Header<'_>, conn: &Connection, what: &str) -> Result
         )));
     }
     Ok(())
+}
+
+/// polkit action for migrations (and cancelling them).
+pub const ACTION_MIGRATE: &str = "org.vmbeam.VMBeam1.migrate";
+/// polkit action for enabling and disabling domains.
+pub const ACTION_ENABLE: &str = "org.vmbeam.VMBeam1.enable";
+
+/// Privileged operations: root, or a caller polkit authorizes for `action`. The subject is
+/// the message's sender (its bus name), never the daemon itself.
+async fn authorize(hdr: &Header<'_>, conn: &Connection, action: &str) -> Result<(), BeamError> {
+    let uid = caller_uid(hdr, conn).await?;
+    if uid == 0 {
+        return Ok(());
+    }
+    let sender = hdr
+        .sender()
+        .ok_or_else(|| BeamError::NotAuthorized("message without a sender".into()))?
+        .to_string();
+    let mut subject_details: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
+    subject_details.insert("name", zbus::zvariant::Value::from(sender.as_str()));
+    let details: HashMap<&str, &str> = HashMap::new();
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.PolicyKit1"),
+            "/org/freedesktop/PolicyKit1/Authority",
+            Some("org.freedesktop.PolicyKit1.Authority"),
+            "CheckAuthorization",
+            &(
+                ("system-bus-name", subject_details),
+                action,
+                details,
+                1u32,
+                "",
+            ),
+        )
+        .await
+        .map_err(|e| {
+            BeamError::NotAuthorized(format!(
+                "uid {uid} is not root and polkit could not authorize {action}: {e}"
+            ))
+        })?;
+    let (authorized, _challenge, _details): (bool, bool, HashMap<String, String>) = reply
+        .body()
+        .deserialize()
+        .map_err(|e| BeamError::NotAuthorized(format!("polkit's answer: {e}")))?;
+    if authorized {
+        Ok(())
+    } else {
+        Err(BeamError::NotAuthorized(format!(
+            "polkit does not authorize uid {uid} for {action}"
+        )))
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -132,10 +184,13 @@ pub fn parse_options(
     ))
 }
 
+/// The daemon's jobs by id: (object path, handle).
+pub type JobTable = Arc<Mutex<BTreeMap<u64, (String, Arc<JobHandle>)>>>;
+
 /// The manager object.
 pub struct Manager {
     pub ctx: SharedCtx,
-    pub jobs: Arc<Mutex<BTreeMap<u64, (String, Arc<JobHandle>)>>>,
+    pub jobs: JobTable,
     pub next_job: AtomicU64,
 }
 
@@ -151,7 +206,7 @@ impl Manager {
         dest_uri: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, BeamError> {
-        require_root(&hdr, conn, "Migrate").await?;
+        authorize(&hdr, conn, ACTION_MIGRATE).await?;
         let (opts, migrate_uri) = parse_options(&options)?;
         if domain.is_empty() || dest_uri.is_empty() {
             return Err(BeamError::InvalidArgs(
@@ -263,7 +318,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         domain: String,
     ) -> Result<Vec<String>, BeamError> {
-        require_root(&hdr, conn, "Enable").await?;
+        authorize(&hdr, conn, ACTION_ENABLE).await?;
         let ctx = self.ctx.clone();
         blocking(move || set_enabled(&ctx, &domain, true)).await
     }
@@ -275,7 +330,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         domain: String,
     ) -> Result<Vec<String>, BeamError> {
-        require_root(&hdr, conn, "Disable").await?;
+        authorize(&hdr, conn, ACTION_ENABLE).await?;
         let ctx = self.ctx.clone();
         blocking(move || set_enabled(&ctx, &domain, false)).await
     }
@@ -560,7 +615,7 @@ impl JobObj {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BeamError> {
-        require_root(&hdr, conn, "Cancel").await?;
+        authorize(&hdr, conn, ACTION_MIGRATE).await?;
         let (domain, finished) = {
             let v = self.handle.view.lock().expect("lock");
             (v.domain.clone(), v.finished.is_some())

@@ -140,6 +140,8 @@ impl Residue {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+            // Only what the lab could have made (other software mounts things too).
+            .filter(|m: &String| m.contains("vmbeam") || m.contains("libvirt"))
             .collect();
         let mut files = Vec::new();
         for d in [
@@ -177,6 +179,7 @@ impl Residue {
             links: lines_of("ip", &["-o", "link", "show"])
                 .into_iter()
                 .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().to_string()))
+                .filter(|l| l.starts_with("vmbeam") || l.starts_with("vbr"))
                 .collect(),
             files,
             processes,

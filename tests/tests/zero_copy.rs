@@ -493,6 +493,38 @@ fn plain_memory_is_refused_for_zero_copy_until_enabled() {
     assert!(err.contains("not enabled"), "{err}");
     check_on("plain", "cvm1");
     assert_pool_clean(0);
+    // An unprivileged caller may look but not act (polkit is not running in the lab, so
+    // only root is authorized).
+    let vm = vmbeam_bin();
+    let nobody = |args: &[&str]| {
+        let mut full = vec![
+            "lab",
+            "exec",
+            "cvm1",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ];
+        let vm = vm.to_string_lossy().into_owned();
+        full.push(&vm);
+        full.extend_from_slice(args);
+        vmbeam(&full)
+    };
+    let o = nobody(&["status"]);
+    assert!(
+        o.status.success(),
+        "read-only status for anyone: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = nobody(&["migrate", "--zero-copy", "plain", &cvm_uri(2)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("not root") && err.contains("org.vmbeam.VMBeam1.migrate"),
+        "{err}"
+    );
+    check_on("plain", "cvm1");
     // `vmbeam enable` rewrites the definition; it applies at the next start.
     let out = ok(&vmbeam_in("cvm1", &["enable", "plain"]));
     assert!(out.contains("next start"), "{out}");
