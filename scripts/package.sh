@@ -3,10 +3,12 @@
 #   target/packages/vmbeam_VERSION-RELEASE_amd64.deb (and vmbeam-dbgsym_..._amd64.deb)
 #   target/packages/vmbeam-VERSION-RELEASE.x86_64.rpm
 #
-# Usage: scripts/package.sh [--out DIR] [--release N] [--no-build] [--deb-only | --rpm-only]
-#   --out DIR     where the packages go (default: target/packages)
-#   --release N   the packaging revision, Debian's -N and RPM's Release (default: 1)
-#   --no-build    package the binaries already in target/release instead of building them
+# Usage: scripts/package.sh [--out DIR] [--release N] [--no-build] [--bin-dir DIR]
+#                           [--deb-only | --rpm-only]
+#   --out DIR      where the packages go (default: target/packages)
+#   --release N    the packaging revision, Debian's -N and RPM's Release (default: 1)
+#   --no-build     package the binaries in target/release instead of building them
+#   --bin-dir DIR  package the binaries in DIR (implies --no-build)
 #
 # The .deb is made by dpkg-buildpackage from packaging/debian/ (debhelper), the .rpm by
 # rpmbuild from packaging/rpm/vmbeam.spec.in; both package one file tree laid out by
@@ -18,6 +20,7 @@ root=$PWD
 out=$root/target/packages
 release=1
 build=1
+bin=$root/target/release
 want_deb=1
 want_rpm=1
 while (($#)); do
@@ -25,9 +28,10 @@ while (($#)); do
     --out) out=$(realpath -m "$2"); shift ;;
     --release) release=$2; shift ;;
     --no-build) build=0 ;;
+    --bin-dir) bin=$(realpath -m "$2"); build=0; shift ;;
     --deb-only) want_rpm=0 ;;
     --rpm-only) want_deb=0 ;;
-    -h|--help) sed -n '2,16s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "package.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -38,7 +42,6 @@ version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Carg
 
 packaging/setup-deps.sh build
 
-bin=$root/target/release
 if ((build)); then
   echo "package.sh: building vmbeamd, vmbeam, vmbeam-hook (release)" >&2
   cargo build --release --quiet -p vmbeamd -p vmbeam-cli -p vmbeam-hook --bins
@@ -74,11 +77,15 @@ inline_functions() { # FILE MARKER INVOKE [ESCAPE_PERCENT]
       }
     }
     $1 == m {
-      out = prelude
+      funcs = ""
       for (i = 2; i <= NF; i++) {
         if (!($i in body)) { print "package.sh: no function " $i " in " lib > "/dev/stderr"; exit 1 }
-        out = out "\n" body[$i]
+        funcs = funcs "\n" body[$i]
       }
+      # Only the variables these functions use.
+      out = ""; k = split(prelude, vs, "\n")
+      for (j = 1; j < k; j++) if (index(funcs, "$" substr(vs[j], 1, index(vs[j], "=") - 1))) out = out vs[j] "\n"
+      out = out funcs
       k = split(out, ls, "\n"); for (j = 1; j < k; j++) emit(ls[j]); next
     }
     { print }' "$f" >"$f.tmp"

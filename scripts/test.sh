@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests, and the end-to-end tests on the real
-# lab (libvirtd, QEMU, the guest agent). Needs root on Debian 12.
+# lab (libvirtd, QEMU, dbus-daemon, vmbeamd, the guest agent). Needs root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-PROFILE=release scripts/build.sh
-# End-to-end tests share one host-wide lab: one test at a time.
-cargo test --workspace --release -- --test-threads=1
+PROFILE=debug scripts/build.sh
+# The end-to-end tests share one host-wide lab: one test at a time.
+cargo test --workspace -- --test-threads=1

@@ -1407,7 +1407,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root, the Debian mirror, qemu-system-x86_64 and the static agent: run lab/assets/image-boot-test.sh"]
     fn build_is_cached_and_the_image_boots_to_a_passing_check() {
         let spec = boot_test_spec();
         let img = build_image(&spec).unwrap();
@@ -1421,7 +1420,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs root, the Debian mirror, qemu-system-x86_64 and the static agent: run lab/assets/image-boot-test.sh"]
     fn the_image_boots_with_1024_mib_filled() {
         let img = build_image(&boot_test_spec()).unwrap();
         // Under 1-3 GiB of guest RAM the kernel keeps 170-220 MiB unavailable and the agent

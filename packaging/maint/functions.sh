@@ -72,6 +72,7 @@ vmbeam_stop_without_systemd() {
     [ ! -d /run/systemd/system ] || return 0
     pids=
     for p in /proc/[0-9]*; do
+        # shellcheck disable=SC3013 # -ef: dash and bash, /bin/sh on Debian and RPM distributions, have it
         if [ "$p/exe" -ef /usr/sbin/vmbeamd ]; then
             pids="$pids ${p#/proc/}"
         fi

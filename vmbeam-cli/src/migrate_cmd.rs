@@ -133,8 +133,11 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     let path = mgr
         .migrate(&a.domain, &a.desturi, opts)
         .map_err(daemon_err)?;
+    // Uncached: every read is a real Get, so a job that ends before the proxy has subscribed
+    // to its PropertiesChanged is still seen to end.
     let job = JobProxyBlocking::builder(&conn)
         .path(path.clone())?
+        .cache_properties(zbus::proxy::CacheProperties::No)
         .build()?;
     let tty = std::io::stderr().is_terminal();
     let bar = tty.then(|| {
@@ -150,7 +153,9 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     let mut last_line = Instant::now();
     let mut shown = 0u32;
     let phase = loop {
-        let phase = job.phase().unwrap_or_default();
+        let phase = job
+            .phase()
+            .map_err(|e| anyhow!("lost contact with vmbeamd while following {path}: {e}"))?;
         // The daemon's progress never goes backwards; the display keeps that promise too.
         shown = shown.max(job.progress().unwrap_or(0));
         if let Some(b) = &bar {
@@ -182,7 +187,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     }
     let total = started.elapsed().as_millis();
     if phase != "completed" {
-        let err = job.error().unwrap_or_default();
+        let err = job.error().unwrap_or_else(|e| format!("(cannot read the job's error: {e})"));
         let code = code_for_name(&job.error_name().unwrap_or_default());
         return Err(anyhow!("migration of {} {phase}: {err}", a.domain).context(Coded(code)));
     }

@@ -137,9 +137,10 @@ activation. The libvirt hook (\fI/etc/libvirt/hooks/qemu.d/vmbeam\fR and
 \fI/etc/libvirt/hooks/libxl.d/vmbeam\fR) hands libvirt's domain events to it.
 .PP
 Everyone may call the read\-only methods (ListDomains, Status, CoLocation) and read
-properties; Migrate, Enable, Disable and Cancel are for root (polkit actions
-\fBorg.vmbeam.VMBeam1.migrate\fR and \fBorg.vmbeam.VMBeam1.enable\fR); the Hook interface is
-for root only.
+properties. Migrate and Job.Cancel need root or the polkit action
+\fBorg.vmbeam.VMBeam1.migrate\fR, Enable and Disable root or
+\fBorg.vmbeam.VMBeam1.enable\fR (by default: an administrator's password); the Hook
+interface is for root only.
 .SH FILES
 .TP
 .I /etc/vmbeam/vmbeam.conf
