@@ -15,8 +15,10 @@
 # packaging/install-tree.sh. Man pages and completions come from packaging/gen. See
 # packaging/README.md.
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
 root=$PWD
+abspath() { (cd "$caller" && realpath -m "$1"); }
 out=$root/target/packages
 release=1
 build=1
@@ -25,10 +27,10 @@ want_deb=1
 want_rpm=1
 while (($#)); do
   case "$1" in
-    --out) out=$(realpath -m "$2"); shift ;;
+    --out) out=$(abspath "$2"); shift ;;
     --release) release=$2; shift ;;
     --no-build) build=0 ;;
-    --bin-dir) bin=$(realpath -m "$2"); build=0; shift ;;
+    --bin-dir) bin=$(abspath "$2"); build=0; shift ;;
     --deb-only) want_rpm=0 ;;
     --rpm-only) want_deb=0 ;;
     -h|--help) sed -n '2,18s/^# \{0,1\}//p' "$0"; exit 0 ;;

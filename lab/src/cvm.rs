@@ -322,8 +322,13 @@ pub fn spawn_in(
         .map_err(|e| LabError::io(format!("open {}", log.display()), e))?;
     let logf2 = logf.try_clone().map_err(|e| LabError::io("dup log", e))?;
     let holder = cvm.holder_pid.to_string();
-    Command::new("nsenter")
-        .args(["-t", &holder, "-m", "-u", "-n", "--wd=/", "--", program])
+    // `vmbeam lab reap` (this binary) stays the daemon's parent and reaps what it orphans.
+    let me = std::env::current_exe().map_err(|e| LabError::io("locate the vmbeam binary", e))?;
+    Command::new(me)
+        .args([
+            "lab", "reap", "--", "nsenter", "-t", &holder, "-m", "-u", "-n", "--wd=/", "--",
+            program,
+        ])
         .args(args)
         .stdin(Stdio::null())
         .stdout(logf)

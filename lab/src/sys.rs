@@ -231,6 +231,36 @@ pub fn wait_for<T>(
     }
 }
 
+/// Runs `cmd` as a child of this process, which becomes a child subreaper: every process
+/// orphaned below it (QEMU, which libvirtd daemonizes) is reparented here and reaped at
+/// once, as a real host's init would. (Some containers' init reaps late; libvirt then waits
+/// for a zombie QEMU after a migration.) Exits with the child's status.
+pub fn reap_for(cmd: &[String]) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    if cmd.is_empty() {
+        return 2;
+    }
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    let child = match std::process::Command::new(&cmd[0]).args(&cmd[1..]).spawn() {
+        Ok(c) => c.id() as i32,
+        Err(e) => {
+            eprintln!("vmbeam lab reap: cannot run {}: {e}", cmd[0]);
+            return 127;
+        }
+    };
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => return code,
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == child => {
+                return 128 + sig as i32
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,12 @@ pub enum LabCmd {
         #[command(subcommand)]
         cmd: GuestCmd,
     },
+    /// (internal) Run a command as its parent and subreaper, reaping what it orphans
+    #[command(hide = true)]
+    Reap {
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
     /// Run a command inside a cloud VM (its network, mount and UTS namespaces)
     Exec {
         /// Cloud VM name
@@ -284,6 +290,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             Ok(())
         }
         LabCmd::Guest { cmd } => guest_cmd(cmd),
+        LabCmd::Reap { command } => std::process::exit(vmbeam_lab::sys::reap_for(&command)),
     }
 }
 

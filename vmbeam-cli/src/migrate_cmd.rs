@@ -187,7 +187,9 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     }
     let total = started.elapsed().as_millis();
     if phase != "completed" {
-        let err = job.error().unwrap_or_else(|e| format!("(cannot read the job's error: {e})"));
+        let err = job
+            .error()
+            .unwrap_or_else(|e| format!("(cannot read the job's error: {e})"));
         let code = code_for_name(&job.error_name().unwrap_or_default());
         return Err(anyhow!("migration of {} {phase}: {err}", a.domain).context(Coded(code)));
     }
