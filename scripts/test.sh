@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all --check
+cargo fmt --manifest-path packaging/gen/Cargo.toml --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 PROFILE=debug scripts/build.sh
 # The end-to-end tests share one host-wide lab: one test at a time.
