@@ -246,10 +246,14 @@ impl Manager {
             )
             .await
             .map_err(BeamError::ZBus)?;
-        self.jobs
-            .lock()
-            .expect("lock")
-            .insert(id, (path.to_string(), handle.clone()));
+        let expired = {
+            let mut jobs = self.jobs.lock().expect("lock");
+            jobs.insert(id, (path.to_string(), handle.clone()));
+            expire_jobs(&mut jobs)
+        };
+        for p in expired {
+            let _ = server.remove::<JobObj, _>(p.as_str()).await;
+        }
         // Property changes follow the job's updates.
         let server2 = server.clone();
         let p2 = path.clone();
@@ -457,6 +461,23 @@ impl Manager {
     async fn cloud(&self) -> String {
         self.ctx.cfg.identity.cloud.to_string()
     }
+}
+
+/// How many finished jobs stay on the bus (for clients that look after the fact).
+pub const KEEP_FINISHED_JOBS: usize = 32;
+
+/// Drops the oldest finished jobs beyond [`KEEP_FINISHED_JOBS`]; returns their paths.
+fn expire_jobs(jobs: &mut BTreeMap<u64, (String, Arc<JobHandle>)>) -> Vec<String> {
+    let finished: Vec<u64> = jobs
+        .iter()
+        .filter(|(_, (_, h))| h.view.lock().expect("lock").finished.is_some())
+        .map(|(id, _)| *id)
+        .collect();
+    let excess = finished.len().saturating_sub(KEEP_FINISHED_JOBS);
+    finished[..excess]
+        .iter()
+        .filter_map(|id| jobs.remove(id).map(|(p, _)| p))
+        .collect()
 }
 
 /// The text of a typed error (without the D-Bus name).
@@ -721,5 +742,49 @@ impl HookObj {
                 "hook event not handled within {limit:?}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_translate_into_the_operation_model() {
+        let ov = |v: zbus::zvariant::Value<'_>| OwnedValue::try_from(v).unwrap();
+        let mut o = HashMap::new();
+        o.insert("mode".to_string(), ov("zero-copy".into()));
+        o.insert("live".to_string(), ov(true.into()));
+        o.insert("timeout".to_string(), ov(30u32.into()));
+        let (m, uri) = parse_options(&o).unwrap();
+        assert_eq!(m.mode, RequestedMode::RequireZeroCopy);
+        assert!(m.live && !m.persistent);
+        assert_eq!(m.timeout_secs, Some(30));
+        assert_eq!(uri, None);
+        o.insert("bogus".to_string(), ov(true.into()));
+        assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
+        let mut o = HashMap::new();
+        o.insert("mode".to_string(), ov("fast".into()));
+        assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
+        let mut o = HashMap::new();
+        o.insert("live".to_string(), ov("yes".into()));
+        assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
+    }
+
+    #[test]
+    fn only_the_oldest_finished_jobs_expire() {
+        let mut jobs = BTreeMap::new();
+        for id in 0..(KEEP_FINISHED_JOBS as u64 + 5) {
+            let h = Arc::new(JobHandle::new(id, "d", "u", Box::new(|| {})));
+            if id != 1 {
+                h.view.lock().unwrap().finished = Some(true);
+            }
+            jobs.insert(id, (format!("/j/{id}"), h));
+        }
+        let gone = expire_jobs(&mut jobs);
+        // Job 1 is still running and stays; of the finished ones the oldest 4 go.
+        assert_eq!(gone, vec!["/j/0", "/j/2", "/j/3", "/j/4"]);
+        assert!(jobs.contains_key(&1));
+        assert_eq!(jobs.len(), KEEP_FINISHED_JOBS + 1);
     }
 }

@@ -107,81 +107,49 @@ pub fn create_hub(state: &mut LabState) -> Result<(), LabError> {
     Ok(())
 }
 
+/// A veth pair from hub bridge `bridge` (hub end `hub_end`) into namespace `ns` (inner end
+/// `inner`), both ends up; `addr` (CIDR) on the inner end if given.
+fn veth_from_hub(
+    ns: &str,
+    hub_end: &str,
+    bridge: &str,
+    inner: &str,
+    addr: Option<&str>,
+) -> Result<(), LabError> {
+    run(
+        "ip",
+        &[
+            "-n", HUB_NS, "link", "add", hub_end, "type", "veth", "peer", "name", inner, "netns",
+            ns,
+        ],
+    )?;
+    run(
+        "ip",
+        &["-n", HUB_NS, "link", "set", hub_end, "master", bridge, "up"],
+    )?;
+    if let Some(a) = addr {
+        run("ip", &["-n", ns, "addr", "add", a, "dev", inner])?;
+    }
+    run("ip", &["-n", ns, "link", "set", inner, "up"])?;
+    Ok(())
+}
+
 /// Creates cloud VM `i`'s namespace, its cloud link (shaped) and its guest bridge.
 pub fn create_cvm_net(state: &mut LabState, i: u32, shaping: Shaping) -> Result<String, LabError> {
     let ns = cvm_netns(i);
     add_netns(state, &ns)?;
-    let c = format!("c{i}");
-    run(
-        "ip",
-        &[
-            "-n", HUB_NS, "link", "add", &c, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ],
-    )?;
-    run(
-        "ip",
-        &[
-            "-n",
-            HUB_NS,
-            "link",
-            "set",
-            &c,
-            "master",
-            CLOUD_BRIDGE,
-            "up",
-        ],
-    )?;
-    run(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", cvm_addr(i)),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+    let addr = format!("{}/24", cvm_addr(i));
+    veth_from_hub(&ns, &format!("c{i}"), CLOUD_BRIDGE, "eth0", Some(&addr))?;
     apply_shaping(&ns, "eth0", shaping)?;
-
-    let g = format!("g{i}");
-    run(
-        "ip",
-        &[
-            "-n", HUB_NS, "link", "add", &g, "type", "veth", "peer", "name", "gw0", "netns", &ns,
-        ],
-    )?;
-    run(
-        "ip",
-        &[
-            "-n",
-            HUB_NS,
-            "link",
-            "set",
-            &g,
-            "master",
-            GUEST_BRIDGE,
-            "up",
-        ],
-    )?;
+    // The guest uplink: the cloud VM's own bridge, joined to the hub's guest network.
     run(
         "ip",
         &["-n", &ns, "link", "add", CVM_GUEST_BRIDGE, "type", "bridge"],
     )?;
+    veth_from_hub(&ns, &format!("g{i}"), GUEST_BRIDGE, "gw0", None)?;
     run(
         "ip",
-        &[
-            "-n",
-            &ns,
-            "link",
-            "set",
-            "gw0",
-            "master",
-            CVM_GUEST_BRIDGE,
-            "up",
-        ],
+        &["-n", &ns, "link", "set", "gw0", "master", CVM_GUEST_BRIDGE],
     )?;
     run("ip", &["-n", &ns, "link", "set", CVM_GUEST_BRIDGE, "up"])?;
     Ok(ns)
@@ -190,39 +158,13 @@ pub fn create_cvm_net(state: &mut LabState, i: u32, shaping: Shaping) -> Result<
 /// Creates the load generator's namespace on the guest network.
 pub fn create_loadgen(state: &mut LabState) -> Result<(), LabError> {
     add_netns(state, LOAD_NS)?;
-    run(
-        "ip",
-        &[
-            "-n", HUB_NS, "link", "add", "l0", "type", "veth", "peer", "name", "eth0", "netns",
-            LOAD_NS,
-        ],
+    veth_from_hub(
+        LOAD_NS,
+        "l0",
+        GUEST_BRIDGE,
+        "eth0",
+        Some(&format!("{LOADGEN_ADDR}/16")),
     )?;
-    run(
-        "ip",
-        &[
-            "-n",
-            HUB_NS,
-            "link",
-            "set",
-            "l0",
-            "master",
-            GUEST_BRIDGE,
-            "up",
-        ],
-    )?;
-    run(
-        "ip",
-        &[
-            "-n",
-            LOAD_NS,
-            "addr",
-            "add",
-            &format!("{LOADGEN_ADDR}/16"),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    run("ip", &["-n", LOAD_NS, "link", "set", "eth0", "up"])?;
     state.loadgen_netns = Some(LOAD_NS.into());
     state.save()?;
     Ok(())

@@ -61,7 +61,8 @@ fn ask_daemon(args: &[String], xml: &str) -> Result<String, String> {
     std::thread::spawn(move || {
         let r = (|| -> Result<String, String> {
             let conn = zbus::blocking::connection::Builder::system()
-                .and_then(|b| b.method_timeout(TIMEOUT).build())
+                // The outer timer below decides; this one only keeps the thread from lingering.
+                .and_then(|b| b.method_timeout(TIMEOUT + Duration::from_secs(5)).build())
                 .map_err(|e| {
                     format!("vmbeamd is not reachable on the system bus ({e}); is vmbeamd running?")
                 })?;

@@ -546,3 +546,87 @@ fn plain_memory_is_refused_for_zero_copy_until_enabled() {
     check_on("plain", "cvm2");
     assert_pool_clean(1);
 }
+
+#[test]
+fn a_missing_or_hung_destination_daemon_fails_the_migration_cleanly() {
+    let _lab = LabGuard::up(2, &[]);
+    create("lonely", "256", "1000", "cvm1", &[]);
+    let boot = boot_id("lonely");
+    let st = vmbeam_lab::require_state().unwrap();
+    let dest = st.cloud_vm("cvm2").unwrap().clone();
+    // The lab records each daemon's reaper (`vmbeam lab reap`); vmbeamd is its child.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", dest.vmbeamd_pid)).unwrap();
+    let vmbeamd: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("vmbeamd under its reaper")
+        .parse()
+        .unwrap();
+    assert!(std::fs::read_to_string(format!("/proc/{vmbeamd}/cmdline"))
+        .unwrap()
+        .contains("vmbeamd"));
+    // 1. vmbeamd hung (stopped) on the destination: the hook gives up within its bound and
+    //    libvirt fails the migration; the guest keeps running on the source.
+    Command::new("kill")
+        .args(["-STOP", &vmbeamd.to_string()])
+        .status()
+        .unwrap();
+    let t = Instant::now();
+    let o = virsh(
+        &cvm_uri(1),
+        &["migrate", "--live", "--p2p", "lonely", &cvm_uri(2)],
+    );
+    let took = t.elapsed();
+    Command::new("kill")
+        .args(["-CONT", &vmbeamd.to_string()])
+        .status()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "the migration must fail while the daemon hangs"
+    );
+    assert!(
+        err.contains("vmbeam-hook") && err.contains("did not answer"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(60), "bounded: {took:?}");
+    check_on("lonely", "cvm1");
+    // 2. vmbeamd absent on the destination: refused at once, same outcome.
+    Command::new("kill")
+        .args(["-KILL", &vmbeamd.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let o = virsh(
+        &cvm_uri(1),
+        &["migrate", "--live", "--p2p", "lonely", &cvm_uri(2)],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("vmbeamd is not running"), "{err}");
+    // Without a destination daemon there is no proof of co-location: --zero-copy refuses.
+    let o = migrate(1, 2, "lonely", &["--zero-copy"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    check_on("lonely", "cvm1");
+    assert_eq!(boot_id("lonely"), boot);
+    settled_on("lonely", "cvm1", 2);
+    assert_pool_clean(1);
+    // `lab up` repairs the cloud VM; zero-copy works again.
+    let out = vmbeam_ok(&["lab", "up", "--cloud-vms", "2"]);
+    assert!(out.contains("restarted vmbeamd"), "{out}");
+    let out = ok(&migrate(1, 2, "lonely", &["--zero-copy"]));
+    assert!(
+        summary_field(&out, "mode")
+            .unwrap()
+            .starts_with("zero-copy"),
+        "{out}"
+    );
+    check_on("lonely", "cvm2");
+}

@@ -1,0 +1,78 @@
+//! `vmbeam-bench`: the groundwork of `vmbeam bench` (issue 4) that does not need the lab.
+//!
+//! - [`model`]: one [`model::RunRecord`] per migration run (experiment, system, settings,
+//!   outcome, machine metadata) and its CSV/JSON writers;
+//! - [`measure`]: interface byte counters, a time-series sampler, host and per-process CPU
+//!   time from `/proc`, all readable from a chosen root so tests use temp dirs and fixtures;
+//! - [`memtraffic`]: the memory-traffic model (Fig. 5), the paper's and ours;
+//! - [`stats`]: median, min/max, ratios;
+//! - [`plot`]: the figures (PNG and SVG) with plotters, text drawn with a TTF file;
+//! - [`report`]: the Markdown report;
+//! - [`plan`]: the `vmbeam bench` arguments and the experiment plan as pure data.
+//!
+//! Nothing here runs a migration: the lab runs are wired in by the CLI.
+
+pub mod measure;
+pub mod memtraffic;
+pub mod model;
+pub mod plan;
+pub mod plot;
+pub mod report;
+pub mod stats;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system file did not have the expected shape.
+    #[error("cannot parse {what}: {detail}")]
+    Parse {
+        /// Which file or value.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// JSON (de)serialisation.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The font plots need is missing or unusable.
+    #[error(
+        "font {path} unusable ({detail}); plots need a TTF font: `apt-get install fonts-dejavu-core` \
+         or set VMBEAM_BENCH_FONT to a .ttf file"
+    )]
+    Font {
+        /// The font file tried.
+        path: PathBuf,
+        /// Why it failed.
+        detail: String,
+    },
+    /// Drawing a plot.
+    #[error("plot {name}: {detail}")]
+    Plot {
+        /// The plot's file stem.
+        name: String,
+        /// The backend's message.
+        detail: String,
+    },
+    /// Data given to a plot, statistic or report cannot be used.
+    #[error("invalid data: {0}")]
+    Data(String),
+}
+
+/// This crate's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
