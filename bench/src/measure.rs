@@ -367,7 +367,13 @@ intr 199292311 57 0 0 1 1 0 0 0 1 0\nctxt 274\nbtime 1700000000\n";
         let text = "4242 (qemu (sys) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
                     777 333 5 6 20 0 3 0 100 1000000 200 18446744073709551615\n";
         let c = parse_pid_stat(text).unwrap();
-        assert_eq!(c, ProcCpu { utime: 777, stime: 333 });
+        assert_eq!(
+            c,
+            ProcCpu {
+                utime: 777,
+                stime: 333
+            }
+        );
         assert!((c.seconds() - 11.1).abs() < 1e-9);
         assert!(parse_pid_stat("1 (x) S 1 2").is_err());
         assert!(parse_pid_stat("garbage").is_err());
@@ -386,7 +392,13 @@ intr 199292311 57 0 0 1 1 0 0 0 1 0\nctxt 274\nbtime 1700000000\n";
             .unwrap();
         }
         let (sum, gone) = read_pids_cpu(dir.path(), &[10, 11, 12]).unwrap();
-        assert_eq!(sum, ProcCpu { utime: 101, stime: 52 });
+        assert_eq!(
+            sum,
+            ProcCpu {
+                utime: 101,
+                stime: 52
+            }
+        );
         assert_eq!(gone, vec![12]);
     }
 
@@ -413,8 +425,12 @@ intr 199292311 57 0 0 1 1 0 0 0 1 0\nctxt 274\nbtime 1700000000\n";
     fn fake_sysfs(root: &Path, dev: &str, rx: u64, tx: u64) {
         let s = root.join("class/net").join(dev).join("statistics");
         std::fs::create_dir_all(&s).unwrap();
-        std::fs::write(s.join("rx_bytes"), format!("{rx}\n")).unwrap();
-        std::fs::write(s.join("tx_bytes"), format!("{tx}\n")).unwrap();
+        // Write-then-rename: a concurrent reader sees the old or the new value, never "".
+        for (name, v) in [("rx_bytes", rx), ("tx_bytes", tx)] {
+            let tmp = s.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, format!("{v}\n")).unwrap();
+            std::fs::rename(&tmp, s.join(name)).unwrap();
+        }
     }
 
     #[test]
@@ -422,10 +438,22 @@ intr 199292311 57 0 0 1 1 0 0 0 1 0\nctxt 274\nbtime 1700000000\n";
         let dir = tempfile::tempdir().unwrap();
         fake_sysfs(dir.path(), "veth-cvm1", 100, 5000);
         let a = read_net_counters(dir.path(), "veth-cvm1").unwrap();
-        assert_eq!(a, NetCounters { rx_bytes: 100, tx_bytes: 5000 });
+        assert_eq!(
+            a,
+            NetCounters {
+                rx_bytes: 100,
+                tx_bytes: 5000
+            }
+        );
         fake_sysfs(dir.path(), "veth-cvm1", 150, 9000);
         let b = read_net_counters(dir.path(), "veth-cvm1").unwrap();
-        assert_eq!(b.since(a), NetCounters { rx_bytes: 50, tx_bytes: 4000 });
+        assert_eq!(
+            b.since(a),
+            NetCounters {
+                rx_bytes: 50,
+                tx_bytes: 4000
+            }
+        );
         assert!(read_net_counters(dir.path(), "nope").is_err());
         assert!(read_net_counters(dir.path(), "../x").is_err());
         let s = dir.path().join("class/net/bad/statistics");
@@ -459,7 +487,9 @@ intr 199292311 57 0 0 1 1 0 0 0 1 0\nctxt 274\nbtime 1700000000\n";
         let s = sampler.stop().unwrap();
         assert!(s.len() >= 3, "{s:?}");
         assert_eq!(s[0].t_s.min(1.0), s[0].t_s);
-        assert!(s.windows(2).all(|w| w[1].t_s >= w[0].t_s && w[1].value >= w[0].value));
+        assert!(s
+            .windows(2)
+            .all(|w| w[1].t_s >= w[0].t_s && w[1].value >= w[0].value));
         assert_eq!(s.last().unwrap().value, 10_000);
         assert_eq!(total_increase(&s), 10_000 - s[0].value);
         assert!(rates(&s).iter().all(|&(_, r)| r >= 0.0));
@@ -483,14 +513,36 @@ intr 199292311 57 0 0 1 1 0 0 0 1 0\nctxt 274\nbtime 1700000000\n";
     #[test]
     fn rates_and_utilisation_are_exact_on_synthetic_samples() {
         let s = vec![
-            Sample { t_s: 0.0, value: 0u64 },
-            Sample { t_s: 0.5, value: 500 },
-            Sample { t_s: 1.5, value: 2500 },
+            Sample {
+                t_s: 0.0,
+                value: 0u64,
+            },
+            Sample {
+                t_s: 0.5,
+                value: 500,
+            },
+            Sample {
+                t_s: 1.5,
+                value: 2500,
+            },
         ];
         assert_eq!(rates(&s), vec![(0.5, 1000.0), (1.5, 2000.0)]);
         let c0 = HostCpu::default();
-        let c1 = HostCpu { user: 50, idle: 150, ..c0 };
-        let u = utilisation_percent(&[Sample { t_s: 0.0, value: c0 }, Sample { t_s: 1.0, value: c1 }]);
+        let c1 = HostCpu {
+            user: 50,
+            idle: 150,
+            ..c0
+        };
+        let u = utilisation_percent(&[
+            Sample {
+                t_s: 0.0,
+                value: c0,
+            },
+            Sample {
+                t_s: 1.0,
+                value: c1,
+            },
+        ]);
         assert_eq!(u, vec![(1.0, 25.0)]);
         assert_eq!(total_increase(&[]), 0);
     }

@@ -10,7 +10,17 @@ use crate::{io_err, Error, Result};
 
 /// The experiments of issue 4 (the paper's Figures 2 to 7).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 #[value(rename_all = "lowercase")]
@@ -429,7 +439,10 @@ pub fn write_json<W: Write>(w: W, runs: &[RunRecord]) -> Result<()> {
 }
 
 /// Writes `runs.csv` and `runs.json` into `dir` (created if missing); returns their paths.
-pub fn write_results(dir: &Path, runs: &[RunRecord]) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+pub fn write_results(
+    dir: &Path,
+    runs: &[RunRecord],
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let csv = dir.join("runs.csv");
     let json = dir.join("runs.json");
@@ -589,7 +602,11 @@ pub(crate) mod tests {
             "processor\t: 0\nmodel name\t: X\n\nprocessor\t: 1\nmodel name\t: X\n",
         )
         .unwrap();
-        std::fs::write(p.join("proc/meminfo"), "MemTotal:        8126464 kB\nMemFree: 1 kB\n").unwrap();
+        std::fs::write(
+            p.join("proc/meminfo"),
+            "MemTotal:        8126464 kB\nMemFree: 1 kB\n",
+        )
+        .unwrap();
         std::fs::write(p.join("proc/sys/kernel/osrelease"), "6.1.0-28-amd64\n").unwrap();
         let m = Machine::detect(p).unwrap();
         assert_eq!(

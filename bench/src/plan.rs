@@ -336,9 +336,9 @@ mod tests {
             .iter()
             .filter(|r| r.experiment == Experiment::C)
             .collect();
-        assert!(c.iter().all(|r| r.settings.memory_mib == 4096
-            && r.probes.time_series
-            && r.probes.process_io));
+        assert!(c
+            .iter()
+            .all(|r| r.settings.memory_mib == 4096 && r.probes.time_series && r.probes.process_io));
         let f_max = p
             .runs
             .iter()
@@ -377,9 +377,16 @@ mod tests {
         let p = Plan::new(&[Experiment::B, Experiment::E], true, Encryption::SshTunnel);
         let tags: BTreeSet<Experiment> = p.runs.iter().map(|r| r.experiment).collect();
         assert_eq!(tags, [Experiment::B, Experiment::E].into());
-        let e = p.runs.iter().find(|r| r.experiment == Experiment::E).unwrap();
+        let e = p
+            .runs
+            .iter()
+            .find(|r| r.experiment == Experiment::E)
+            .unwrap();
         assert!(e.probes.process_io && !e.probes.time_series);
-        assert!(p.runs.iter().any(|r| r.settings.encryption == Encryption::SshTunnel));
+        assert!(p
+            .runs
+            .iter()
+            .any(|r| r.settings.encryption == Encryption::SshTunnel));
     }
 
     #[test]
@@ -388,7 +395,10 @@ mod tests {
         assert!(p.runs.iter().all(|r| r.settings.memory_mib <= 256));
         assert!(p.runs.iter().all(|r| r.settings.cap_ms == 30_000));
         assert_eq!(p.migrations(), 4 * (2 + 1 + 2 + 1));
-        assert!(!p.runs.iter().any(|r| r.system == System::BlanketLike && r.settings.bandwidth_mbit.is_none()));
+        assert!(!p
+            .runs
+            .iter()
+            .any(|r| r.system == System::BlanketLike && r.settings.bandwidth_mbit.is_none()));
         // Assumptions: 5 s per migration for boot and fill, 1 Gbit/s unshaped under TCG.
         let est = p.estimated_seconds(5.0, 1000.0);
         assert!(est < 300.0, "quick plan estimated at {est:.0} s");

@@ -108,8 +108,15 @@ fn draw_line<DB: DrawingBackend>(c: &LineChart, root: &DrawingArea<DB, Shift>) -
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
     let pts = || c.series.iter().flat_map(|s| s.points.iter());
-    let x_min = pts().map(|p| p.0).filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
-    let x_min = if x_min.is_finite() { x_min.min(0.0) } else { 0.0 };
+    let x_min = pts()
+        .map(|p| p.0)
+        .filter(|v| v.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let x_min = if x_min.is_finite() {
+        x_min.min(0.0)
+    } else {
+        0.0
+    };
     let mut x_max = finite_max(pts().map(|p| p.0));
     if x_max <= x_min {
         x_max = x_min + 1.0;
@@ -245,7 +252,9 @@ pub fn render(chart: &Chart, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf
 
 /// Shortens a variant label for bar-chart axes (`blanket-like 300 Mbit/s` -> `blanket 300M`).
 pub fn short_label(label: &str) -> String {
-    label.replace("blanket-like ", "blanket ").replace(" Mbit/s", "M")
+    label
+        .replace("blanket-like ", "blanket ")
+        .replace(" Mbit/s", "M")
 }
 
 /// The label of a run's system with its network where that tells variants apart
@@ -260,7 +269,9 @@ pub fn variant_label(r: &RunRecord) -> String {
 /// Runs measured for experiment `e` (those tagged with any experiment of its run group).
 pub fn runs_for(runs: &[RunRecord], e: Experiment) -> Vec<&RunRecord> {
     let group = run_group(e);
-    runs.iter().filter(|r| group.contains(&r.experiment)).collect()
+    runs.iter()
+        .filter(|r| group.contains(&r.experiment))
+        .collect()
 }
 
 /// The variants present, in a stable order (zero-copy first).
@@ -303,7 +314,10 @@ fn median_lines(
         .collect()
 }
 
-fn median_bars(runs: &[&RunRecord], value: impl Fn(&RunRecord) -> Option<f64>) -> (Vec<String>, Vec<f64>) {
+fn median_bars(
+    runs: &[&RunRecord],
+    value: impl Fn(&RunRecord) -> Option<f64>,
+) -> (Vec<String>, Vec<f64>) {
     let names = variants_in(runs);
     let vals = names
         .iter()
@@ -426,7 +440,9 @@ pub fn figures(runs: &[RunRecord], series: &[RunSeries]) -> Vec<(String, Chart)>
             ),
         ));
         let (_, mt) = median_bars(&cde, |r| {
-            r.outcome.memory_traffic_bytes.map(|b| b as f64 / MIB / 1024.0)
+            r.outcome
+                .memory_traffic_bytes
+                .map(|b| b as f64 / MIB / 1024.0)
         });
         out.push((
             "fig5-memory-traffic".into(),
@@ -538,7 +554,11 @@ pub(crate) mod tests {
             let mut r = run(Experiment::C, s, 4096, 0, 0.0);
             r.settings.bandwidth_mbit = b;
             r.outcome.total_ms = 700.0 + 1000.0 * speed(s, b) * 4096.0;
-            r.outcome.cpu_seconds = if s == System::ZeroCopy { 0.4 } else { r.outcome.total_ms / 800.0 };
+            r.outcome.cpu_seconds = if s == System::ZeroCopy {
+                0.4
+            } else {
+                r.outcome.total_ms / 800.0
+            };
             let model = crate::memtraffic::OurModel::for_run(s, r.settings.encryption);
             r.outcome.memory_traffic_bytes = Some(model.estimate(r.outcome.wire_bytes));
             runs.push(r);
@@ -572,8 +592,21 @@ pub(crate) mod tests {
                 };
                 RunSeries {
                     variant: variant_label(&r),
-                    bandwidth_mbit: (0..40).map(|i| (i as f64 * 0.5, peak * (1.0 - (i as f64 / 40.0).powi(8)))).collect(),
-                    cpu_percent: (0..40).map(|i| (i as f64 * 0.5, if s == System::ZeroCopy { 5.0 } else { 60.0 + (i % 5) as f64 })).collect(),
+                    bandwidth_mbit: (0..40)
+                        .map(|i| (i as f64 * 0.5, peak * (1.0 - (i as f64 / 40.0).powi(8))))
+                        .collect(),
+                    cpu_percent: (0..40)
+                        .map(|i| {
+                            (
+                                i as f64 * 0.5,
+                                if s == System::ZeroCopy {
+                                    5.0
+                                } else {
+                                    60.0 + (i % 5) as f64
+                                },
+                            )
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -592,11 +625,19 @@ pub(crate) mod tests {
 
     fn check_svg(p: &Path, must_contain: &str) {
         let t = std::fs::read_to_string(p).unwrap();
-        assert!(t.starts_with("<svg") || t.starts_with("<?xml"), "{}", p.display());
+        assert!(
+            t.starts_with("<svg") || t.starts_with("<?xml"),
+            "{}",
+            p.display()
+        );
         assert!(t.trim_end().ends_with("</svg>"));
         assert!(t.len() > 3_000);
         assert!(t.contains("<text"), "no text in {}", p.display());
-        assert!(t.contains(must_contain), "{} lacks {must_contain:?}", p.display());
+        assert!(
+            t.contains(must_contain),
+            "{} lacks {must_contain:?}",
+            p.display()
+        );
     }
 
     #[test]
@@ -624,7 +665,10 @@ pub(crate) mod tests {
             check_png(png);
             check_svg(svg, "zero-copy");
         }
-        check_svg(&dir.path().join("fig7-web-throughput.svg"), "during migration");
+        check_svg(
+            &dir.path().join("fig7-web-throughput.svg"),
+            "during migration",
+        );
         if let Ok(keep) = std::env::var("VMBEAM_BENCH_KEEP_PLOTS") {
             for (_, png, svg) in &out {
                 for p in [png, svg] {
@@ -637,7 +681,10 @@ pub(crate) mod tests {
     #[test]
     fn only_the_figures_the_data_supports() {
         let (runs, _) = synthetic();
-        let g: Vec<RunRecord> = runs.into_iter().filter(|r| r.experiment == Experiment::G).collect();
+        let g: Vec<RunRecord> = runs
+            .into_iter()
+            .filter(|r| r.experiment == Experiment::G)
+            .collect();
         let f = figures(&g, &[]);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].0, "fig7-web-throughput");
@@ -650,9 +697,19 @@ pub(crate) mod tests {
         let ab = runs_for(&runs, Experiment::B);
         assert_eq!(
             variants_in(&ab),
-            ["zero-copy", "nested-like", "blanket-like 300 Mbit/s", "blanket-like unshaped", "plain"]
+            [
+                "zero-copy",
+                "nested-like",
+                "blanket-like 300 Mbit/s",
+                "blanket-like unshaped",
+                "plain"
+            ]
         );
-        let lines = median_lines(&ab, |r| r.settings.memory_mib as f64, |r| Some(r.outcome.total_ms));
+        let lines = median_lines(
+            &ab,
+            |r| r.settings.memory_mib as f64,
+            |r| Some(r.outcome.total_ms),
+        );
         // zero-copy: 700, 710, 720 -> 710 at every size.
         assert_eq!(lines[0].points[0], (128.0, 710.0));
         assert_eq!(lines[0].points.len(), 4);
@@ -665,7 +722,10 @@ pub(crate) mod tests {
             title: "empty".into(),
             x_label: "x".into(),
             y_label: "y".into(),
-            series: vec![Series { name: "none".into(), points: vec![(1.0, f64::NAN)] }],
+            series: vec![Series {
+                name: "none".into(),
+                points: vec![(1.0, f64::NAN)],
+            }],
         });
         render(&chart, dir.path(), "empty").unwrap();
         let chart = Chart::Bar(BarChart {

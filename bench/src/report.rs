@@ -155,7 +155,8 @@ pub fn render_markdown(
             m.machine.kernel,
             match m.accel {
                 crate::model::Accel::Kvm => "KVM",
-                crate::model::Accel::Tcg => "TCG (no KVM: absolute times are slow, ratios still tell)",
+                crate::model::Accel::Tcg =>
+                    "TCG (no KVM: absolute times are slow, ratios still tell)",
             },
             m.qemu_version,
             m.libvirt_version,
@@ -200,8 +201,11 @@ pub fn render_markdown(
                     "| system | stream bytes | our model (factor) | estimate | paper's counterpart |\n|---|---|---|---|---|\n",
                 );
                 for v in variants_in(&rs) {
-                    let mine: Vec<&RunRecord> =
-                        rs.iter().copied().filter(|r| variant_label(r) == v).collect();
+                    let mine: Vec<&RunRecord> = rs
+                        .iter()
+                        .copied()
+                        .filter(|r| variant_label(r) == v)
+                        .collect();
                     let Some(r) = mine.first() else { continue };
                     let model = OurModel::for_run(r.system, r.settings.encryption);
                     let stream = med(&mine, |r| {
@@ -229,8 +233,11 @@ pub fn render_markdown(
             Experiment::G => {
                 out.push_str("| system | normal req/s | during migration req/s | loss |\n|---|---|---|---|\n");
                 for v in variants_in(&rs) {
-                    let mine: Vec<&RunRecord> =
-                        rs.iter().copied().filter(|r| variant_label(r) == v).collect();
+                    let mine: Vec<&RunRecord> = rs
+                        .iter()
+                        .copied()
+                        .filter(|r| variant_label(r) == v)
+                        .collect();
                     let n = med(&mine, |r| r.outcome.web_rps_normal);
                     let d = med(&mine, |r| r.outcome.web_rps_migrating);
                     let loss = n.zip(d).and_then(|(n, d)| degradation_percent(n, d));
@@ -300,8 +307,16 @@ mod tests {
         let md = std::fs::read_to_string(p).unwrap();
         assert!(md.contains("2 cores, 7936 MiB, kernel 6.1.0-test"));
         assert!(md.contains("TCG"));
-        assert!(md.contains("The whole run took 20.6 s"));
-        for e in ["## a (2a)", "## b (2b)", "## c (3)", "## d (4)", "## e (5)", "## f (6)", "## g (7)"] {
+        assert!(md.contains("The whole run took 20.6 min"));
+        for e in [
+            "## a (2a)",
+            "## b (2b)",
+            "## c (3)",
+            "## d (4)",
+            "## e (5)",
+            "## f (6)",
+            "## g (7)",
+        ] {
             assert!(md.contains(e), "missing {e}");
         }
         assert!(md.contains("Same runs as experiment a"));

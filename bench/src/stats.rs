@@ -92,10 +92,16 @@ mod tests {
 
     #[test]
     fn ratios() {
-        assert_eq!(ratio(Some(20_100.0), Some(713.0)).map(|r| r.round()), Some(28.0));
+        assert_eq!(
+            ratio(Some(20_100.0), Some(713.0)).map(|r| r.round()),
+            Some(28.0)
+        );
         assert_eq!(ratio(Some(1.0), Some(0.0)), None);
         assert_eq!(ratio(None, Some(1.0)), None);
-        assert_eq!(degradation_percent(100.0, 71.0).map(|d| d.round()), Some(29.0));
+        assert_eq!(
+            degradation_percent(100.0, 71.0).map(|d| d.round()),
+            Some(29.0)
+        );
         assert_eq!(degradation_percent(0.0, 1.0), None);
     }
 }
