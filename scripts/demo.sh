@@ -29,10 +29,12 @@ $V lab status
 echo
 field() { grep -m1 "$1:" "$2" | sed 's/^[^:]*: *//'; }
 printf '%-16s %-14s %-14s\n' "" "zero-copy" "traditional"
-for f in "total time" "downtime" "bytes on wire"; do
+for f in "total time" "downtime"; do
   printf '%-16s %-14s %-14s\n' "$f" "$(field "$f" /tmp/vmbeam-demo-zc.txt | cut -d' ' -f1-2)" \
     "$(field "$f" /tmp/vmbeam-demo-tr.txt | cut -d' ' -f1-2)"
 done
+human() { field "bytes on wire" "$1" | sed -n 's/.*(\(.*\))/\1/p'; }
+printf '%-16s %-14s %-14s\n' "bytes on wire" "$(human /tmp/vmbeam-demo-zc.txt)" "$(human /tmp/vmbeam-demo-tr.txt)"
 rm -f /tmp/vmbeam-demo-zc.txt /tmp/vmbeam-demo-tr.txt
 $V lab down
 trap - EXIT
