@@ -15,6 +15,7 @@
 //! - [`hook`]: libvirt hook arguments.
 
 mod b64;
+pub mod backend;
 pub mod carrier;
 pub mod domain;
 pub mod hook;

@@ -11,15 +11,13 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 use vmbeam_bus::BeamError;
+use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
 use vmbeam_core::job::MigrateOptions;
 use vmbeam_core::plan::{self, BackendCapabilities, MigrationMode, PlanInput, RequestedMode};
 use vmbeam_core::pool::{self, BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::ticket::{Ticket, TicketFields};
 use vmbeam_core::{BeamMetadata, DomainFacts, Phase, Progress};
-use vmbeam_qemu::caps::IgnoreSharedGuard;
-use vmbeam_qemu::qmp::{QmpClient, QmpOptions};
-use vmbeam_qemu::ramlink;
 
 use crate::hooks::{now_secs, RAN_SUFFIX};
 use crate::libvirt_job::{self, Flags, Request};
@@ -244,23 +242,12 @@ pub fn run(
         job.phase(Phase::ProvingColocation);
         colo = probe_destination(ctx, dest_uri, pool_file.as_deref())?;
     }
-    // The backend: the private monitor and x-ignore-shared.
-    let mut qmp = None;
-    let mut caps = BackendCapabilities::default();
-    if let (Some(sock), true) = (&facts.private_qmp, colo.report.is_some()) {
-        let o = QmpOptions {
-            connect_timeout: Duration::from_secs(3),
-            ..QmpOptions::default()
-        };
-        if let Ok(mut q) = QmpClient::connect(sock, &o) {
-            caps.private_monitor = true;
-            caps.ignore_shared = q
-                .query_migrate_capabilities()
-                .map(|c| c.contains_key("x-ignore-shared"))
-                .unwrap_or(false);
-            qmp = Some(q);
-        }
-    }
+    // The backend's part (QEMU: the private monitor and x-ignore-shared).
+    let caps = if colo.report.is_some() {
+        ctx.backend.capabilities(&facts)
+    } else {
+        BackendCapabilities::default()
+    };
     let local_identity = pool_file
         .as_deref()
         .and_then(|f| pool::file_identity(&id.pool_dir.join(f)).ok());
@@ -321,20 +308,15 @@ pub fn run(
     }
 
     // Zero-copy.
-    let (report, pool_file, mut q) = match (colo.report, pool_file, qmp) {
-        (Some(r), Some(f), Some(q)) => (r, f, q),
+    let (report, pool_file) = match (colo.report, pool_file) {
+        (Some(r), Some(f)) => (r, f),
         _ => {
             return Err(BeamError::Failed(
-                "zero-copy planned without report, pool file or monitor".into(),
+                "zero-copy planned without a destination report or pool file".into(),
             ))
         }
     };
     let pool_path = id.pool_dir.join(&pool_file);
-    let devs = q
-        .query_memdev()
-        .map_err(|e| BeamError::Failed(e.to_string()))?;
-    ramlink::verify_memdev_backing(&devs, ramlink::LIBVIRT_DEFAULT_RAM_FILE, &pool_path)
-        .map_err(|e| BeamError::ZeroCopyRefused(format!("source QEMU's RAM backing: {e}")))?;
     job.phase(Phase::IssuingTicket);
     let dest = report.host_id.clone();
     let bpool = BeamPool::new(&id.pool_dir);
@@ -401,17 +383,21 @@ pub fn run(
         settle(false);
         return Err(BeamError::Failed(format!("hand-over of {pool_file}: {e}")));
     }
-    let mut guard = match IgnoreSharedGuard::enable(&mut q) {
-        Ok(g) => g,
+    let mut armed = match ctx.backend.arm_source(&facts, &pool_path) {
+        Ok(a) => a,
         Err(e) => {
             let _ = bpool.abort_hand_over(&pool_file, &id.host_id);
             settle(false);
-            return Err(BeamError::Failed(format!(
-                "x-ignore-shared on the source: {e}"
-            )));
+            return Err(match e {
+                BackendError::Refused(m) => BeamError::ZeroCopyRefused(m),
+                BackendError::Failed(m) => BeamError::Failed(m),
+            });
         }
     };
-    info!("x-ignore-shared on (source); ticket issued; migrating");
+    info!(
+        backend = ctx.backend.name(),
+        "source armed; ticket issued; migrating"
+    );
     job.phase(Phase::Migrating);
     let result = libvirt_job::migrate(&req, Duration::from_millis(100), progress);
     match result {
@@ -423,9 +409,9 @@ pub fn run(
             {
                 error!(error = %e, "could not record the hand-over of the pool file");
             }
-            match guard.reset() {
-                Ok(o) => info!(outcome = ?o, "source monitor after success"),
-                Err(e) => warn!(error = %e, "source x-ignore-shared reset"),
+            match armed.disarm(Duration::from_secs(2)) {
+                Ok(o) => info!(outcome = %o, "source disarmed after success"),
+                Err(e) => warn!(error = %e, "source disarm"),
             }
             settle(true);
             Ok(finish(job, &done, started, "zero-copy"))
@@ -440,12 +426,12 @@ pub fn run(
                 // The destination already ran guest code on this memory: resuming the source
                 // would have two CPUs write one memory. Fence the source.
                 error!("migration failed after the guest ran on the destination: destroying the source");
-                let _ = guard.reset();
+                let _ = armed.disarm(Duration::from_secs(1));
                 let _ = dom.destroy();
             } else {
-                match guard.reset_waiting(Duration::from_secs(10)) {
-                    Ok(o) => info!(outcome = ?o, "x-ignore-shared reset on the source"),
-                    Err(e) => error!(error = %e, "x-ignore-shared reset on the source failed"),
+                match armed.disarm(Duration::from_secs(10)) {
+                    Ok(o) => info!(outcome = %o, "source disarmed"),
+                    Err(e) => error!(error = %e, "source disarm failed"),
                 }
                 if let Err(e) = bpool.abort_hand_over(&pool_file, &id.host_id) {
                     warn!(error = %e, "could not take the pool file back");

@@ -8,18 +8,16 @@
 //! `inmigrate`: set `x-ignore-shared` for zero-copy and watch the incoming migration to reset
 //! it). Any host: `release end` (the owner deletes a pool file whose domain is gone for good).
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, info_span, warn};
 use vmbeam_bus::BeamError;
+use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
 use vmbeam_core::hook::{HookOp, HookSubOp};
 use vmbeam_core::pool::{BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::ticket::{Expectations, Ticket};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
-use vmbeam_qemu::qmp::{QmpClient, QmpOptions, RunState};
-use vmbeam_qemu::ramlink;
 
 use crate::state::{Incoming, Running, SharedCtx};
 
@@ -160,19 +158,11 @@ fn fault_delay(point: &str) {
     }
 }
 
-fn ram_link_path(ctx: &SharedCtx, facts: &DomainFacts) -> Result<PathBuf, BeamError> {
-    let id = facts
-        .id
-        .ok_or_else(|| BeamError::InvalidArgs("the domain XML at start has no id".into()))?;
-    if facts.numa_cells > 0 {
-        return Err(BeamError::CannotEnable(
-            "guest NUMA cells are not supported by VMBeam".into(),
-        ));
+fn backend_err(e: BackendError) -> BeamError {
+    match e {
+        BackendError::Refused(m) => BeamError::ZeroCopyRefused(m),
+        BackendError::Failed(m) => BeamError::Failed(m),
     }
-    Ok(
-        ramlink::libvirt_domain_memory_dir(&ctx.cfg.memory_backing_dir, id as i64, &facts.name)
-            .join(ramlink::LIBVIRT_DEFAULT_RAM_FILE),
-    )
 }
 
 /// Any start: link libvirt's RAM path to a pool file that exists with the full size.
@@ -180,7 +170,11 @@ fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
     let id = &ctx.cfg.identity;
     let pool = BeamPool::new(&id.pool_dir);
     let size = facts.memory_bytes().map_err(failed)?;
-    let link = ram_link_path(ctx, facts)?;
+    if facts.numa_cells > 0 {
+        return Err(BeamError::CannotEnable(
+            "guest NUMA cells are not supported by VMBeam".into(),
+        ));
+    }
     let incoming = {
         let mut t = ctx.tables.lock().expect("lock");
         t.incoming
@@ -200,15 +194,11 @@ fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
         }
     };
     let target = id.pool_dir.join(&file);
-    ramlink::link_ram_path(&link, &target, size).map_err(|e| {
+    ctx.backend.link_ram(facts, &target, size).map_err(|e| {
         if !zero_copy {
             let _ = pool.release(&file, &id.host_id);
         }
-        failed(format!(
-            "link {} to {}: {e}",
-            link.display(),
-            target.display()
-        ))
+        backend_err(e)
     })?;
     info!(pool_file = %file, zero_copy, "RAM path linked into the pool");
     ctx.tables.lock().expect("lock").running.insert(
@@ -248,86 +238,33 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> 
     if !zero_copy {
         return Ok(());
     }
-    let sock = facts.private_qmp.clone().ok_or_else(|| {
-        BeamError::NotBeamEnabled(format!("{} has no private QMP socket", facts.name))
-    })?;
-    let opts = QmpOptions {
-        connect_timeout: Duration::from_secs(5),
-        ..QmpOptions::default()
-    };
-    let mut q = QmpClient::connect(&sock, &opts)
-        .map_err(|e| failed(format!("private QMP {}: {e}", sock.display())))?;
-    // The backing must be the shared pool file QEMU maps (invariant: same file both sides).
-    let pool_file = ctx
+    let Some(pool_file) = ctx
         .tables
         .lock()
         .expect("lock")
         .running
         .get(&facts.uuid)
-        .map(|r| r.pool_file.clone());
-    if let Some(f) = &pool_file {
-        let devs = q.query_memdev().map_err(failed)?;
-        ramlink::verify_memdev_backing(
-            &devs,
-            ramlink::LIBVIRT_DEFAULT_RAM_FILE,
-            &ctx.cfg.identity.pool_dir.join(f),
+        .map(|r| r.pool_file.clone())
+    else {
+        return Ok(());
+    };
+    let pool_path = ctx.cfg.identity.pool_dir.join(&pool_file);
+    // Once the guest has run here, the source must never run it again: leave a marker in the
+    // pool for the source's failure path.
+    let marker = ctx
+        .cfg
+        .identity
+        .pool_dir
+        .join(format!("{pool_file}{RAN_SUFFIX}"));
+    ctx.backend
+        .arm_destination(
+            facts,
+            &pool_path,
+            Box::new(move || {
+                let _ = std::fs::write(&marker, b"ran\n");
+            }),
         )
-        .map_err(|e| BeamError::ZeroCopyRefused(format!("destination QEMU's RAM backing: {e}")))?;
-    }
-    q.x_ignore_shared(true).map_err(failed)?;
-    info!("x-ignore-shared on (destination)");
-    let name = facts.name.clone();
-    let ran_marker = pool_file.map(|f| ctx.cfg.identity.pool_dir.join(format!("{f}{RAN_SUFFIX}")));
-    std::thread::Builder::new()
-        .name(format!("watch-{name}"))
-        .spawn(move || watch_incoming(q, &name, ran_marker))
-        .map_err(failed)?;
-    Ok(())
-}
-
-/// Follows a destination QEMU until its incoming migration is over: when the stream has
-/// ended it resets `x-ignore-shared`; once the guest runs here it leaves a marker in the pool
-/// (from then on the source must never run the guest again). If QEMU goes away (a failed
-/// migration), there is nothing to reset.
-fn watch_incoming(mut q: QmpClient, name: &str, ran_marker: Option<PathBuf>) {
-    let span = info_span!("watch", domain = %name);
-    let _g = span.enter();
-    let deadline = Instant::now() + Duration::from_secs(24 * 3600);
-    let mut reset = false;
-    while Instant::now() < deadline {
-        let state = match q.query_status() {
-            Ok(s) => s,
-            Err(e) if e.is_gone() => {
-                info!(reset, "destination QEMU is gone");
-                return;
-            }
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-        };
-        if !reset && state != RunState::InMigrate {
-            let over = q
-                .query_migrate()
-                .map(|m| !m.status().is_in_flight())
-                .unwrap_or(false);
-            if over {
-                match vmbeam_qemu::caps::reset_ignore_shared(&mut q) {
-                    Ok(o) => info!(outcome = ?o, "incoming stream over; x-ignore-shared reset"),
-                    Err(e) => warn!(error = %e, "could not reset x-ignore-shared"),
-                }
-                reset = true;
-            }
-        }
-        if reset && state == RunState::Running {
-            if let Some(m) = &ran_marker {
-                let _ = std::fs::write(m, b"ran\n");
-            }
-            info!("guest runs on the destination");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+        .map_err(backend_err)
 }
 
 /// The domain is gone from this host. Its pool file is deleted only by its owner, and only

@@ -92,12 +92,16 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await??;
+    let backend = Box::new(vmbeam_qemu::backend::QemuBackend::new(
+        cfg.memory_backing_dir.clone(),
+    ));
     let ctx = Arc::new(Ctx {
         cfg,
         key,
         tables: Mutex::new(Tables::default()),
         replay: Mutex::new(replay),
         libvirt_uuid,
+        backend,
     });
     let manager = Manager {
         ctx: ctx.clone(),

@@ -51,6 +51,8 @@ pub struct Ctx {
     pub replay: Mutex<FileReplayCache>,
     /// This host's libvirt host UUID (answers co-location requests addressed to it).
     pub libvirt_uuid: String,
+    /// The hypervisor backend (QEMU; Xen's libxl later).
+    pub backend: Box<dyn vmbeam_core::backend::Backend>,
 }
 
 /// Shared handle.

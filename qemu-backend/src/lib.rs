@@ -12,6 +12,7 @@
 //! Facts about QEMU 7.2 and libvirt 9.0 this crate relies on are documented where they are
 //! used, and each is exercised by a test against real QEMU processes.
 
+pub mod backend;
 pub mod caps;
 pub mod qmp;
 pub mod ramlink;
