@@ -154,7 +154,20 @@ fn stdio_ping_check_corrupt_check_fail() {
     }
     assert_eq!(field(&stats, "bad"), Some("1"));
     assert_eq!(field(&stats, "target_rate"), Some("500"));
-    assert!(field(&stats, "dirtied").unwrap().parse::<u64>().unwrap() > 0);
+    // The dirtier paces itself in ticks; on a loaded machine the first pages may take a
+    // moment: wait (bounded) until it has dirtied some.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut id = 50;
+    let mut stats = stats;
+    while field(&stats, "dirtied").unwrap().parse::<u64>().unwrap() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing dirtied in 10 s: {stats}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        stats = a.ask(id, "STATS");
+        id += 1;
+    }
 
     assert_eq!(a.ask(6, "RATE 0"), "6 OK rate=0");
     assert_eq!(a.ask(7, "FROB 1"), "7 ERR unknown command FROB 1");
