@@ -292,6 +292,22 @@ impl ProofToken {
     }
 }
 
+/// Creates `path` new (never reusing an existing file), mode 0600.
+fn create_private(path: &Path) -> Result<File, PoolError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                PoolError::Exists(path.to_path_buf())
+            } else {
+                io_err("create", path)(e)
+            }
+        })
+}
+
 /// Writes a proof file named after `nonce` into `pool_dir`, holding the nonce and 32 fresh
 /// random bytes, and returns the token describing it.
 pub fn write_proof(pool_dir: &Path, nonce: &Nonce) -> Result<ProofToken, PoolError> {
@@ -299,18 +315,7 @@ pub fn write_proof(pool_dir: &Path, nonce: &Nonce) -> Result<ProofToken, PoolErr
     let mut secret = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);
     let content = format!("{PROOF_MAGIC}\n{nonce}\n{}\n", hex::encode(secret));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                PoolError::Exists(path.clone())
-            } else {
-                io_err("create", &path)(e)
-            }
-        })?;
+    let mut file = create_private(&path)?;
     let written = file
         .write_all(content.as_bytes())
         .and_then(|()| file.metadata());
@@ -426,18 +431,7 @@ impl BeamPool {
             return Err(PoolError::ZeroSize);
         }
         let path = self.path_of(&pool_file_name(uuid, generation))?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    PoolError::Exists(path.clone())
-                } else {
-                    io_err("create", &path)(e)
-                }
-            })?;
+        let file = create_private(&path)?;
         let sized = file.set_len(size_bytes).map_err(io_err("size", &path));
         let owned = sized.and_then(|()| match chown {
             Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid))

@@ -370,24 +370,24 @@ pub fn run(
             dest: dest.clone(),
         },
     );
-    let settle = |ok: bool| {
+    // The job no longer holds the pool file; the destination's "ran" marker has served.
+    let settle = || {
         ctx.tables
             .lock()
             .expect("lock")
             .outgoing
             .remove(&facts.uuid);
         let _ = std::fs::remove_file(id.pool_dir.join(format!("{pool_file}{RAN_SUFFIX}")));
-        let _ = ok;
     };
     if let Err(e) = bpool.begin_hand_over(&pool_file, &id.host_id, &dest) {
-        settle(false);
+        settle();
         return Err(BeamError::Failed(format!("hand-over of {pool_file}: {e}")));
     }
     let mut armed = match ctx.backend.arm_source(&facts, &pool_path) {
         Ok(a) => a,
         Err(e) => {
             let _ = bpool.abort_hand_over(&pool_file, &id.host_id);
-            settle(false);
+            settle();
             return Err(match e {
                 BackendError::Refused(m) => BeamError::ZeroCopyRefused(m),
                 BackendError::Failed(m) => BeamError::Failed(m),
@@ -413,7 +413,7 @@ pub fn run(
                 Ok(o) => info!(outcome = %o, "source disarmed after success"),
                 Err(e) => warn!(error = %e, "source disarm"),
             }
-            settle(true);
+            settle();
             Ok(finish(job, &done, started, "zero-copy"))
         }
         Err(e) => {
@@ -437,7 +437,7 @@ pub fn run(
                     warn!(error = %e, "could not take the pool file back");
                 }
             }
-            settle(false);
+            settle();
             let cancelled = job.cancelled.load(Ordering::SeqCst);
             Err(if cancelled {
                 BeamError::MigrationFailed(format!(
