@@ -270,6 +270,9 @@ pub struct MigrateOptions {
     pub undefine_source: bool,
     /// `--timeout`: seconds before the guest is suspended to let a live migration converge.
     pub timeout_secs: Option<u64>,
+    /// `--tls`: the migration stream goes through QEMU's native TLS (libvirt's
+    /// `migrate_tls_x509_cert_dir` certificates on both hosts).
+    pub tls: bool,
     /// `--verbose`.
     pub verbose: bool,
 }

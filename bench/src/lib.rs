@@ -1,4 +1,4 @@
-//! `vmbeam-bench`: the groundwork of `vmbeam bench` (issue 4) that does not need the lab.
+//! `vmbeam-bench`: `vmbeam bench`, the paper's experiments (issue 4) run on the lab.
 //!
 //! - [`model`]: one [`model::RunRecord`] per migration run (experiment, system, settings,
 //!   outcome, machine metadata) and its CSV/JSON writers;
@@ -8,9 +8,9 @@
 //! - [`stats`]: median, min/max, ratios;
 //! - [`plot`]: the figures (PNG and SVG) with plotters, text drawn with a TTF file;
 //! - [`report`]: the Markdown report;
-//! - [`plan`]: the `vmbeam bench` arguments and the experiment plan as pure data.
-//!
-//! Nothing here runs a migration: the lab runs are wired in by the CLI.
+//! - [`plan`]: the `vmbeam bench` arguments and the experiment plan as pure data;
+//! - [`runner`]: `vmbeam bench` itself: the plan run on a lab it brings up and tears down;
+//! - [`webload`]: the web clients of experiment g, in the load-generator namespace.
 
 pub mod measure;
 pub mod memtraffic;
@@ -18,7 +18,9 @@ pub mod model;
 pub mod plan;
 pub mod plot;
 pub mod report;
+pub mod runner;
 pub mod stats;
+pub mod webload;
 
 use std::path::PathBuf;
 
@@ -64,6 +66,12 @@ pub enum Error {
         /// The backend's message.
         detail: String,
     },
+    /// The lab could not be brought up, used or torn down.
+    #[error(transparent)]
+    Lab(#[from] vmbeam_lab::LabError),
+    /// A bench run went wrong (a migration failed, a guest's memory check failed...).
+    #[error("{0}")]
+    Run(String),
     /// Data given to a plot, statistic or report cannot be used.
     #[error("invalid data: {0}")]
     Data(String),

@@ -223,6 +223,10 @@ pub struct Outcome {
     pub web_rps_normal: Option<f64>,
     /// Guest web throughput during migration, requests/s (experiment g).
     pub web_rps_migrating: Option<f64>,
+    /// Dirty rate the guest achieved just before the migration, pages/s (the agent's own
+    /// count; under TCG a guest may not reach the rate asked for).
+    #[serde(default)]
+    pub dirty_achieved_pages_per_s: Option<u64>,
 }
 
 /// The machine a run was made on.
@@ -343,7 +347,7 @@ pub fn now_rfc3339() -> String {
 }
 
 /// The CSV columns, in order.
-pub const CSV_HEADER: [&str; 25] = [
+pub const CSV_HEADER: [&str; 26] = [
     "experiment",
     "system",
     "repetition",
@@ -361,6 +365,7 @@ pub const CSV_HEADER: [&str; 25] = [
     "memory_traffic_bytes",
     "web_rps_normal",
     "web_rps_migrating",
+    "dirty_achieved_pages_per_s",
     "cores",
     "host_memory_mib",
     "kernel",
@@ -407,6 +412,7 @@ impl RunRecord {
             opt(o.memory_traffic_bytes),
             opt(o.web_rps_normal.map(|v| format!("{v:.2}"))),
             opt(o.web_rps_migrating.map(|v| format!("{v:.2}"))),
+            opt(o.dirty_achieved_pages_per_s),
             m.machine.cores.to_string(),
             m.machine.memory_mib.to_string(),
             m.machine.kernel.clone(),
@@ -526,6 +532,7 @@ pub(crate) mod tests {
                 memory_traffic_bytes: None,
                 web_rps_normal: None,
                 web_rps_migrating: None,
+                dirty_achieved_pages_per_s: None,
             },
             meta: meta(),
         }

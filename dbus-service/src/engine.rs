@@ -287,6 +287,7 @@ pub fn run(
         p2p: true,
         persistent: opts.persistent,
         undefine_source: opts.undefine_source,
+        tls: opts.tls,
     };
     let mut req = Request {
         src_uri: ctx.cfg.libvirt_uri.clone(),

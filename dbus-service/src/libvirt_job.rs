@@ -29,6 +29,8 @@ pub struct Flags {
     pub p2p: bool,
     pub persistent: bool,
     pub undefine_source: bool,
+    /// QEMU native TLS for the migration stream (`VIR_MIGRATE_TLS`).
+    pub tls: bool,
 }
 
 impl Flags {
@@ -46,6 +48,9 @@ impl Flags {
         }
         if self.undefine_source {
             f |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        }
+        if self.tls {
+            f |= sys::VIR_MIGRATE_TLS;
         }
         f
     }
@@ -211,9 +216,12 @@ mod tests {
             p2p: true,
             persistent: true,
             undefine_source: true,
+            tls: false,
         };
         // Nova's default live-migration flags: LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE = 27.
         assert_eq!(f.bits(), 27);
+        let tls = Flags { tls: true, ..f };
+        assert_eq!(tls.bits(), 27 | 65536);
         assert_eq!(Flags::default().bits(), 0);
     }
 }

@@ -145,6 +145,7 @@ pub fn parse_options(
         "timeout",
         "verbose",
         "p2p",
+        "tls",
     ];
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(BeamError::InvalidArgs(format!(
@@ -179,6 +180,7 @@ pub fn parse_options(
             undefine_source: opt_bool(o, "undefine-source")?,
             timeout_secs,
             verbose: opt_bool(o, "verbose")?,
+            tls: opt_bool(o, "tls")?,
         },
         opt_str(o, "migrate-uri")?,
     ))

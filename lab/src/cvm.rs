@@ -85,7 +85,10 @@ namespaces = [ ]
 migration_address = "{addr}"
 migration_host = "{addr}"
 memory_backing_dir = "/var/lib/libvirt/qemu/ram"
-"#
+migrate_tls_x509_cert_dir = "{tls}"
+migrate_tls_x509_verify = 1
+"#,
+        tls = crate::tls::CERT_DIR_INNER
     )
 }
 
@@ -114,7 +117,7 @@ fn cloud_key(state: &mut LabState, cloud: &str) -> Result<PathBuf, LabError> {
     Ok(path)
 }
 
-fn write_private(path: &Path, content: &str) -> Result<(), LabError> {
+pub(crate) fn write_private(path: &Path, content: &str) -> Result<(), LabError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = fs::remove_file(path);
@@ -161,7 +164,11 @@ const LAB_BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-
 
 /// Brings up one cloud VM: directories and configuration, the namespace holder, its system
 /// bus, libvirtd (with VMBeam's hook installed) and vmbeamd.
-pub fn create(state: &mut LabState, spec: &CvmSpec) -> Result<CloudVm, LabError> {
+pub fn create(
+    state: &mut LabState,
+    spec: &CvmSpec,
+    ca: &crate::tls::LabCa,
+) -> Result<CloudVm, LabError> {
     let i = spec.index;
     let host_uuid = spec.host_uuid.as_str();
     let name = format!("cvm{i}");
@@ -184,6 +191,10 @@ pub fn create(state: &mut LabState, spec: &CvmSpec) -> Result<CloudVm, LabError>
         &libvirtd_conf(&addr, host_uuid),
     )?;
     write(&root.join("etc-libvirt/qemu.conf"), &qemu_conf(&addr))?;
+    // QEMU native TLS for `--tls` migrations (the encrypted baselines of `vmbeam bench`).
+    let pki = root.join("etc-libvirt/pki-qemu");
+    make_dir(state, &pki)?;
+    ca.write_host_certs(&pki, &name, &addr)?;
     // VMBeam: identity, the cloud's key, the hook (before libvirtd starts: libvirt discovers
     // hooks only at start), the bus configuration.
     write(

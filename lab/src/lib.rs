@@ -14,6 +14,7 @@ pub mod net;
 pub mod probe;
 pub mod state;
 pub mod sys;
+pub mod tls;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -189,6 +190,7 @@ pub fn guest_image(agent_binary: &Path) -> Result<image::GuestImage, LabError> {
 /// daemon died). On failure everything made so far is removed again.
 pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
     preflight()?;
+    sys::cloexec_inherited_fds();
     if opts.cloud_vms == 0 || opts.cloud_vms > 16 {
         return Err(LabError::BadInput(format!(
             "--cloud-vms {} is out of range: use 1 to 16",
@@ -266,6 +268,7 @@ fn build(
     mount_pool(state, &pool, "vmbeam-lab-pool")?;
     net::create_hub(state)?;
     net::create_loadgen(state)?;
+    let ca = tls::LabCa::new()?;
     for i in 1..=opts.cloud_vms {
         net::create_cvm_net(state, i, opts.shaping)?;
         let host_uuid = format!(
@@ -287,7 +290,7 @@ fn build(
             pool,
             bin_dir: opts.bin_dir.clone(),
         };
-        let c = cvm::create(state, &spec)?;
+        let c = cvm::create(state, &spec, &ca)?;
         state.cloud_vms.push(c);
         state.save()?;
     }

@@ -261,6 +261,25 @@ pub fn reap_for(cmd: &[String]) -> i32 {
     }
 }
 
+/// Marks every descriptor above stderr close-on-exec, so the daemons the lab starts do not
+/// inherit what the caller left open (a `flock` lock, a pipe a wrapper waits on), as a
+/// service manager would not pass them.
+pub fn cloexec_inherited_fds() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // A descriptor closed meanwhile (the directory's own) just fails: nothing to do.
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

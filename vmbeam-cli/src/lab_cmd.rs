@@ -99,7 +99,7 @@ fn code_for(e: &LabError) -> u8 {
     }
 }
 
-fn lab<T>(r: Result<T, LabError>) -> anyhow::Result<T> {
+pub fn lab<T>(r: Result<T, LabError>) -> anyhow::Result<T> {
     r.map_err(|e| {
         let c = code_for(&e);
         anyhow::Error::new(e).context(Coded(c))
@@ -133,7 +133,7 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Where vmbeamd and vmbeam-hook are: next to this binary.
-fn bin_dir() -> anyhow::Result<PathBuf> {
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locate the vmbeam binary")?;
     let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     for b in ["vmbeamd", "vmbeam-hook"] {

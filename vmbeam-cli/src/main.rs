@@ -1,6 +1,7 @@
 //! `vmbeam`: VMBeam's command line. `vmbeam migrate` takes virsh migrate's arguments in
 //! virsh's order; `vmbeam lab` runs a virtual IaaS cloud on one machine.
 
+mod bench_cmd;
 mod lab_cmd;
 mod migrate_cmd;
 
@@ -40,6 +41,8 @@ enum Cmd {
     Status,
     /// Whether zero-copy to a destination is possible (proven through the pool)
     Colocation { desturi: String },
+    /// Reproduce the paper's experiments on a lab of its own: zero-copy vs traditional
+    Bench(vmbeam_bench::plan::Args),
     /// The lab: a virtual IaaS cloud on one machine
     Lab {
         #[command(subcommand)]
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Cmd::Status => migrate_cmd::status(),
         Cmd::Colocation { desturi } => migrate_cmd::colocation(&desturi),
         Cmd::Lab { cmd } => lab_cmd::run(cmd),
+        Cmd::Bench(a) => bench_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,6 +36,9 @@ pub struct MigrateArgs {
     /// Print progress
     #[arg(long)]
     pub verbose: bool,
+    /// Encrypt the migration stream with QEMU's native TLS (libvirt's migrate_tls_x509_cert_dir)
+    #[arg(long)]
+    pub tls: bool,
     /// Suspend the guest after S seconds of live migration (virsh --timeout)
     #[arg(long, value_name = "S")]
     pub timeout: Option<u32>,
@@ -123,6 +126,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     opts.insert("live".into(), ov(Value::from(a.live)));
     opts.insert("persistent".into(), ov(Value::from(a.persistent)));
     opts.insert("undefine-source".into(), ov(Value::from(a.undefinesource)));
+    opts.insert("tls".into(), ov(Value::from(a.tls)));
     if let Some(u) = &a.migrateuri {
         opts.insert("migrate-uri".into(), ov(Value::from(u.as_str())));
     }

@@ -1,0 +1,595 @@
+//! `vmbeam bench`: runs the [`crate::plan::Plan`] on a lab it brings up (two cloud VMs) and
+//! tears down, and writes the results, the plots and the report.
+//!
+//! Every migration goes through the product's own path: `vmbeam migrate` run inside the
+//! source cloud VM (`vmbeam lab exec`), talking to that cloud VM's vmbeamd, which drives its
+//! libvirtd. Zero-copy is `--zero-copy`; the baselines are `--no-zero-copy`, encrypted with
+//! QEMU's native TLS (`--tls`, certificates made by the lab) where the plan says so, over the
+//! cloud network shaped with `tc` (token bucket) on both cloud VMs' links.
+//!
+//! Measured per run: the migration time and downtime as vmbeamd reports them (libvirt's job
+//! statistics), the bytes through the source cloud VM's interface (both directions, read from
+//! `/proc/PID/net/dev` of a process in its namespace), the whole host's CPU time from
+//! `/proc/stat` (all cloud VMs, their libvirtd and QEMU, the encryption), the guest's achieved
+//! dirty rate (its agent), and for experiment g the guest's web throughput from the load
+//! namespace. A migration still running at the cap is aborted (`virsh domjobabort`) and
+//! recorded as not converged with the time spent.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmbeam_lab::state::{CloudVm, Shaping};
+use vmbeam_lab::{guest, net, LabError};
+
+use crate::measure::{self, HostCpu, Sampler};
+use crate::memtraffic::OurModel;
+use crate::model::{self, Accel, Encryption, Machine, Outcome, RunMetadata, RunRecord, System};
+use crate::plan::{Args, PlannedRun};
+use crate::plot::{self, RunSeries};
+use crate::webload::WebLoad;
+use crate::{Error, Result};
+
+/// What `vmbeam bench` needs from its installation.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// The `vmbeam` binary (run inside the cloud VMs for each migration).
+    pub vmbeam: PathBuf,
+    /// The statically linked guest agent.
+    pub agent_binary: PathBuf,
+    /// Where vmbeamd and vmbeam-hook are.
+    pub bin_dir: PathBuf,
+}
+
+/// What a bench invocation produced.
+#[derive(Debug, Clone)]
+pub struct BenchSummary {
+    /// Rows written.
+    pub runs: usize,
+    /// Wall time, s.
+    pub duration_s: f64,
+    /// `runs.csv`, `runs.json`, `series.json`, `report.md`, then the plots (PNG, SVG).
+    pub files: Vec<PathBuf>,
+}
+
+/// Web clients of experiment g.
+const WEB_CLIENTS: u32 = 4;
+/// The cloud VMs' link to the cloud network.
+const CLOUD_DEV: &str = "eth0";
+/// Sampling interval of the time series (c, d).
+const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+
+fn run_err(msg: impl Into<String>) -> Error {
+    Error::Run(msg.into())
+}
+
+/// Brings the lab down when dropped (also on error and panic).
+struct LabUp;
+
+impl Drop for LabUp {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("VMBEAM_BENCH_KEEP_LAB").is_some() {
+            eprintln!("bench: the lab is left up for inspection; `vmbeam lab down` removes it");
+            return;
+        }
+        match vmbeam_lab::down() {
+            Ok(r) => eprintln!(
+                "bench: lab down ({} processes, {} namespaces removed)",
+                r.processes, r.namespaces
+            ),
+            Err(e) => eprintln!("bench: lab down failed: {e}; run `vmbeam lab down`"),
+        }
+    }
+}
+
+/// Runs the bench described by `args`.
+pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
+    let t0 = Instant::now();
+    crate::plot::ensure_font()?;
+    if matches!(vmbeam_lab::state::LabState::load(), Ok(Some(_))) {
+        return Err(Error::Lab(LabError::BadInput(
+            "a lab is already up; `vmbeam bench` makes and removes its own: run `vmbeam lab down` first"
+                .into(),
+        )));
+    }
+    let plan = args.plan(Encryption::Tls);
+    std::fs::create_dir_all(&args.out).map_err(crate::io_err(&args.out))?;
+    eprintln!(
+        "bench: {} migrations in {} runs (experiments {}), results in {}",
+        plan.migrations(),
+        plan.runs.len(),
+        plan.experiments.iter().map(|e| e.id()).collect::<String>(),
+        args.out.display()
+    );
+    let opts = vmbeam_lab::UpOptions {
+        cloud_vms: 2,
+        shaping: Shaping::default(),
+        agent_binary: tools.agent_binary.clone(),
+        bin_dir: tools.bin_dir.clone(),
+        other_clouds: Vec::new(),
+        own_pools: Vec::new(),
+    };
+    let _ = vmbeam_lab::up(&opts)?;
+    let _lab = LabUp;
+    let state = vmbeam_lab::require_state()?;
+    let cvms = [state.cloud_vms[0].clone(), state.cloud_vms[1].clone()];
+    let meta = metadata(&state)?;
+    let image = vmbeam_lab::guest_image(&tools.agent_binary)?;
+    let ctx = Ctx {
+        tools,
+        cvms: &cvms,
+        meta,
+        shaping: std::cell::Cell::new(None),
+        web_seconds: plan.sizes.web_seconds,
+    };
+
+    // One guest per memory size, reused by every run at that size (fewer boots and fills).
+    let mut order: Vec<&PlannedRun> = plan.runs.iter().collect();
+    order.sort_by_key(|r| guest_mib(r.settings.memory_mib));
+    let total: u32 = plan.migrations();
+    let mut records: Vec<RunRecord> = Vec::new();
+    let mut series: Vec<RunSeries> = Vec::new();
+    let mut done = 0u32;
+    let mut i = 0;
+    while i < order.len() {
+        let mib = guest_mib(order[i].settings.memory_mib);
+        let group: Vec<&PlannedRun> = order[i..]
+            .iter()
+            .take_while(|r| guest_mib(r.settings.memory_mib) == mib)
+            .copied()
+            .collect();
+        i += group.len();
+        let name = format!("bench{mib}");
+        let tg = Instant::now();
+        let rec = guest::create(
+            &guest::GuestSpec {
+                name: name.clone(),
+                memory_mib: mib,
+                fill_mib: None,
+                dirty_rate: 0,
+                on: cvms[0].name.clone(),
+                beam: true,
+            },
+            &image,
+        )?;
+        eprintln!(
+            "bench: guest {name} ({mib} MiB, {} MiB filled with non-zero data) ready in {:.1} s",
+            rec.fill_mib,
+            tg.elapsed().as_secs_f64()
+        );
+        let mut at = 0usize;
+        for run in group {
+            for rep in 0..run.repetitions {
+                done += 1;
+                let (record, s) = ctx.one(run, rep, &rec, &mut at)?;
+                eprintln!("bench: [{done}/{total}] {}", line(&record));
+                if let Some(s) = s {
+                    series.push(s);
+                }
+                records.push(record);
+                // Written after every run: an interrupted bench keeps what it measured.
+                model::write_results(&args.out, &records)?;
+            }
+        }
+        let (_, check) = guest::check(&name)?;
+        if !check.pass {
+            return Err(run_err(format!(
+                "guest {name}'s memory check failed after its migrations: {}",
+                check.line
+            )));
+        }
+        guest::destroy(&name)?;
+    }
+    ctx.shape(None)?;
+    drop(_lab);
+
+    let duration_s = t0.elapsed().as_secs_f64();
+    let (csv, json) = model::write_results(&args.out, &records)?;
+    let series_path = args.out.join("series.json");
+    std::fs::write(&series_path, serde_json::to_vec_pretty(&series)?)
+        .map_err(crate::io_err(&series_path))?;
+    let plots = plot::render_all(&records, &series, &args.out.join("plots"))?;
+    let report = crate::report::write_report(&args.out, &records, &plots, Some(duration_s))?;
+    let mut files = vec![csv, json, series_path, report];
+    for (_, png, svg) in plots {
+        files.push(png);
+        files.push(svg);
+    }
+    Ok(BenchSummary {
+        runs: records.len(),
+        duration_s,
+        files,
+    })
+}
+
+/// Lab guests need at least [`guest::MIN_MEMORY_MIB`] (the paper's 128 MiB point runs at 160).
+fn guest_mib(planned: u64) -> u64 {
+    planned.max(guest::MIN_MEMORY_MIB)
+}
+
+fn line(r: &RunRecord) -> String {
+    let o = &r.outcome;
+    format!(
+        "{} {:<26} {:>5} MiB {:>6} pages/s: {}{}, downtime {}, {} on the wire, {:.1} CPU s{}",
+        r.experiment.id(),
+        format!(
+            "{} ({})",
+            plot::variant_label(r),
+            r.settings.encryption.name()
+        ),
+        r.settings.memory_mib,
+        r.settings.dirty_pages_per_s,
+        crate::report::human_ms(o.total_ms),
+        if o.converged {
+            ""
+        } else {
+            " NOT CONVERGED (aborted at the cap)"
+        },
+        o.downtime_ms.map_or("-".into(), crate::report::human_ms),
+        crate::report::human_bytes(o.wire_bytes as f64),
+        o.cpu_seconds,
+        match (o.web_rps_normal, o.web_rps_migrating) {
+            (Some(n), Some(m)) => format!(", web {n:.0} -> {m:.0} req/s"),
+            _ => String::new(),
+        }
+    )
+}
+
+fn metadata(state: &vmbeam_lab::state::LabState) -> Result<RunMetadata> {
+    let first_line = |prog: &str| -> String {
+        vmbeam_lab::sys::run(prog, &["--version"])
+            .map(|o| o.lines().next().unwrap_or("").trim().to_string())
+            .unwrap_or_else(|e| format!("unknown ({e})"))
+    };
+    Ok(RunMetadata {
+        machine: Machine::detect(Path::new("/"))?,
+        accel: match state.accel.as_ref().map(|a| a.accel.as_str()) {
+            Some("kvm") => Accel::Kvm,
+            _ => Accel::Tcg,
+        },
+        qemu_version: first_line("qemu-system-x86_64"),
+        libvirt_version: first_line("libvirtd"),
+        vmbeam_version: env!("CARGO_PKG_VERSION").to_string(),
+        timestamp: model::now_rfc3339(),
+    })
+}
+
+struct Ctx<'a> {
+    tools: &'a Tools,
+    cvms: &'a [CloudVm; 2],
+    meta: RunMetadata,
+    /// The shaping in force on both links (`None` inside = unshaped; outer `None` = unknown).
+    shaping: std::cell::Cell<Option<Option<u32>>>,
+    /// Length of the normal-load phase of experiment g, s.
+    web_seconds: u32,
+}
+
+/// The output of one `vmbeam migrate`.
+struct Migrated {
+    converged: bool,
+    total_ms: f64,
+    downtime_ms: Option<f64>,
+    libvirt_bytes: Option<u64>,
+}
+
+fn summary_field(out: &str, key: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(|v| v.trim().to_string())
+}
+
+fn leading_number(s: &str) -> Option<f64> {
+    s.split_whitespace().next()?.parse().ok()
+}
+
+impl Ctx<'_> {
+    /// Shapes both cloud VMs' links to `mbit` (`None`: unshaped), if not already so.
+    fn shape(&self, mbit: Option<u32>) -> Result<()> {
+        if self.shaping.get() == Some(mbit) {
+            return Ok(());
+        }
+        for c in self.cvms {
+            net::apply_shaping(
+                &c.netns,
+                CLOUD_DEV,
+                Shaping {
+                    bandwidth_mbit: mbit,
+                    latency_ms: None,
+                },
+            )?;
+        }
+        self.shaping.set(Some(mbit));
+        Ok(())
+    }
+
+    fn set_rate(&self, guest_name: &str, rate: u64) -> Result<Option<u64>> {
+        let state = vmbeam_lab::require_state()?;
+        let (_, mut agent) = guest::agent(&state, guest_name)?;
+        let t = Duration::from_secs(10);
+        let a = agent
+            .request(&format!("RATE {rate}"), t)
+            .map_err(|e| run_err(format!("set the dirty rate of {guest_name}: {e}")))?;
+        if !a.starts_with("OK") {
+            return Err(run_err(format!("agent refused RATE {rate}: {a}")));
+        }
+        if rate == 0 {
+            return Ok(None);
+        }
+        // Let the rate settle over two of the agent's one-second windows.
+        std::thread::sleep(Duration::from_millis(2200));
+        let stats = agent
+            .stats(t)
+            .map_err(|e| run_err(format!("read {guest_name}'s agent: {e}")))?;
+        Ok(stats
+            .iter()
+            .find(|(k, _)| k == "achieved_rate_1s")
+            .and_then(|(_, v)| v.parse().ok()))
+    }
+
+    fn migrate(
+        &self,
+        run: &PlannedRun,
+        dom: &str,
+        from: &CloudVm,
+        to: &CloudVm,
+    ) -> Result<Migrated> {
+        let mut cmd = Command::new(&self.tools.vmbeam);
+        cmd.args([
+            "lab", "exec", &from.name, "vmbeam", "migrate", "--live", "--p2p",
+        ])
+        .args(["--persistent", "--undefinesource"])
+        .arg(if run.system == System::ZeroCopy {
+            "--zero-copy"
+        } else {
+            "--no-zero-copy"
+        });
+        if run.settings.encryption == Encryption::Tls {
+            cmd.arg("--tls");
+        }
+        cmd.args([dom, &to.uri])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let t0 = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| run_err(format!("start vmbeam migrate: {e}")))?;
+        let cap = Duration::from_millis(run.settings.cap_ms);
+        let mut aborted = false;
+        loop {
+            if child
+                .try_wait()
+                .map_err(|e| run_err(format!("wait for vmbeam migrate: {e}")))?
+                .is_some()
+            {
+                break;
+            }
+            if !aborted && t0.elapsed() > cap {
+                aborted = true;
+                let o = Command::new(&self.tools.vmbeam)
+                    .args(["lab", "exec", &from.name, "virsh", "-q", "domjobabort", dom])
+                    .output()
+                    .map_err(|e| run_err(format!("virsh domjobabort: {e}")))?;
+                if !o.status.success() {
+                    eprintln!(
+                        "bench: domjobabort at the cap: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                }
+            }
+            if aborted && t0.elapsed() > cap + Duration::from_secs(120) {
+                let _ = child.kill();
+                return Err(run_err(format!(
+                    "migration of {dom} did not stop within 120 s of domjobabort"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let spent = t0.elapsed();
+        let out = child
+            .wait_with_output()
+            .map_err(|e| run_err(format!("read vmbeam migrate's output: {e}")))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if aborted && !out.status.success() {
+            return Ok(Migrated {
+                converged: false,
+                total_ms: spent.as_secs_f64() * 1000.0,
+                downtime_ms: None,
+                libvirt_bytes: None,
+            });
+        }
+        if !out.status.success() {
+            return Err(run_err(format!(
+                "vmbeam migrate {dom} {} -> {} failed: {}{}",
+                from.name,
+                to.name,
+                stderr.trim(),
+                stdout.trim()
+            )));
+        }
+        let mode = summary_field(&stdout, "mode:").unwrap_or_default();
+        let want = if run.system == System::ZeroCopy {
+            "zero-copy"
+        } else {
+            "traditional"
+        };
+        if !mode.starts_with(want) {
+            return Err(run_err(format!(
+                "{dom}: expected a {want} migration, vmbeamd did '{mode}'"
+            )));
+        }
+        Ok(Migrated {
+            converged: true,
+            total_ms: summary_field(&stdout, "total time:")
+                .and_then(|v| leading_number(&v))
+                .unwrap_or(spent.as_secs_f64() * 1000.0),
+            downtime_ms: summary_field(&stdout, "downtime:").and_then(|v| leading_number(&v)),
+            libvirt_bytes: summary_field(&stdout, "bytes on wire:")
+                .and_then(|v| leading_number(&v))
+                .map(|b| b as u64),
+        })
+    }
+
+    /// One migration of `guest` from where it is (`at`) to the other cloud VM.
+    fn one(
+        &self,
+        run: &PlannedRun,
+        rep: u32,
+        guest: &vmbeam_lab::state::GuestRecord,
+        at: &mut usize,
+    ) -> Result<(RunRecord, Option<RunSeries>)> {
+        let (from, to) = (&self.cvms[*at], &self.cvms[1 - *at]);
+        self.shape(run.settings.bandwidth_mbit)?;
+        let achieved = self.set_rate(&guest.name, run.settings.dirty_pages_per_s)?;
+        let load_ns = Path::new("/run/netns").join(net::LOAD_NS);
+        let web_addr: SocketAddr = format!("{}:80", guest.ip)
+            .parse()
+            .map_err(|e| run_err(format!("guest address {}: {e}", guest.ip)))?;
+        let web_normal = if run.probes.web_load {
+            let r = WebLoad::run_for(
+                &load_ns,
+                web_addr,
+                "/",
+                WEB_CLIENTS,
+                Duration::from_secs(u64::from(self.web_seconds)),
+            )?;
+            Some(r.rps())
+        } else {
+            None
+        };
+        let pid = from.holder_pid;
+        let proc = Path::new("/proc");
+        let net_now = move || {
+            measure::read_netns_counters(proc, pid, CLOUD_DEV).map(|c| c.rx_bytes + c.tx_bytes)
+        };
+        let sample = run.probes.time_series && rep == 0;
+        let samplers = sample.then(|| {
+            (
+                Sampler::start(SAMPLE_EVERY, net_now),
+                Sampler::start(SAMPLE_EVERY, move || measure::read_host_cpu(proc)),
+            )
+        });
+        let load = if run.probes.web_load {
+            Some(WebLoad::start(&load_ns, web_addr, "/", WEB_CLIENTS)?)
+        } else {
+            None
+        };
+        let net0 = net_now()?;
+        let cpu0: HostCpu = measure::read_host_cpu(proc)?;
+        let m = self.migrate(run, &guest.name, from, to)?;
+        let cpu1 = measure::read_host_cpu(proc)?;
+        let net1 = net_now()?;
+        let web_during = load.map(|l| l.stop().rps());
+        let series = match samplers {
+            Some((n, c)) => {
+                let n = n.stop()?;
+                let c = c.stop()?;
+                Some(RunSeries {
+                    variant: plot::variant_label(&RunRecord {
+                        experiment: run.experiment,
+                        system: run.system,
+                        repetition: rep,
+                        settings: run.settings.clone(),
+                        outcome: empty_outcome(),
+                        meta: self.meta.clone(),
+                    }),
+                    bandwidth_mbit: measure::rates(&n)
+                        .into_iter()
+                        .map(|(t, bps)| (t, bps * 8.0 / 1e6))
+                        .collect(),
+                    cpu_percent: measure::utilisation_percent(&c),
+                })
+            }
+            None => None,
+        };
+        if m.converged {
+            *at = 1 - *at;
+        }
+        if run.settings.dirty_pages_per_s > 0 {
+            self.set_rate(&guest.name, 0)?;
+        }
+        let stream = m.libvirt_bytes.unwrap_or(net1.saturating_sub(net0));
+        let mut settings = run.settings.clone();
+        settings.memory_mib = guest_mib(settings.memory_mib);
+        let record = RunRecord {
+            experiment: run.experiment,
+            system: run.system,
+            repetition: rep,
+            settings,
+            outcome: Outcome {
+                converged: m.converged,
+                total_ms: m.total_ms,
+                downtime_ms: m.downtime_ms,
+                wire_bytes: net1.saturating_sub(net0),
+                libvirt_bytes: m.libvirt_bytes,
+                cpu_seconds: cpu1.busy_seconds_since(&cpu0),
+                memory_traffic_bytes: Some(
+                    OurModel::for_run(run.system, run.settings.encryption).estimate(stream),
+                ),
+                web_rps_normal: web_normal,
+                web_rps_migrating: web_during,
+                dirty_achieved_pages_per_s: achieved,
+            },
+            meta: RunMetadata {
+                timestamp: model::now_rfc3339(),
+                ..self.meta.clone()
+            },
+        };
+        Ok((record, series))
+    }
+}
+
+fn empty_outcome() -> Outcome {
+    Outcome {
+        converged: false,
+        total_ms: 0.0,
+        downtime_ms: None,
+        wire_bytes: 0,
+        libvirt_bytes: None,
+        cpu_seconds: 0.0,
+        memory_traffic_bytes: None,
+        web_rps_normal: None,
+        web_rps_migrating: None,
+        dirty_achieved_pages_per_s: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lines_of_vmbeam_migrate_are_read() {
+        let out = "Migration: g1 -> qemu+tcp://198.18.0.12/system completed
+  mode:           zero-copy (destination cvm2 shares the beam pool)
+  total time:     766 ms
+  downtime:       13 ms
+  bytes on wire:  456408 (445.7 KiB)
+  job:            /org/vmbeam/VMBeam1/jobs/1
+";
+        assert!(summary_field(out, "mode:")
+            .unwrap()
+            .starts_with("zero-copy"));
+        assert_eq!(
+            summary_field(out, "total time:").and_then(|v| leading_number(&v)),
+            Some(766.0)
+        );
+        assert_eq!(
+            summary_field(out, "downtime:").and_then(|v| leading_number(&v)),
+            Some(13.0)
+        );
+        assert_eq!(
+            summary_field(out, "bytes on wire:").and_then(|v| leading_number(&v)),
+            Some(456_408.0)
+        );
+        assert_eq!(summary_field(out, "nothing:"), None);
+    }
+
+    #[test]
+    fn paper_sizes_below_the_lab_minimum_run_at_the_minimum() {
+        assert_eq!(guest_mib(128), guest::MIN_MEMORY_MIB);
+        assert_eq!(guest_mib(4096), 4096);
+    }
+}
