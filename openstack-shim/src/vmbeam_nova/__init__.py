@@ -1,0 +1,1 @@
+"""VMBeam's OpenStack Nova compute driver (see driver.VMBeamLibvirtDriver)."""

@@ -1,0 +1,523 @@
+"""VMBeamLibvirtDriver: Nova's LibvirtDriver, plus
+
+- beam-enabled guests (``_get_guest_config``) when the flavor, the image or the
+  host's configuration asks for it;
+- live migrations run by vmbeamd (``_live_migration_operation``) when the
+  guest is beam-enabled and vmbeamd proves the destination co-located, so only
+  device state crosses the network; otherwise the parent's code path,
+  untouched;
+- abort mapped to the vmbeamd job's ``Cancel`` and a harmless force-complete
+  while vmbeamd runs the migration.
+
+vmbeamd runs the migration as libvirt's own job (``migrateToURI3`` on the
+source), so Nova's monitor (``_live_migration_monitor``, unchanged) sees it as
+any other: job statistics for ``GET /servers/{id}/migrations``, then the
+domain gone from the source, then ``post_method``; or the domain still here
+and ``recover_method``.
+
+Written against Nova's private driver methods: see pyproject.toml for the
+Nova releases it is tested with.
+"""
+
+import dataclasses
+import functools
+import threading
+import time
+
+import nova.conf
+from lxml import etree
+from nova import exception, objects
+from nova.console import serial as serial_console
+from nova.network import model as network_model
+from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import migration as libvirt_migrate
+from oslo_log import log as logging
+
+from vmbeam_nova import bus, guest_config
+from vmbeam_nova import conf as vmbeam_conf
+
+LOG = logging.getLogger(__name__)
+CONF = nova.conf.CONF
+vmbeam_conf.register_opts(CONF)
+
+# The libvirt module the parent driver uses (Nova's tests swap in fakelibvirt).
+def _libvirt():
+    return libvirt_driver.libvirt
+
+
+#: vmbeamd errors at Migrate after which the parent's migration is the right
+#: thing: nothing has happened to the guest and another path can move it.
+_FALL_BACK_AT_START = ("ZeroCopyRefused", "NotBeamEnabled", "NotAuthorized")
+#: Job errors after which the guest provably still runs on the source,
+#: untouched (the destination refused before anything ran there).
+_FALL_BACK_AFTER_JOB = ("ZeroCopyRefused", "TicketRefused")
+
+
+@dataclasses.dataclass
+class _Plan:
+    dest_uri: str
+    migrate_uri: str
+    flags: int
+    reason: str
+
+
+class _Migration:
+    """The shim's record of one live migration of one instance."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        #: None while deciding, then "vmbeam" or "libvirt" (the parent's path).
+        self.route = None
+        self.path = None
+        self.phase = None
+        self.cancel_requested = False
+        self.cancel_delivered = False
+        self.cancel_sending = False
+
+
+def _canonical(xml):
+    parser = etree.XMLParser(remove_blank_text=True)
+    return etree.fromstring(xml.encode() if isinstance(xml, str) else xml, parser)
+
+
+def xml_difference(old, new):
+    """Where two domain XMLs differ (first difference), or None when they
+    are the same document apart from formatting."""
+
+    def walk(a, b, path):
+        if a.tag != b.tag:
+            return "%s: <%s> instead of <%s>" % (path, b.tag, a.tag)
+        here = "%s/%s" % (path, a.tag) if path else a.tag
+        if dict(a.attrib) != dict(b.attrib):
+            return "%s: attributes %s -> %s" % (here, dict(a.attrib), dict(b.attrib))
+        if (a.text or "").strip() != (b.text or "").strip():
+            return "%s: text %r -> %r" % (here, (a.text or "").strip(), (b.text or "").strip())
+        ca = [c for c in a if isinstance(c.tag, str)]
+        cb = [c for c in b if isinstance(c.tag, str)]
+        for x, y in zip(ca, cb, strict=False):
+            d = walk(x, y, here)
+            if d:
+                return d
+        if len(ca) != len(cb):
+            return "%s: %d child elements -> %d" % (here, len(ca), len(cb))
+        return None
+
+    return walk(_without_file_backing(_canonical(old)),
+                _without_file_backing(_canonical(new)), "")
+
+
+def _without_file_backing(root):
+    """Nova's destination XML always drops the file-backed memory elements
+    (nova.virt.libvirt.migration._update_memory_backing_xml) unless the
+    destination itself uses [libvirt] file_backed_memory: for a zero-copy
+    migration they are the point and vmbeamd keeps them, so they are not a
+    difference that matters."""
+    for mb in root.findall("./memoryBacking"):
+        for name in ("access", "source", "allocation", "discard"):
+            for el in mb.findall(name):
+                mb.remove(el)
+        if len(mb) == 0:
+            root.remove(mb)
+    return root
+
+
+class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
+    """compute_driver = vmbeam.VMBeamLibvirtDriver"""
+
+    def __init__(self, virtapi, read_only=False):
+        super().__init__(virtapi, read_only)
+        self._vmbeam_migrations = {}
+
+    # -- vmbeamd ----------------------------------------------------------
+
+    @staticmethod
+    def _vmbeam():
+        return bus.VMBeamClient.connect(timeout=CONF.vmbeam.dbus_timeout)
+
+    def _vmbeam_identity(self):
+        """(BeamIdentity, where it came from)."""
+        try:
+            with self._vmbeam() as c:
+                host, cloud, pool = c.identity()
+            return guest_config.BeamIdentity(host, cloud, pool), "vmbeamd"
+        except bus.VMBeamError as e:
+            path = CONF.vmbeam.identity_file
+            try:
+                return guest_config.read_identity_file(path), path
+            except (OSError, ValueError) as e2:
+                raise RuntimeError(
+                    "vmbeamd cannot be asked (%s) and %s cannot be read (%s)"
+                    % (e.text, path, e2)
+                ) from e2
+
+    # -- spawn: beam-enabled guests -----------------------------------------
+
+    def _get_guest_config(self, instance, network_info, image_meta, disk_info,
+                          *args, **kwargs):
+        guest = super()._get_guest_config(
+            instance, network_info, image_meta, disk_info, *args, **kwargs)
+        wanted, why = guest_config.beam_requested(
+            instance, CONF.vmbeam.enable_all)
+        if not wanted:
+            LOG.info("VMBeam: guest is not beam-enabled: %s", why,
+                     instance=instance)
+            return guest
+        try:
+            identity, source = self._vmbeam_identity()
+            out, changes = guest_config.beam_enable(
+                guest, identity, CONF.vmbeam.qmp_dir,
+                generation=self._vmbeam_existing_generation(instance))
+        except (RuntimeError, guest_config.CannotEnable) as e:
+            LOG.warning("VMBeam: guest is not beam-enabled although %s: %s; "
+                        "its live migrations will copy its memory", why, e,
+                        instance=instance)
+            return guest
+        LOG.info("VMBeam: guest is beam-enabled (%s; this host from %s): %s",
+                 why, source, "; ".join(changes), instance=instance)
+        return out
+
+    def _vmbeam_existing_generation(self, instance):
+        """The generation of a domain already defined here (hard reboot,
+        rebuild), as ``vmbeam enable`` keeps it; 0 for a new guest."""
+        try:
+            xml = self._host.get_guest(instance).get_xml_desc()
+        except Exception:
+            return 0
+        try:
+            meta = guest_config.metadata_of_domain_xml(xml)
+        except (etree.XMLSyntaxError, ValueError):
+            return 0
+        return meta.generation if meta is not None else 0
+
+    # -- live migration ---------------------------------------------------
+
+    def _live_migration_operation(self, context, instance, dest,
+                                  block_migration, migrate_data, guest,
+                                  device_names):
+        rec = _Migration()
+        self._vmbeam_migrations[instance.uuid] = rec
+        try:
+            plan, reason = self._vmbeam_plan(instance, dest, migrate_data,
+                                             guest)
+            if plan is not None:
+                done = self._vmbeam_migrate(instance, guest, migrate_data,
+                                            plan, rec)
+                if done:
+                    return
+            else:
+                LOG.info("VMBeam: live migration to %s runs as Nova's own "
+                         "libvirt migration: %s", dest, reason,
+                         instance=instance)
+            with rec.lock:
+                rec.route = "libvirt"
+                if rec.cancel_requested:
+                    raise exception.MigrationError(
+                        reason="live migration aborted before it started")
+            return super()._live_migration_operation(
+                context, instance, dest, block_migration, migrate_data,
+                guest, device_names)
+        finally:
+            if self._vmbeam_migrations.get(instance.uuid) is rec:
+                del self._vmbeam_migrations[instance.uuid]
+
+    def _migration_flags(self, migrate_data):
+        if migrate_data.block_migration:
+            return self._block_migration_flags
+        return self._live_migration_flags
+
+    def _vmbeam_plan(self, instance, dest, migrate_data, guest):
+        """(a _Plan, reason) for a zero-copy migration, or (None, reason)."""
+        lv = _libvirt()
+        if CONF.vmbeam.live_migration == "off":
+            return None, "[vmbeam] live_migration is off"
+        if CONF.libvirt.virt_type not in ("kvm", "qemu"):
+            return None, ("virt_type %s: vmbeamd drives QEMU only"
+                          % CONF.libvirt.virt_type)
+        if migrate_data.block_migration:
+            return None, ("block migration copies the disks; vmbeamd moves "
+                          "only memory")
+        flags = self._migration_flags(migrate_data)
+        if flags & lv.VIR_MIGRATE_TUNNELLED:
+            return None, ("tunnelled migration ([libvirt] "
+                          "live_migration_tunnelled) is not what vmbeamd runs")
+        try:
+            xml = guest.get_xml_desc()
+        except lv.libvirtError as e:
+            return None, "cannot read the domain XML: %s" % e
+        meta = guest_config.metadata_of_domain_xml(xml)
+        if meta is None:
+            return None, "the guest is not beam-enabled (no VMBeam metadata)"
+        if guest_config.private_qmp_of_domain_xml(xml, guest.uuid) is None:
+            return None, ("the guest is not beam-enabled (no private QMP "
+                          "monitor; it was started before it was enabled?)")
+        # Where to, exactly as the parent computes it.
+        uri_dest = dest
+        migrate_uri = None
+        if ('target_connect_addr' in migrate_data and
+                migrate_data.target_connect_addr is not None):
+            uri_dest = migrate_data.target_connect_addr
+            migrate_uri = self._migrate_uri(uri_dest)
+        dest_uri = self._live_migration_uri(uri_dest)
+        differs = self._vmbeam_destination_xml_change(instance, guest,
+                                                      migrate_data)
+        if differs:
+            return None, ("Nova rewrites the guest XML for the destination "
+                          "(%s) and vmbeamd migrates the source's as it is"
+                          % differs)
+        try:
+            with self._vmbeam() as c:
+                ok, host, why = c.co_location(dest_uri)
+        except bus.VMBeamUnavailable as e:
+            return None, "vmbeamd is not reachable on this host: %s" % e.text
+        except bus.VMBeamError as e:
+            return None, ("vmbeamd cannot tell whether %s is co-located: %s"
+                          % (dest_uri, e.text))
+        if not ok:
+            return None, ("vmbeamd says %s is not co-located: %s"
+                          % (dest_uri, why))
+        return _Plan(dest_uri, migrate_uri, flags,
+                     "vmbeamd: %s" % why), None
+
+    def _vmbeam_destination_xml_change(self, instance, guest, migrate_data):
+        """What Nova would change in the guest XML for the destination
+        (graphics and serial listen addresses, volumes, ports, ...), or None.
+        vmbeamd's Migrate sends the source's migratable XML (with its ticket),
+        so a migration that needs changes goes Nova's own way."""
+        get_vif_config = None
+        if 'vifs' in migrate_data and migrate_data.vifs:
+            direct = [
+                v for v in migrate_data.vifs
+                if 'source_vif' in v and v.source_vif and
+                v.source_vif['vnic_type'] in
+                network_model.VNIC_TYPES_DIRECT_PASSTHROUGH]
+            if direct:
+                return "direct passthrough ports to detach"
+            get_vif_config = functools.partial(
+                self.vif_driver.get_config,
+                instance=instance,
+                image_meta=instance.image_meta,
+                flavor=instance.flavor,
+                virt_type=CONF.libvirt.virt_type,
+            )
+        new_resources = None
+        if isinstance(instance, objects.Instance):
+            new_resources = self._sorted_migrating_resources(
+                instance, instance.flavor)
+        try:
+            new = libvirt_migrate.get_updated_guest_xml(
+                instance, guest, migrate_data, self._get_volume_config,
+                get_vif_config=get_vif_config, new_resources=new_resources)
+            old = guest.get_xml_desc(dump_migratable=True)
+        except Exception as e:
+            return "Nova's destination XML cannot be computed here: %r" % e
+        return xml_difference(old, new)
+
+    def _vmbeam_migrate(self, instance, guest, migrate_data, plan, rec):
+        """Runs the migration through vmbeamd. True: done (migrated); False:
+        vmbeamd refused before touching the guest and the caller runs the
+        parent's migration; raises when the migration failed."""
+        lv = _libvirt()
+        if not migrate_data.serial_listen_addr:
+            # As the parent: the destination may have no serial console.
+            self._verify_serial_console_is_disabled()
+        flags = plan.flags
+        options = {
+            "mode": "zero-copy",
+            "live": bool(flags & lv.VIR_MIGRATE_LIVE),
+            "persistent": bool(flags & lv.VIR_MIGRATE_PERSIST_DEST),
+            "undefine-source": bool(flags & lv.VIR_MIGRATE_UNDEFINE_SOURCE),
+        }
+        if plan.migrate_uri:
+            options["migrate-uri"] = plan.migrate_uri
+        serial_ports = []
+        if CONF.serial_console.enabled:
+            serial_ports = list(self._get_serial_ports_from_guest(guest))
+        try:
+            client = self._vmbeam()
+        except bus.VMBeamUnavailable as e:
+            LOG.info("VMBeam: live migration to %s runs as Nova's own libvirt "
+                     "migration: vmbeamd went away (%s)", plan.dest_uri,
+                     e.text, instance=instance)
+            return False
+        with client:
+            with rec.lock:
+                if rec.cancel_requested:
+                    raise exception.MigrationError(
+                        reason="live migration aborted before it started")
+                try:
+                    rec.path = client.migrate(guest.name, plan.dest_uri,
+                                              options)
+                    rec.route = "vmbeam"
+                except bus.VMBeamError as e:
+                    if (isinstance(e, bus.VMBeamUnavailable) or
+                            e.short in _FALL_BACK_AT_START):
+                        LOG.info("VMBeam: live migration to %s runs as Nova's "
+                                 "own libvirt migration: vmbeamd refused it "
+                                 "(%s: %s)", plan.dest_uri, e.short, e.text,
+                                 instance=instance)
+                        return False
+                    raise exception.MigrationError(
+                        reason="vmbeamd: %s" % e.text) from e
+            LOG.info("VMBeam: zero-copy live migration to %s through vmbeamd "
+                     "(job %s): %s", plan.dest_uri, rec.path, plan.reason,
+                     instance=instance)
+            props = self._vmbeam_follow(client, rec, instance, guest)
+        if props is None:
+            # Lost vmbeamd; libvirt's job has ended (see _vmbeam_follow).
+            if guest.is_active():
+                raise exception.MigrationError(
+                    reason="lost contact with vmbeamd and the guest still "
+                           "runs on the source")
+            LOG.info("VMBeam: lost contact with vmbeamd; libvirt's job ended "
+                     "with the guest gone from the source", instance=instance)
+            return True
+        phase = props.get("Phase")
+        if phase == "completed":
+            LOG.info("VMBeam: %s live migration to %s completed: %s ms total, "
+                     "%s ms downtime, %s bytes on the wire",
+                     props.get("Mode"), plan.dest_uri, props.get("TotalTime"),
+                     props.get("Downtime"), props.get("BytesTransferred"),
+                     instance=instance)
+            for hostname, port in serial_ports:
+                serial_console.release_port(host=hostname, port=port)
+            return True
+        name = props.get("ErrorName") or ""
+        error = props.get("Error") or phase
+        short = name.rsplit(".", 1)[-1]
+        with rec.lock:
+            cancelled = rec.cancel_requested
+        if (not cancelled and short in _FALL_BACK_AFTER_JOB and
+                self._still_here(guest)):
+            LOG.info("VMBeam: vmbeamd's zero-copy migration to %s was refused "
+                     "(%s: %s); the guest runs on here untouched, so Nova's "
+                     "own libvirt migration moves it", plan.dest_uri, short,
+                     error, instance=instance)
+            with rec.lock:
+                rec.path = None
+                rec.route = None
+            return False
+        LOG.info("VMBeam: zero-copy live migration to %s %s: %s",
+                 plan.dest_uri, "cancelled" if cancelled else phase, error,
+                 instance=instance)
+        raise exception.MigrationError(
+            reason="vmbeamd: %s (%s)" % (error, short or phase))
+
+    @staticmethod
+    def _still_here(guest):
+        try:
+            return guest.is_active()
+        except Exception:
+            return False
+
+    def _vmbeam_follow(self, client, rec, instance, guest):
+        """Reads the job until it ends (as ``vmbeam migrate`` does: fresh
+        property reads, no cache). Returns its properties, or None after
+        losing vmbeamd, once libvirt's job has ended."""
+        last_phase = None
+        mode_logged = False
+        while True:
+            try:
+                props = client.job(rec.path)
+            except bus.VMBeamError as e:
+                LOG.warning("VMBeam: lost contact with vmbeamd while following "
+                            "%s (%s); watching libvirt's job instead",
+                            rec.path, e.text, instance=instance)
+                self._wait_for_libvirt_job(guest)
+                return None
+            phase = props.get("Phase", "")
+            if phase != last_phase:
+                LOG.debug("VMBeam: job %s: %s, %s%%", rec.path, phase,
+                          props.get("Progress"), instance=instance)
+                last_phase = phase
+            if props.get("Mode") and not mode_logged:
+                LOG.info("VMBeam: vmbeamd chose %s: %s", props.get("Mode"),
+                         props.get("ModeReason"), instance=instance)
+                mode_logged = True
+            with rec.lock:
+                rec.phase = phase
+                pending = rec.cancel_requested and not rec.cancel_delivered
+            if phase in bus.FINAL_PHASES:
+                return props
+            if pending and phase == "migrating":
+                self._vmbeam_cancel(rec, instance, client)
+            time.sleep(CONF.vmbeam.poll_interval)
+
+    def _wait_for_libvirt_job(self, guest):
+        lv = _libvirt()
+        while True:
+            info = guest.get_job_info()
+            if info.type != lv.VIR_DOMAIN_JOB_UNBOUNDED:
+                return
+            time.sleep(0.5)
+
+    def _vmbeam_cancel(self, rec, instance, client=None):
+        with rec.lock:
+            if rec.cancel_sending or rec.cancel_delivered:
+                return
+            rec.cancel_sending = True
+            path = rec.path
+        try:
+            self._vmbeam_send_cancel(rec, instance, path, client)
+        finally:
+            with rec.lock:
+                rec.cancel_sending = False
+
+    def _vmbeam_send_cancel(self, rec, instance, path, client):
+        try:
+            if client is None:
+                with self._vmbeam() as c:
+                    c.cancel(path)
+            else:
+                client.cancel(path)
+        except bus.VMBeamUnavailable as e:
+            LOG.warning("VMBeam: vmbeamd is unreachable (%s): aborting "
+                        "libvirt's job of the migration directly", e.text,
+                        instance=instance)
+            super().live_migration_abort(instance)
+        except bus.VMBeamError as e:
+            if e.short == "InvalidArgs":
+                LOG.info("VMBeam: abort: vmbeamd's job %s has already ended "
+                         "(%s)", path, e.text, instance=instance)
+            else:
+                # Planning, before libvirt's job exists: the migration thread
+                # sends Cancel again once the job migrates.
+                LOG.info("VMBeam: abort: vmbeamd's job %s cannot be cancelled "
+                         "yet (%s); it will be as soon as it migrates",
+                         path, e.text, instance=instance)
+                return
+        else:
+            LOG.info("VMBeam: abort: vmbeamd's job %s cancelled (libvirt's "
+                     "job abort; the guest stays on the source)", path,
+                     instance=instance)
+        with rec.lock:
+            rec.cancel_delivered = True
+
+    def live_migration_abort(self, instance):
+        rec = self._vmbeam_migrations.get(instance.uuid)
+        if rec is None:
+            return super().live_migration_abort(instance)
+        with rec.lock:
+            route = rec.route
+            rec.cancel_requested = True
+            path = rec.path
+        if route == "libvirt":
+            return super().live_migration_abort(instance)
+        if path is None:
+            LOG.info("VMBeam: abort requested before the migration started: "
+                     "it will not start", instance=instance)
+            return
+        self._vmbeam_cancel(rec, instance)
+
+    def live_migration_force_complete(self, instance):
+        rec = self._vmbeam_migrations.get(instance.uuid)
+        if rec is not None and rec.route == "vmbeam":
+            if instance.uuid not in self.active_migrations:
+                raise exception.NoActiveMigrationForInstance(
+                    instance_id=instance.uuid)
+            LOG.info("VMBeam: force-complete of the zero-copy migration %s "
+                     "(%s): nothing to do, it copies no memory and its "
+                     "downtime is the device state's; the guest is neither "
+                     "paused nor switched to post-copy", rec.path, rec.phase,
+                     instance=instance)
+            return
+        return super().live_migration_force_complete(instance)
