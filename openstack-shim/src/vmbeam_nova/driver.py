@@ -326,6 +326,9 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
             "live": bool(flags & lv.VIR_MIGRATE_LIVE),
             "persistent": bool(flags & lv.VIR_MIGRATE_PERSIST_DEST),
             "undefine-source": bool(flags & lv.VIR_MIGRATE_UNDEFINE_SOURCE),
+            # [libvirt] live_migration_with_native_tls: the device state
+            # goes over QEMU's TLS as Nova's own migration would.
+            "tls": bool(flags & lv.VIR_MIGRATE_TLS),
         }
         if plan.migrate_uri:
             options["migrate-uri"] = plan.migrate_uri

@@ -43,7 +43,7 @@ class LiveMigrationTest(base.DriverTestCase):
         self.assertEqual(base.DEST_URI, job.dest)
         # Nova's flags (LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE) as options.
         self.assertEqual(
-            {"mode": "zero-copy", "live": True, "persistent": True, "undefine-source": True},
+            {"mode": "zero-copy", "live": True, "persistent": True, "undefine-source": True, "tls": False},
             job.options,
         )
         self.assertEqual("completed", job.phase)
@@ -62,6 +62,17 @@ class LiveMigrationTest(base.DriverTestCase):
         (job,) = self.vmbeamd.jobs.values()
         self.assertEqual(uri, job.dest)
         self.assertEqual("tcp://198.18.0.12", job.options["migrate-uri"])
+
+    def test_native_tls_is_asked_of_vmbeamd(self):
+        self.flags(live_migration_with_native_tls=True, group="libvirt")
+        self.drvr._parse_migration_flags()
+        self.vmbeamd.colocation[base.DEST_URI] = PROVEN
+        inst, guest = self.beam_guest()
+        self.operation(inst, guest)
+        (job,) = self.vmbeamd.jobs.values()
+        self.assertIs(True, job.options["tls"])
+        self.assertEqual("completed", job.phase)
+        self.migrate_to_uri3.assert_not_called()
 
     def test_not_co_located_runs_the_parent(self):
         inst, guest = self.beam_guest()
