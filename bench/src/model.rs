@@ -227,6 +227,25 @@ pub struct Outcome {
     /// count; under TCG a guest may not reach the rate asked for).
     #[serde(default)]
     pub dirty_achieved_pages_per_s: Option<u64>,
+    /// Guest RAM written at the destination by the migration, bytes: measured as the growth
+    /// of the destination's pool file allocation (tmpfs blocks), since a copying migration
+    /// writes every non-zero page it receives into a fresh file and zero-copy writes none.
+    #[serde(default)]
+    pub ram_written_bytes: Option<u64>,
+    /// Whether the guest was intact after the run: running, and its agent's full memory check
+    /// passed (a converged migration on the destination, an aborted one on the source).
+    #[serde(default = "intact_default")]
+    pub guest_intact: bool,
+    /// What went wrong with the guest when it was not intact (its console's last fatal line).
+    #[serde(default)]
+    pub guest_note: Option<String>,
+    /// Why the migration failed before its cap, if it did (`converged` is then false).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+fn intact_default() -> bool {
+    true
 }
 
 /// The machine a run was made on.
@@ -347,7 +366,7 @@ pub fn now_rfc3339() -> String {
 }
 
 /// The CSV columns, in order.
-pub const CSV_HEADER: [&str; 26] = [
+pub const CSV_HEADER: [&str; 30] = [
     "experiment",
     "system",
     "repetition",
@@ -366,6 +385,10 @@ pub const CSV_HEADER: [&str; 26] = [
     "web_rps_normal",
     "web_rps_migrating",
     "dirty_achieved_pages_per_s",
+    "ram_written_bytes",
+    "guest_intact",
+    "guest_note",
+    "error",
     "cores",
     "host_memory_mib",
     "kernel",
@@ -413,6 +436,10 @@ impl RunRecord {
             opt(o.web_rps_normal.map(|v| format!("{v:.2}"))),
             opt(o.web_rps_migrating.map(|v| format!("{v:.2}"))),
             opt(o.dirty_achieved_pages_per_s),
+            opt(o.ram_written_bytes),
+            o.guest_intact.to_string(),
+            o.guest_note.clone().unwrap_or_default(),
+            o.error.clone().unwrap_or_default(),
             m.machine.cores.to_string(),
             m.machine.memory_mib.to_string(),
             m.machine.kernel.clone(),
@@ -533,6 +560,10 @@ pub(crate) mod tests {
                 web_rps_normal: None,
                 web_rps_migrating: None,
                 dirty_achieved_pages_per_s: None,
+                ram_written_bytes: None,
+                guest_intact: true,
+                guest_note: None,
+                error: None,
             },
             meta: meta(),
         }

@@ -73,8 +73,8 @@ fn points(runs: &[&RunRecord]) -> Vec<(String, u64, u64)> {
 
 fn table_for(out: &mut String, runs: &[&RunRecord]) {
     out.push_str(
-        "| system | guest | dirty pages/s | runs | total (median) | min–max | downtime | on the wire | libvirt bytes | CPU s | converged | time / zero-copy | wire / zero-copy |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | guest | dirty pages/s | runs | total (median) | min–max | downtime | on the wire | libvirt bytes | CPU s | converged | guest intact | time / zero-copy | wire / zero-copy |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (v, mem, dirty) in points(runs) {
         let mine: Vec<&RunRecord> = runs
@@ -107,7 +107,10 @@ fn table_for(out: &mut String, runs: &[&RunRecord]) {
                 ratio(wire, med(&zc, |r| Some(r.outcome.wire_bytes as f64))),
             )
         };
-        let not_conv = if conv < mine.len() {
+        let failed = mine.iter().filter(|r| r.outcome.error.is_some()).count();
+        let not_conv = if failed > 0 {
+            format!("{conv}/{} ({failed} failed)", mine.len())
+        } else if conv < mine.len() {
             format!(
                 "{}/{} (stopped at {})",
                 conv,
@@ -117,9 +120,10 @@ fn table_for(out: &mut String, runs: &[&RunRecord]) {
         } else {
             format!("{conv}/{}", mine.len())
         };
+        let intact = mine.iter().filter(|r| r.outcome.guest_intact).count();
         let _ = writeln!(
             out,
-            "| {v} | {mem} MiB | {dirty} | {} | {} | {} | {} | {} | {} | {} | {not_conv} | {} | {} |",
+            "| {v} | {mem} MiB | {dirty} | {} | {} | {} | {} | {} | {} | {} | {not_conv} | {intact}/{} | {} | {} |",
             mine.len(),
             cell(total, human_ms),
             match (crate::stats::min(&totals), crate::stats::max(&totals)) {
@@ -130,6 +134,7 @@ fn table_for(out: &mut String, runs: &[&RunRecord]) {
             cell(wire, human_bytes),
             cell(med(&mine, |r| r.outcome.libvirt_bytes.map(|b| b as f64)), human_bytes),
             cell(med(&mine, |r| Some(r.outcome.cpu_seconds)), |v| format!("{v:.1}")),
+            mine.len(),
             ratio_cell(t_ratio),
             ratio_cell(w_ratio),
         );
@@ -198,7 +203,7 @@ pub fn render_markdown(
         match e {
             Experiment::E => {
                 out.push_str(
-                    "| system | stream bytes | our model (factor) | estimate | paper's counterpart |\n|---|---|---|---|---|\n",
+                    "| system | stream bytes | guest RAM written at the destination (measured) | our model (factor) | estimate | paper's counterpart |\n|---|---|---|---|---|---|\n",
                 );
                 for v in variants_in(&rs) {
                     let mine: Vec<&RunRecord> = rs
@@ -216,18 +221,24 @@ pub fn render_markdown(
                     let paper = PaperModel::counterpart(r.system)
                         .map(|p| format!("{:?} {}x", p, p.factor()))
                         .unwrap_or_else(|| "—".into());
+                    let written = med(&mine, |r| r.outcome.ram_written_bytes.map(|b| b as f64));
                     let _ = writeln!(
                         out,
-                        "| {v} | {} | {:?} ({}x) | {} | {paper} |",
+                        "| {v} | {} | {} | {:?} ({}x) | {} | {paper} |",
                         cell(stream, human_bytes),
+                        cell(written, human_bytes),
                         model,
                         model.factor(),
                         cell(est, human_bytes)
                     );
                 }
                 out.push_str(
-                    "\nModel: see `vmbeam-bench`'s `memtraffic` module (plain 6x, TLS 10x, SSH tunnel \
-                     22x the stream; zero-copy touches no guest RAM).\n\n",
+                    "\nMeasured: the guest RAM the migration wrote at the destination, as the \
+                     growth of the destination's pool-file allocation (a copying migration fills a \
+                     fresh file with every non-zero page it receives; zero-copy maps the same \
+                     file). Modelled: every other read and write on the way (see `vmbeam-bench`'s \
+                     `memtraffic` module: plain 6x, TLS 10x, SSH tunnel 22x the stream; \
+                     zero-copy touches no guest RAM).\n\n",
                 );
             }
             Experiment::G => {
@@ -253,6 +264,50 @@ pub fn render_markdown(
             }
             _ => {}
         }
+    }
+    let lost: Vec<&RunRecord> = runs
+        .iter()
+        .filter(|r| !r.outcome.guest_intact || r.outcome.error.is_some())
+        .collect();
+    out.push_str("## Guest integrity\n\n");
+    if lost.is_empty() {
+        let _ = writeln!(
+            out,
+            "The guest's agent verified every page after each of the {} runs: all intact.\n",
+            runs.len()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "The guest's agent verifies every page after each run; {} of {} runs failed or left \
+             the guest broken (the run is kept as measured, a broken guest is rebooted for the \
+             next one):\n",
+            lost.len(),
+            runs.len()
+        );
+        for r in lost {
+            let o = &r.outcome;
+            let _ = writeln!(
+                out,
+                "- {} {}, {} MiB, {} pages/s: {}{}",
+                r.experiment.id(),
+                variant_label(r),
+                r.settings.memory_mib,
+                r.settings.dirty_pages_per_s,
+                o.error
+                    .as_ref()
+                    .map(|e| format!("migration failed: {e}; "))
+                    .unwrap_or_default(),
+                if o.guest_intact {
+                    "guest intact".to_string()
+                } else {
+                    o.guest_note
+                        .clone()
+                        .unwrap_or_else(|| "guest broken".into())
+                }
+            );
+        }
+        out.push('\n');
     }
     if !plots.is_empty() {
         out.push_str("## Plots\n\n");

@@ -141,23 +141,7 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
             .collect();
         i += group.len();
         let name = format!("bench{mib}");
-        let tg = Instant::now();
-        let rec = guest::create(
-            &guest::GuestSpec {
-                name: name.clone(),
-                memory_mib: mib,
-                fill_mib: None,
-                dirty_rate: 0,
-                on: cvms[0].name.clone(),
-                beam: true,
-            },
-            &image,
-        )?;
-        eprintln!(
-            "bench: guest {name} ({mib} MiB, {} MiB filled with non-zero data) ready in {:.1} s",
-            rec.fill_mib,
-            tg.elapsed().as_secs_f64()
-        );
+        let mut rec = ctx.create_guest(&name, mib, &image)?;
         let mut at = 0usize;
         for run in group {
             for rep in 0..run.repetitions {
@@ -167,17 +151,17 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
                 if let Some(s) = s {
                     series.push(s);
                 }
+                let lost = !record.outcome.guest_intact;
                 records.push(record);
                 // Written after every run: an interrupted bench keeps what it measured.
                 model::write_results(&args.out, &records)?;
+                if lost {
+                    // The run is recorded as it happened; the next one needs a live guest.
+                    guest::destroy(&name)?;
+                    rec = ctx.create_guest(&name, mib, &image)?;
+                    at = 0;
+                }
             }
-        }
-        let (_, check) = guest::check(&name)?;
-        if !check.pass {
-            return Err(run_err(format!(
-                "guest {name}'s memory check failed after its migrations: {}",
-                check.line
-            )));
         }
         guest::destroy(&name)?;
     }
@@ -211,7 +195,7 @@ fn guest_mib(planned: u64) -> u64 {
 fn line(r: &RunRecord) -> String {
     let o = &r.outcome;
     format!(
-        "{} {:<26} {:>5} MiB {:>6} pages/s: {}{}, downtime {}, {} on the wire, {:.1} CPU s{}",
+        "{} {:<26} {:>5} MiB {:>6} pages/s: {}{}, downtime {}, {} on the wire, {:.1} CPU s{}{}",
         r.experiment.id(),
         format!(
             "{} ({})",
@@ -232,6 +216,10 @@ fn line(r: &RunRecord) -> String {
         match (o.web_rps_normal, o.web_rps_migrating) {
             (Some(n), Some(m)) => format!(", web {n:.0} -> {m:.0} req/s"),
             _ => String::new(),
+        },
+        match (&o.guest_intact, &o.guest_note) {
+            (true, _) => String::new(),
+            (false, n) => format!(", GUEST LOST: {}", n.as_deref().unwrap_or("?")),
         }
     )
 }
@@ -268,6 +256,8 @@ struct Ctx<'a> {
 /// The output of one `vmbeam migrate`.
 struct Migrated {
     converged: bool,
+    /// The migration failed before the cap (vmbeam migrate's message).
+    failed: Option<String>,
     total_ms: f64,
     downtime_ms: Option<f64>,
     libvirt_bytes: Option<u64>,
@@ -283,7 +273,99 @@ fn leading_number(s: &str) -> Option<f64> {
     s.split_whitespace().next()?.parse().ok()
 }
 
+/// Allocated bytes (tmpfs blocks) of each of `uuid`'s pool files, by generation.
+fn pool_allocation(pool: &Path, uuid: &str) -> Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v = Vec::new();
+    let rd = std::fs::read_dir(pool).map_err(crate::io_err(pool))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(gen) = name
+            .strip_prefix(uuid)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_suffix(".ram"))
+            .and_then(|g| g.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if let Ok(m) = e.metadata() {
+            v.push((gen, m.blocks() * 512));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Guest RAM the migration wrote at the destination: the allocation of the newest pool file
+/// now, minus what that same file held before (zero-copy: the same file, nothing new;
+/// copying: a fresh file the incoming stream filled).
+fn ram_written(before: &[(u64, u64)], after: &[(u64, u64)]) -> Option<u64> {
+    let &(gen, now) = after.last()?;
+    let was = before
+        .iter()
+        .find(|(g, _)| *g == gen)
+        .map_or(0, |&(_, b)| b);
+    Some(now.saturating_sub(was))
+}
+
+/// The first line of a guest console that tells why the guest died, if any.
+fn fatal_console_line(console: &str) -> Option<String> {
+    const MARKS: [&str; 4] = ["Kernel panic", "BUG:", "Oops", "general protection fault"];
+    console
+        .lines()
+        .find(|l| MARKS.iter().any(|m| l.contains(m)))
+        .map(|l| {
+            // Drop the kernel's "[   21.0] " timestamp.
+            let l = l.trim();
+            l.split_once("] ").map_or(l, |(_, r)| r).to_string()
+        })
+}
+
 impl Ctx<'_> {
+    /// Boots the bench guest of `mib` on the first cloud VM, beam-enabled, memory filled.
+    fn create_guest(
+        &self,
+        name: &str,
+        mib: u64,
+        image: &vmbeam_lab::image::GuestImage,
+    ) -> Result<vmbeam_lab::state::GuestRecord> {
+        let tg = Instant::now();
+        let rec = guest::create(
+            &guest::GuestSpec {
+                name: name.to_string(),
+                memory_mib: mib,
+                fill_mib: None,
+                dirty_rate: 0,
+                on: self.cvms[0].name.clone(),
+                beam: true,
+            },
+            image,
+        )?;
+        eprintln!(
+            "bench: guest {name} ({mib} MiB, {} MiB filled with non-zero data) ready in {:.1} s",
+            rec.fill_mib,
+            tg.elapsed().as_secs_f64()
+        );
+        Ok(rec)
+    }
+
+    /// Whether the guest is intact where it should be (`on`): running there and its full
+    /// memory check passes. When not, why (the console's fatal line, or the check's).
+    fn verify(&self, name: &str, on: &CloudVm) -> (bool, Option<String>) {
+        match guest::check(name) {
+            Ok((_, c)) if c.pass => return (true, None),
+            Ok((_, c)) => return (false, Some(format!("memory check failed: {}", c.line))),
+            Err(LabError::GuestNotRunning(_)) => {}
+            Err(e) => return (false, Some(format!("guest unreachable: {e}"))),
+        }
+        let console = vmbeam_lab::cvm::host_path(on, &guest::console_inner(name));
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        let why = fatal_console_line(&text)
+            .map(|l| format!("guest died on {}: {l}", on.name))
+            .unwrap_or_else(|| format!("guest not running on {} after the run", on.name));
+        (false, Some(why))
+    }
+
     /// Shapes both cloud VMs' links to `mbit` (`None`: unshaped), if not already so.
     fn shape(&self, mbit: Option<u32>) -> Result<()> {
         if self.shaping.get() == Some(mbit) {
@@ -395,19 +477,29 @@ impl Ctx<'_> {
         if aborted && !out.status.success() {
             return Ok(Migrated {
                 converged: false,
+                failed: None,
                 total_ms: spent.as_secs_f64() * 1000.0,
                 downtime_ms: None,
                 libvirt_bytes: None,
             });
         }
         if !out.status.success() {
-            return Err(run_err(format!(
-                "vmbeam migrate {dom} {} -> {} failed: {}{}",
-                from.name,
-                to.name,
-                stderr.trim(),
-                stdout.trim()
-            )));
+            // A failed migration is a result (recorded, the guest checked where it should
+            // still be), not the end of the bench.
+            let msg = stderr
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("vmbeam: "))
+                .unwrap_or(stderr.trim())
+                .trim_start_matches("vmbeam: ")
+                .to_string();
+            return Ok(Migrated {
+                converged: false,
+                failed: Some(format!("{msg}{}", stdout.trim())),
+                total_ms: spent.as_secs_f64() * 1000.0,
+                downtime_ms: None,
+                libvirt_bytes: None,
+            });
         }
         let mode = summary_field(&stdout, "mode:").unwrap_or_default();
         let want = if run.system == System::ZeroCopy {
@@ -422,6 +514,7 @@ impl Ctx<'_> {
         }
         Ok(Migrated {
             converged: true,
+            failed: None,
             total_ms: summary_field(&stdout, "total time:")
                 .and_then(|v| leading_number(&v))
                 .unwrap_or(spent.as_secs_f64() * 1000.0),
@@ -476,11 +569,18 @@ impl Ctx<'_> {
         } else {
             None
         };
+        let pool = vmbeam_lab::require_state()?.pool;
+        let pool0 = pool_allocation(&pool, &guest.uuid)?;
         let net0 = net_now()?;
         let cpu0: HostCpu = measure::read_host_cpu(proc)?;
         let m = self.migrate(run, &guest.name, from, to)?;
         let cpu1 = measure::read_host_cpu(proc)?;
         let net1 = net_now()?;
+        let written = if m.converged {
+            ram_written(&pool0, &pool_allocation(&pool, &guest.uuid)?)
+        } else {
+            None
+        };
         let web_during = load.map(|l| l.stop().rps());
         let series = match samplers {
             Some((n, c)) => {
@@ -504,10 +604,12 @@ impl Ctx<'_> {
             }
             None => None,
         };
+        let now_on = if m.converged { to } else { from };
+        let (intact, note) = self.verify(&guest.name, now_on);
         if m.converged {
             *at = 1 - *at;
         }
-        if run.settings.dirty_pages_per_s > 0 {
+        if intact && run.settings.dirty_pages_per_s > 0 {
             self.set_rate(&guest.name, 0)?;
         }
         let stream = m.libvirt_bytes.unwrap_or(net1.saturating_sub(net0));
@@ -531,6 +633,10 @@ impl Ctx<'_> {
                 web_rps_normal: web_normal,
                 web_rps_migrating: web_during,
                 dirty_achieved_pages_per_s: achieved,
+                ram_written_bytes: written,
+                guest_intact: intact,
+                guest_note: note,
+                error: m.failed,
             },
             meta: RunMetadata {
                 timestamp: model::now_rfc3339(),
@@ -553,6 +659,10 @@ fn empty_outcome() -> Outcome {
         web_rps_normal: None,
         web_rps_migrating: None,
         dirty_achieved_pages_per_s: None,
+        ram_written_bytes: None,
+        guest_intact: true,
+        guest_note: None,
+        error: None,
     }
 }
 
@@ -585,6 +695,35 @@ mod tests {
             Some(456_408.0)
         );
         assert_eq!(summary_field(out, "nothing:"), None);
+    }
+
+    #[test]
+    fn ram_written_is_the_newest_pool_file_growth() {
+        // Zero-copy: the same file (generation 3) before and after.
+        assert_eq!(ram_written(&[(3, 1000)], &[(3, 1200)]), Some(200));
+        // Copying: a fresh file (generation 4) beside the source's.
+        assert_eq!(ram_written(&[(3, 1000)], &[(3, 1000), (4, 900)]), Some(900));
+        assert_eq!(ram_written(&[(3, 1000)], &[]), None);
+        // Pool files of the guest are found by name, others ignored.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("u1.2.ram"), vec![1u8; 8192]).unwrap();
+        std::fs::write(dir.path().join("u1.10.ram"), b"").unwrap();
+        std::fs::write(dir.path().join("u2.1.ram"), b"x").unwrap();
+        std::fs::write(dir.path().join("u1.proof"), b"x").unwrap();
+        let v = pool_allocation(dir.path(), "u1").unwrap();
+        assert_eq!(v.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![2, 10]);
+        assert!(v[0].1 >= 8192);
+    }
+
+    #[test]
+    fn the_fatal_console_line_is_found() {
+        let console = "VMBEAM-AGENT status ok\n[   21.036744] ---[ end trace 0 ]---\n\
+                       [   21.038547] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert_eq!(
+            fatal_console_line(console).as_deref(),
+            Some("Kernel panic - not syncing: Fatal exception in interrupt")
+        );
+        assert_eq!(fatal_console_line("VMBEAM-AGENT status ok\n"), None);
     }
 
     #[test]
