@@ -27,8 +27,8 @@ use std::path::PathBuf;
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Reading or writing a file.
-    #[error("{path}: {source}")]
+    /// Reading or writing a file (the cause follows in the error chain).
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -22,6 +22,9 @@ pub struct Args {
     /// Where to write runs.csv, runs.json, the plots and report.md.
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
     pub out: PathBuf,
+    /// Run nothing: re-render the plots and the report from the results already in --out.
+    #[arg(long, conflicts_with_all = ["quick", "experiments"])]
+    pub render_only: bool,
     /// Experiments to run, a..g (default: all): a time vs memory, b downtime vs memory,
     /// c network load, d CPU load, e memory traffic, f dirty-rate sweep, g web throughput.
     #[arg(value_name = "EXPERIMENT", value_enum, ignore_case = true)]

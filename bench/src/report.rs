@@ -184,7 +184,13 @@ pub fn render_markdown(
         e.dedup();
         e
     };
-    let _ = writeln!(out, "Encryption used: {}.\n", enc.join(", "));
+    let _ = writeln!(
+        out,
+        "Encryption used: {}. The encrypted baselines use libvirt/QEMU native TLS \
+         (`VIR_MIGRATE_TLS`, gnutls in both QEMUs, certificates in each cloud VM's \
+         `migrate_tls_x509_cert_dir`), not an SSH tunnel as the paper's `xl migrate` did.\n",
+        enc.join(", ")
+    );
     let mut done: Vec<Experiment> = Vec::new();
     for e in Experiment::ALL {
         let rs = runs_for(runs, e);

@@ -87,6 +87,14 @@ impl Drop for LabUp {
 pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
     let t0 = Instant::now();
     crate::plot::ensure_font()?;
+    if args.render_only {
+        let files = render(&args.out)?;
+        return Ok(BenchSummary {
+            runs: model::read_json(&args.out.join("runs.json"))?.len(),
+            duration_s: t0.elapsed().as_secs_f64(),
+            files,
+        });
+    }
     if matches!(vmbeam_lab::state::LabState::load(), Ok(Some(_))) {
         return Err(Error::Lab(LabError::BadInput(
             "a lab is already up; `vmbeam bench` makes and removes its own: run `vmbeam lab down` first"
@@ -169,22 +177,51 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
     drop(_lab);
 
     let duration_s = t0.elapsed().as_secs_f64();
-    let (csv, json) = model::write_results(&args.out, &records)?;
+    model::write_results(&args.out, &records)?;
     let series_path = args.out.join("series.json");
     std::fs::write(&series_path, serde_json::to_vec_pretty(&series)?)
         .map_err(crate::io_err(&series_path))?;
-    let plots = plot::render_all(&records, &series, &args.out.join("plots"))?;
-    let report = crate::report::write_report(&args.out, &records, &plots, Some(duration_s))?;
-    let mut files = vec![csv, json, series_path, report];
-    for (_, png, svg) in plots {
-        files.push(png);
-        files.push(svg);
-    }
+    let info = args.out.join("run-info.json");
+    std::fs::write(
+        &info,
+        serde_json::to_vec_pretty(&serde_json::json!({ "duration_s": duration_s }))?,
+    )
+    .map_err(crate::io_err(&info))?;
+    let files = render(&args.out)?;
     Ok(BenchSummary {
         runs: records.len(),
         duration_s,
         files,
     })
+}
+
+/// Renders the plots and the report from the results in `dir` (`runs.json`, `series.json`,
+/// `run-info.json` if there): what `vmbeam bench` does at the end, and `--render-only`.
+/// Returns every file of the results, the plots last.
+pub fn render(dir: &Path) -> Result<Vec<PathBuf>> {
+    let runs_path = dir.join("runs.json");
+    let records = model::read_json(&runs_path)?;
+    if records.is_empty() {
+        return Err(Error::Data(format!("{} has no runs", runs_path.display())));
+    }
+    let series_path = dir.join("series.json");
+    let series: Vec<RunSeries> = match std::fs::read(&series_path) {
+        Ok(b) => serde_json::from_slice(&b)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(crate::io_err(&series_path)(e)),
+    };
+    let duration_s = std::fs::read(dir.join("run-info.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["duration_s"].as_f64());
+    let plots = plot::render_all(&records, &series, &dir.join("plots"))?;
+    let report = crate::report::write_report(dir, &records, &plots, duration_s)?;
+    let mut files = vec![dir.join("runs.csv"), runs_path, series_path, report];
+    for (_, png, svg) in plots {
+        files.push(png);
+        files.push(svg);
+    }
+    Ok(files)
 }
 
 /// Lab guests need at least [`guest::MIN_MEMORY_MIB`] (the paper's 128 MiB point runs at 160).
