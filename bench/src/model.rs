@@ -248,6 +248,28 @@ fn intact_default() -> bool {
     true
 }
 
+impl Default for Outcome {
+    /// Nothing measured yet; the guest presumed intact.
+    fn default() -> Self {
+        Outcome {
+            converged: false,
+            total_ms: 0.0,
+            downtime_ms: None,
+            wire_bytes: 0,
+            libvirt_bytes: None,
+            cpu_seconds: 0.0,
+            memory_traffic_bytes: None,
+            web_rps_normal: None,
+            web_rps_migrating: None,
+            dirty_achieved_pages_per_s: None,
+            ram_written_bytes: None,
+            guest_intact: intact_default(),
+            guest_note: None,
+            error: None,
+        }
+    }
+}
+
 /// The machine a run was made on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
@@ -556,14 +578,7 @@ pub(crate) mod tests {
                     400 * 1024
                 }),
                 cpu_seconds: total_ms / 1000.0,
-                memory_traffic_bytes: None,
-                web_rps_normal: None,
-                web_rps_migrating: None,
-                dirty_achieved_pages_per_s: None,
-                ram_written_bytes: None,
-                guest_intact: true,
-                guest_note: None,
-                error: None,
+                ..Outcome::default()
             },
             meta: meta(),
         }

@@ -629,7 +629,7 @@ impl Ctx<'_> {
                         system: run.system,
                         repetition: rep,
                         settings: run.settings.clone(),
-                        outcome: empty_outcome(),
+                        outcome: Outcome::default(),
                         meta: self.meta.clone(),
                     }),
                     bandwidth_mbit: measure::rates(&n)
@@ -681,25 +681,6 @@ impl Ctx<'_> {
             },
         };
         Ok((record, series))
-    }
-}
-
-fn empty_outcome() -> Outcome {
-    Outcome {
-        converged: false,
-        total_ms: 0.0,
-        downtime_ms: None,
-        wire_bytes: 0,
-        libvirt_bytes: None,
-        cpu_seconds: 0.0,
-        memory_traffic_bytes: None,
-        web_rps_normal: None,
-        web_rps_migrating: None,
-        dirty_achieved_pages_per_s: None,
-        ram_written_bytes: None,
-        guest_intact: true,
-        guest_note: None,
-        error: None,
     }
 }
 
