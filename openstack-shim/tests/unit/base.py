@@ -109,6 +109,9 @@ class DriverTestCase(test.NoDBTestCase):
         conn = self.drvr._host.get_connection()
         dom = conn.defineXML(xml)
         dom.create()
+        # A running domain with no job (Nova 33's fakelibvirt starts every
+        # domain with an unbounded job, Nova 34's with none).
+        getattr(dom, "_obj", dom)._job_type = fakelibvirt.VIR_DOMAIN_JOB_NONE
         self.useFixture(
             fixtures.MockPatchObject(fakelibvirt.Domain, "XMLDesc", lambda s, flags=0: xml)
         )
