@@ -1,6 +1,7 @@
 //! The Markdown report: machine and settings, tables of the runs, ratios against zero-copy,
 //! links to the plots.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -53,6 +54,159 @@ fn ratio_cell(r: Option<f64>) -> String {
             format!("{r:.2}x")
         }
     })
+}
+
+/// The summary: one column per system, the headline rows of the paper's figures (the largest
+/// guest of the memory sweep, the dirty-rate sweep's 10,000 and highest rates, web throughput,
+/// integrity), medians over repetitions. `report.md` opens with it; the README quotes it.
+pub fn summary_table(runs: &[RunRecord]) -> String {
+    let all: Vec<&RunRecord> = runs.iter().collect();
+    let variants = variants_in(&all);
+    if variants.is_empty() {
+        return String::new();
+    }
+    let of = |v: &str, pred: &dyn Fn(&RunRecord) -> bool| -> Vec<&RunRecord> {
+        runs.iter()
+            .filter(|r| variant_label(r) == v && pred(r))
+            .collect()
+    };
+    let mut out = format!(
+        "| | {} |\n|---|{}\n",
+        variants.join(" | "),
+        "---|".repeat(variants.len())
+    );
+    let mut row = |label: String, f: &dyn Fn(&str) -> String| {
+        let cells: Vec<String> = variants.iter().map(|v| f(v)).collect();
+        let _ = writeln!(out, "| {label} | {} |", cells.join(" | "));
+    };
+    // The largest idle guest moved (a/b, c/d/e).
+    let sized = |r: &RunRecord| {
+        matches!(
+            r.experiment,
+            Experiment::A | Experiment::B | Experiment::C | Experiment::D | Experiment::E
+        ) && r.settings.dirty_pages_per_s == 0
+    };
+    if let Some(big) = runs
+        .iter()
+        .filter(|r| sized(r))
+        .map(|r| r.settings.memory_mib)
+        .max()
+    {
+        let at = |v: &str| of(v, &|r| sized(r) && r.settings.memory_mib == big);
+        let zc_total = med(
+            &of("zero-copy", &|r| sized(r) && r.settings.memory_mib == big),
+            |r| r.outcome.converged.then_some(r.outcome.total_ms),
+        );
+        let size = human_bytes((big << 20) as f64).replace(".00", "");
+        row(format!("{size} guest: migration time"), &|v| {
+            cell(
+                med(&at(v), |r| {
+                    r.outcome.converged.then_some(r.outcome.total_ms)
+                }),
+                human_ms,
+            )
+        });
+        row(format!("{size}: time / zero-copy"), &|v| {
+            if v == "zero-copy" {
+                "1x".into()
+            } else {
+                ratio_cell(ratio(
+                    med(&at(v), |r| {
+                        r.outcome.converged.then_some(r.outcome.total_ms)
+                    }),
+                    zc_total,
+                ))
+            }
+        });
+        row(format!("{size}: downtime"), &|v| {
+            cell(med(&at(v), |r| r.outcome.downtime_ms), human_ms)
+        });
+        row(format!("{size}: on the wire"), &|v| {
+            cell(
+                med(&at(v), |r| Some(r.outcome.wire_bytes as f64)),
+                human_bytes,
+            )
+        });
+        row(format!("{size}: host CPU time"), &|v| {
+            cell(med(&at(v), |r| Some(r.outcome.cpu_seconds)), |c| {
+                format!("{c:.1} s")
+            })
+        });
+        row(
+            format!("{size}: guest RAM written at the destination"),
+            &|v| {
+                cell(
+                    med(&at(v), |r| r.outcome.ram_written_bytes.map(|b| b as f64)),
+                    human_bytes,
+                )
+            },
+        );
+    }
+    // The dirty-rate sweep: 10,000 pages/s (the paper's highest) and the highest measured.
+    let dirty: BTreeSet<u64> = runs
+        .iter()
+        .filter(|r| r.experiment == Experiment::F)
+        .map(|r| r.settings.dirty_pages_per_s)
+        .collect();
+    let picks: BTreeSet<u64> = [dirty.range(..=10_000).next_back(), dirty.iter().next_back()]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    for rate in picks {
+        let at = |v: &str| {
+            of(v, &|r| {
+                r.experiment == Experiment::F && r.settings.dirty_pages_per_s == rate
+            })
+        };
+        let mib = runs
+            .iter()
+            .find(|r| r.experiment == Experiment::F)
+            .map_or(0, |r| r.settings.memory_mib);
+        row(
+            format!("{mib} MiB at {rate} pages/s: time (downtime)"),
+            &|v| {
+                let rs = at(v);
+                let done: Vec<&RunRecord> =
+                    rs.iter().copied().filter(|r| r.outcome.converged).collect();
+                if rs.is_empty() {
+                    "—".into()
+                } else if done.is_empty() {
+                    if rs.iter().any(|r| r.outcome.error.is_some()) {
+                        "failed".into()
+                    } else {
+                        format!("not converged ({})", human_ms(rs[0].settings.cap_ms as f64))
+                    }
+                } else {
+                    format!(
+                        "{} ({})",
+                        cell(med(&done, |r| Some(r.outcome.total_ms)), human_ms),
+                        cell(med(&done, |r| r.outcome.downtime_ms), human_ms)
+                    )
+                }
+            },
+        );
+    }
+    // Web throughput (g).
+    if runs.iter().any(|r| r.experiment == Experiment::G) {
+        row("web throughput lost during migration".into(), &|v| {
+            let rs = of(v, &|r| r.experiment == Experiment::G);
+            let n = med(&rs, |r| r.outcome.web_rps_normal);
+            let d = med(&rs, |r| r.outcome.web_rps_migrating);
+            cell(n.zip(d).and_then(|(n, d)| degradation_percent(n, d)), |p| {
+                format!("{p:.0}%")
+            })
+        });
+    }
+    row("runs that failed or broke the guest".into(), &|v| {
+        let rs = of(v, &|_| true);
+        let bad = rs
+            .iter()
+            .filter(|r| !r.outcome.guest_intact || r.outcome.error.is_some())
+            .count();
+        format!("{bad} of {}", rs.len())
+    });
+    out
 }
 
 /// Groups runs by (variant, memory, dirty rate) in a stable order.
@@ -191,6 +345,7 @@ pub fn render_markdown(
          `migrate_tls_x509_cert_dir`), not an SSH tunnel as the paper's `xl migrate` did.\n",
         enc.join(", ")
     );
+    let _ = writeln!(out, "## Summary\n\n{}", summary_table(runs));
     let mut done: Vec<Experiment> = Vec::new();
     for e in Experiment::ALL {
         let rs = runs_for(runs, e);
@@ -348,6 +503,56 @@ pub fn write_report(
 mod tests {
     use super::*;
     use crate::plot::tests::synthetic;
+
+    #[test]
+    fn summary_has_a_column_per_system_and_the_headline_rows() {
+        use crate::model::tests::run;
+        let mut runs = vec![
+            run(Experiment::A, System::ZeroCopy, 4096, 0, 700.0),
+            run(Experiment::A, System::ZeroCopy, 4096, 0, 720.0),
+            run(Experiment::A, System::NestedLike, 4096, 0, 350_000.0),
+            run(Experiment::A, System::ZeroCopy, 128, 0, 690.0),
+            run(Experiment::F, System::ZeroCopy, 2048, 10_000, 710.0),
+            run(Experiment::F, System::NestedLike, 2048, 10_000, 343_000.0),
+            run(Experiment::F, System::ZeroCopy, 2048, 100_000, 715.0),
+            run(Experiment::F, System::NestedLike, 2048, 100_000, 20_000.0),
+        ];
+        runs[5].outcome.converged = false;
+        runs[7].outcome.converged = false;
+        runs[7].outcome.error = Some("guest crashed".into());
+        runs[7].outcome.guest_intact = false;
+        let t = summary_table(&runs);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "| | zero-copy | nested-like |");
+        let find = |p: &str| {
+            *lines
+                .iter()
+                .find(|l| l.starts_with(p))
+                .unwrap_or_else(|| panic!("{p}: {t}"))
+        };
+        // The largest guest of the sweep only, medians.
+        assert_eq!(
+            find("| 4 GiB guest: migration time"),
+            "| 4 GiB guest: migration time | 710 ms | 350.0 s |"
+        );
+        assert_eq!(
+            find("| 4 GiB: time / zero-copy"),
+            "| 4 GiB: time / zero-copy | 1x | 493x |"
+        );
+        assert!(
+            find("| 2048 MiB at 10000 pages/s").ends_with("| not converged (10.0 min) |"),
+            "{t}"
+        );
+        assert!(
+            find("| 2048 MiB at 100000 pages/s").ends_with("| failed |"),
+            "{t}"
+        );
+        assert_eq!(
+            find("| runs that failed"),
+            "| runs that failed or broke the guest | 0 of 5 | 1 of 3 |"
+        );
+        assert!(summary_table(&[]).is_empty());
+    }
 
     #[test]
     fn human_units() {
