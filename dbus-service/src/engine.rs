@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::libvirt_conn::Conn;
 use tracing::{error, info, info_span, warn};
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -174,11 +175,11 @@ pub fn probe_destination(
     dest_uri: &str,
     pool_file: Option<&str>,
 ) -> Result<Colocation, BeamError> {
-    let mut dconn = Connect::open(Some(dest_uri))
-        .map_err(|e| BeamError::Libvirt(format!("connect to {dest_uri}: {}", e.message())))?;
-    let dest_uuid = host_uuid(&dconn);
-    let _ = dconn.close();
-    let dest_uuid = dest_uuid?;
+    let dest_uuid = {
+        let dconn = Conn::open(dest_uri)
+            .map_err(|e| BeamError::Libvirt(format!("connect to {dest_uri}: {}", e.message())))?;
+        host_uuid(&dconn)?
+    };
     if dest_uuid == ctx.libvirt_uuid {
         return Err(BeamError::InvalidArgs(format!("{dest_uri} is this host")));
     }
@@ -214,7 +215,7 @@ pub fn run(
     let started = Instant::now();
     job.phase(Phase::Planning);
     let id = &ctx.cfg.identity;
-    let conn = Connect::open(Some(&ctx.cfg.libvirt_uri)).map_err(lv)?;
+    let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
     let dom = Domain::lookup_by_name(&conn, domain)
         .map_err(|_| BeamError::NoSuchDomain(domain.into()))?;
     if !dom.is_active().map_err(lv)? {

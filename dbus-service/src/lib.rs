@@ -5,6 +5,7 @@
 pub mod config;
 pub mod engine;
 pub mod hooks;
+pub mod libvirt_conn;
 pub mod libvirt_job;
 pub mod rendezvous;
 pub mod service;

@@ -5,7 +5,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use virt::connect::Connect;
+use crate::libvirt_conn::Conn;
 use virt::domain::{Domain, JobStats, MigrateParameters};
 use virt::sys;
 
@@ -80,8 +80,8 @@ pub struct Completed {
     pub iterations: Option<u64>,
 }
 
-fn connect(uri: &str) -> Result<Connect, JobError> {
-    Connect::open(Some(uri)).map_err(|e| JobError::Connect {
+fn connect(uri: &str) -> Result<Conn, JobError> {
+    Conn::open(uri).map_err(|e| JobError::Connect {
         uri: uri.into(),
         msg: e.to_string(),
     })

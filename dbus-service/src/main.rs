@@ -78,11 +78,9 @@ async fn main() -> anyhow::Result<()> {
     let libvirt_uuid = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match virt::connect::Connect::open(Some(&uri)) {
-                Ok(mut c) => {
-                    let u = vmbeamd::engine::host_uuid(&c).map_err(|e| anyhow::anyhow!("{e:?}"));
-                    let _ = c.close();
-                    return u;
+            match vmbeamd::libvirt_conn::Conn::open(&uri) {
+                Ok(c) => {
+                    return vmbeamd::engine::host_uuid(&c).map_err(|e| anyhow::anyhow!("{e:?}"));
                 }
                 Err(e) if std::time::Instant::now() >= deadline => {
                     return Err(anyhow::anyhow!("libvirt at {uri}: {}", e.message()))

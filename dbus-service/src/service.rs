@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::libvirt_conn::Conn;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 use vmbeam_bus::{BeamError, DomainRow, JOBS_PATH};
@@ -535,7 +535,7 @@ async fn emit_changes(iref: &zbus::object_server::InterfaceRef<JobObj>, a: &JobV
 }
 
 fn set_enabled(ctx: &SharedCtx, domain: &str, enable: bool) -> Result<Vec<String>, BeamError> {
-    let conn = Connect::open(Some(&ctx.cfg.libvirt_uri)).map_err(lv)?;
+    let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
     let dom = Domain::lookup_by_name(&conn, domain)
         .map_err(|_| BeamError::NoSuchDomain(domain.into()))?;
     if !dom.is_persistent().map_err(lv)? {
@@ -581,7 +581,7 @@ fn set_enabled(ctx: &SharedCtx, domain: &str, enable: bool) -> Result<Vec<String
 }
 
 fn list_domains(ctx: &SharedCtx) -> Result<Vec<DomainRow>, BeamError> {
-    let conn = Connect::open(Some(&ctx.cfg.libvirt_uri)).map_err(lv)?;
+    let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
     let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
     let mut rows = Vec::new();
     let mut live = HashSet::new();

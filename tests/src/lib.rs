@@ -344,3 +344,31 @@ pub fn qemu_pids(cvm: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Client connections to libvirtd (any cloud VM's, port 16509) that `process` holds in cloud
+/// VM `cvm`'s network namespace now: a daemon that leaks them makes libvirtd stop answering.
+pub fn libvirt_clients_of(cvm: &str, process: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("vmbeam-{cvm}"),
+            "ss",
+            "-tnpH",
+            "state",
+            "established",
+            "( dport = :16509 )",
+        ])
+        .output()
+        .expect("run ss");
+    assert!(
+        o.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("((\"{process}\"")))
+        .map(String::from)
+        .collect()
+}

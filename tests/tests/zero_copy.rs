@@ -152,6 +152,12 @@ fn twenty_zero_copy_migrations_back_and_forth() {
     assert_eq!(boot_id("pingpong"), boot);
     settled_on("pingpong", "cvm1", 2);
     assert_pool_clean(1);
+    // vmbeamd closes every libvirt connection it opened for the migrations (its own
+    // libvirtd's and the destination's): leaked ones pile up until libvirtd stops answering.
+    for cvm in ["cvm1", "cvm2"] {
+        let held = vmbeam_tests::libvirt_clients_of(cvm, "vmbeamd");
+        assert!(held.is_empty(), "vmbeamd on {cvm} still holds {held:#?}");
+    }
 }
 
 #[test]
