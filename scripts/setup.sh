@@ -2,7 +2,8 @@
 # Installs what VMBeam's build, lab and tests need on Debian 12 (as root), if missing.
 set -euo pipefail
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
-      busybox-static cpio pkg-config iproute2 dbus-daemon util-linux mount kmod fonts-dejavu-core)
+      busybox-static cpio pkg-config iproute2 dbus-daemon util-linux mount kmod fonts-dejavu-core
+      gcc python3-venv python3-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
