@@ -345,17 +345,28 @@ fn ram_written(before: &[(u64, u64)], after: &[(u64, u64)]) -> Option<u64> {
     Some(now.saturating_sub(was))
 }
 
-/// The first line of a guest console that tells why the guest died, if any.
+/// The line of a guest console that tells why the guest died last, if it did: the first line
+/// of the last crash report (the console file is appended to across boots of a guest of the
+/// same name, so earlier crashes are skipped).
 fn fatal_console_line(console: &str) -> Option<String> {
-    const MARKS: [&str; 4] = ["Kernel panic", "BUG:", "Oops", "general protection fault"];
-    console
-        .lines()
-        .find(|l| MARKS.iter().any(|m| l.contains(m)))
-        .map(|l| {
-            // Drop the kernel's "[   21.0] " timestamp.
-            let l = l.trim();
-            l.split_once("] ").map_or(l, |(_, r)| r).to_string()
-        })
+    const FIRST: [&str; 3] = ["BUG:", "general protection fault", "Oops"];
+    let all: Vec<&str> = console.lines().collect();
+    // The latest boot only (the guest's init announces each boot).
+    let boot = all
+        .iter()
+        .rposition(|l| l.contains("VMBEAM-INIT"))
+        .unwrap_or(0);
+    let lines = &all[boot..];
+    let panic_at = lines.iter().rposition(|l| l.contains("Kernel panic"));
+    let upto = panic_at.map_or(lines.len(), |i| i + 1);
+    let l = lines[..upto]
+        .iter()
+        .rev()
+        .find(|l| FIRST.iter().any(|m| l.contains(m)))
+        .or(panic_at.map(|i| &lines[i]))?;
+    let l = l.trim();
+    // Drop the kernel's "[   21.0] " timestamp.
+    Some(l.split_once("] ").map_or(l, |(_, r)| r).to_string())
 }
 
 impl Ctx<'_> {
@@ -731,6 +742,25 @@ mod tests {
         let v = pool_allocation(dir.path(), "u1").unwrap();
         assert_eq!(v.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![2, 10]);
         assert!(v[0].1 >= 8192);
+    }
+
+    #[test]
+    fn the_fatal_console_line_is_the_last_crash() {
+        let console =
+            "VMBEAM-INIT boot 1\n[ 3.0] BUG: kernel NULL pointer dereference, address: 20\n\
+                       [ 3.1] Kernel panic - not syncing: Fatal exception\n\
+                       VMBEAM-INIT boot 2\nVMBEAM-AGENT status ok\n\
+                       [ 9.0] general protection fault, probably for non-canonical address\n\
+                       [ 9.1] Oops: 0000 [#1] PREEMPT SMP NOPTI\n\
+                       [ 9.2] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert_eq!(
+            fatal_console_line(console).as_deref(),
+            Some("Oops: 0000 [#1] PREEMPT SMP NOPTI")
+        );
+        // A later boot without a crash report: the earlier crash is not reported.
+        let clean =
+            "VMBEAM-INIT boot 1\n[ 3.1] Kernel panic - not syncing: x\nVMBEAM-INIT boot 2\n";
+        assert_eq!(fatal_console_line(clean), None);
     }
 
     #[test]
