@@ -227,9 +227,10 @@ pub struct Outcome {
     /// count; under TCG a guest may not reach the rate asked for).
     #[serde(default)]
     pub dirty_achieved_pages_per_s: Option<u64>,
-    /// Guest RAM written at the destination by the migration, bytes: measured as the growth
-    /// of the destination's pool file allocation (tmpfs blocks), since a copying migration
-    /// writes every non-zero page it receives into a fresh file and zero-copy writes none.
+    /// Guest RAM the migration touched at the destination, bytes: measured as the growth of
+    /// the destination's pool file allocation (tmpfs blocks). A copying migration writes every
+    /// page it receives into a fresh sparse file and reads the ones sent as zero (which
+    /// allocates them on tmpfs); zero-copy touches none.
     #[serde(default)]
     pub ram_written_bytes: Option<u64>,
     /// Whether the guest was intact after the run: running, and its agent's full memory check

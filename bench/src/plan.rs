@@ -218,8 +218,10 @@ impl Plan {
             done.extend(group.iter().copied());
             let in_group = |x: Experiment| selected.contains(&x);
             let probes = Probes {
-                time_series: in_group(Experiment::C) || in_group(Experiment::D),
-                process_io: in_group(Experiment::E),
+                // Only the runs of the c/d/e group (one large migration) are sampled.
+                time_series: group.contains(&Experiment::C)
+                    && (in_group(Experiment::C) || in_group(Experiment::D)),
+                process_io: group.contains(&Experiment::E) && in_group(Experiment::E),
                 web_load: e == Experiment::G,
             };
             let points: Vec<(u64, u64)> = match e {
@@ -374,6 +376,15 @@ mod tests {
             .iter()
             .filter(|r| r.experiment == Experiment::G)
             .all(|r| r.probes.web_load));
+        // Only the c/d/e runs are sampled over time.
+        for r in &p.runs {
+            assert_eq!(
+                r.probes.time_series,
+                r.experiment == Experiment::C,
+                "{:?}",
+                r.experiment
+            );
+        }
         for r in &p.runs {
             assert!(r.fill_memory);
             match r.system {

@@ -133,7 +133,7 @@ pub fn summary_table(runs: &[RunRecord]) -> String {
             })
         });
         row(
-            format!("{size}: guest RAM written at the destination"),
+            format!("{size}: guest RAM touched at the destination"),
             &|v| {
                 cell(
                     med(&at(v), |r| r.outcome.ram_written_bytes.map(|b| b as f64)),
@@ -364,7 +364,7 @@ pub fn render_markdown(
         match e {
             Experiment::E => {
                 out.push_str(
-                    "| system | stream bytes | guest RAM written at the destination (measured) | our model (factor) | estimate | paper's counterpart |\n|---|---|---|---|---|---|\n",
+                    "| system | stream bytes | guest RAM touched at the destination (measured) | our model (factor) | estimate | paper's counterpart |\n|---|---|---|---|---|---|\n",
                 );
                 for v in variants_in(&rs) {
                     let mine: Vec<&RunRecord> = rs
@@ -394,10 +394,12 @@ pub fn render_markdown(
                     );
                 }
                 out.push_str(
-                    "\nMeasured: the guest RAM the migration wrote at the destination, as the \
-                     growth of the destination's pool-file allocation (a copying migration fills a \
-                     fresh file with every non-zero page it receives; zero-copy maps the same \
-                     file). Modelled: every other read and write on the way (see `vmbeam-bench`'s \
+                    "\nMeasured: the guest RAM the incoming migration touched at the destination, as the \
+                     growth of the destination's pool-file allocation: a copying migration fills a \
+                     fresh, sparse file with every page it receives, and reads the pages sent as \
+                     zero to check them, which allocates them on tmpfs too (so this is the whole \
+                     guest, not just the stream); zero-copy maps the same file and touches none. \
+                     Modelled: every other read and write on the way (see `vmbeam-bench`'s \
                      `memtraffic` module: plain 6x, TLS 10x, SSH tunnel 22x the stream; \
                      zero-copy touches no guest RAM).\n\n",
                 );

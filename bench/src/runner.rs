@@ -205,11 +205,17 @@ pub fn render(dir: &Path) -> Result<Vec<PathBuf>> {
         return Err(Error::Data(format!("{} has no runs", runs_path.display())));
     }
     let series_path = dir.join("series.json");
-    let series: Vec<RunSeries> = match std::fs::read(&series_path) {
+    let mut series: Vec<RunSeries> = match std::fs::read(&series_path) {
         Ok(b) => serde_json::from_slice(&b)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(crate::io_err(&series_path)(e)),
     };
+    // One curve per system: its last sampled run (experiment c's large migration; results of
+    // 2026-12-02 sampled every run, before the plan limited sampling to c).
+    let mut seen = std::collections::BTreeSet::new();
+    series.reverse();
+    series.retain(|s| seen.insert(s.variant.clone()));
+    series.reverse();
     let duration_s = std::fs::read(dir.join("run-info.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())

@@ -132,7 +132,7 @@ fn quick_bench_writes_every_output_with_sane_values() {
         assert!(o.wire_bytes > 0, "{what}: {o:?}");
         if r.system == System::ZeroCopy {
             // Zero-copy: converged, the guest intact, only device state on the wire and no
-            // guest RAM written at the destination.
+            // guest RAM touched at the destination.
             assert!(o.converged && o.guest_intact, "{what}: {o:?}");
             assert!(o.libvirt_bytes.unwrap() < MIB, "{what}: {o:?}");
             assert!(o.wire_bytes < 4 * MIB, "{what}: {o:?}");
