@@ -1,18 +1,85 @@
 #!/usr/bin/env bash
 # Installs what VMBeam's build, lab and tests need on Debian 12 (as root), if missing.
+#
+# The QEMU/libvirt stack (VMBEAM_STACK):
+#   backports (default)  QEMU 10.0 and libvirt 11.3 from bookworm-backports, the versions of
+#                        Debian 13. Only the packages built from the qemu, libvirt and seabios
+#                        sources are pinned to bookworm-backports; everything else stays
+#                        Debian 12's. QEMU 7.2 loses pages in precopy migrations of dirtying
+#                        TCG guests (fixed in QEMU 9.0, commit 03bfc2188f), which breaks the
+#                        traditional baselines here; zero-copy does not depend on it.
+#   debian12             Debian 12's own QEMU 7.2 and libvirt 9.0 (what KVM hosts on Debian 12
+#                        run): the pin is removed and those packages are downgraded to
+#                        bookworm's versions. Rebuild VMBeam afterwards (cargo clean -p virt-sys
+#                        is not needed: the bindings link libvirt.so.0 dynamically).
 set -euo pipefail
+STACK=${VMBEAM_STACK:-backports}
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
       busybox-static cpio pkg-config iproute2 dbus-daemon util-linux mount kmod fonts-dejavu-core
       gcc python3-venv python3-dev)
+# Binary packages of the pinned stack (qemu, libvirt, seabios sources) that we install.
+STACK_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios
+            libvirt-daemon libvirt-daemon-common libvirt-daemon-log libvirt-daemon-driver-qemu
+            libvirt-clients libvirt-dev libvirt0 libvirt-common)
+SOURCES=/etc/apt/sources.list.d/vmbeam-backports.sources
+PIN=/etc/apt/preferences.d/vmbeam-backports
+export DEBIAN_FRONTEND=noninteractive
+updated=0
+apt_update() { ((updated)) || { apt-get update -qq; updated=1; }; }
+
+case "$STACK" in
+  backports)
+    if [ ! -e "$SOURCES" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      cat >"$SOURCES" <<'EOF'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+      updated=0
+    fi
+    if [ ! -e "$PIN" ]; then
+      cat >"$PIN" <<'EOF'
+# VMBeam: QEMU and libvirt (and the seabios QEMU 10 needs), only those, from bookworm-backports:
+# QEMU 10.0 / libvirt 11.3, the versions of Debian 13. Written by VMBeam's scripts/setup.sh.
+Package: src:qemu src:libvirt src:seabios
+Pin: release n=bookworm-backports
+Pin-Priority: 990
+EOF
+    fi
+    ;;
+  debian12)
+    rm -f "$PIN"
+    ;;
+  *) echo "setup: VMBEAM_STACK must be backports or debian12, not '$STACK'" >&2; exit 2 ;;
+esac
+
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_update
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Bring installed stack packages to the chosen stack's candidate versions (an upgrade to
+# backports, or a downgrade back to Debian 12's), so that QEMU and libvirt always match.
+want=()
+for p in "${STACK_PKGS[@]}"; do
+  have=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || continue
+  [ -n "$have" ] || continue
+  apt_update
+  cand=$(apt-cache policy "$p" | sed -n 's/^ *Candidate: //p')
+  [ -n "$cand" ] && [ "$cand" != "(none)" ] && [ "$cand" != "$have" ] && want+=("$p=$cand")
+done
+if ((${#want[@]})); then
+  echo "setup: switching to the $STACK stack: ${want[*]}"
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "${want[@]}" >/dev/null
+fi
+
 # libvirtd refuses to start without the libvirt-qemu user (libvirt-daemon-system creates it;
 # we do not want that package's system-wide libvirtd here).
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu

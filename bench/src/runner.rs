@@ -390,6 +390,7 @@ impl Ctx<'_> {
                 memory_mib: mib,
                 fill_mib: None,
                 dirty_rate: 0,
+                vcpus: 1,
                 on: self.cvms[0].name.clone(),
                 beam: true,
             },

@@ -18,6 +18,14 @@ pub fn agent_socket_inner(name: &str) -> String {
     format!("/run/vmbeam/lab/{name}.agent")
 }
 
+/// Path, inside its cloud VM, of the lab's own QMP monitor of a guest's QEMU (a second
+/// monitor beside libvirt's and VMBeam's private one). Tests read QEMU's run state through it
+/// without touching the product's channels; every QEMU of the guest (the destination's too,
+/// from the same XML) makes it in its own cloud VM's /run.
+pub fn witness_socket_inner(name: &str) -> String {
+    format!("/run/vmbeam/lab/{name}.witness")
+}
+
 /// Path of a guest's console log inside its cloud VM.
 pub fn console_inner(name: &str) -> String {
     format!("/var/log/libvirt/qemu/{name}.console")
@@ -31,6 +39,8 @@ pub struct GuestSpec {
     /// Memory the agent fills and verifies; default: all but what the kernel needs.
     pub fill_mib: Option<u64>,
     pub dirty_rate: u64,
+    /// Virtual CPUs; more than one are threads of one core (`<topology threads='N'/>`).
+    pub vcpus: u32,
     /// Cloud VM to start it on.
     pub on: String,
     /// Make it beam-enabled (shared file memory in the pool, the private QMP socket,
@@ -82,14 +92,22 @@ pub fn domain_xml(rec: &GuestRecord, image: &GuestImage, domain_type: &str) -> S
         &format!("{}/16", rec.ip),
         Some(LOADGEN_ADDR),
     );
+    let cpu = if rec.vcpus > 1 {
+        format!(
+            "\n  <cpu mode='custom' match='exact' check='partial'><model fallback='forbid'>qemu64</model><topology sockets='1' dies='1' cores='1' threads='{}'/></cpu>",
+            rec.vcpus
+        )
+    } else {
+        String::new()
+    };
     format!(
-        r#"<domain type='{domain_type}'>
+        r#"<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
   <description>VMBeam lab guest</description>
   <memory unit='MiB'>{mem}</memory>
   <currentMemory unit='MiB'>{mem}</currentMemory>
-  <vcpu>1</vcpu>
+  <vcpu>{vcpus}</vcpu>{cpu}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
@@ -118,11 +136,17 @@ pub fn domain_xml(rec: &GuestRecord, image: &GuestImage, domain_type: &str) -> S
     </interface>
     <memballoon model='none'/>
   </devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:{witness},server=on,wait=off'/>
+  </qemu:commandline>
 </domain>
 "#,
         name = rec.name,
         uuid = rec.uuid,
         mem = rec.memory_mib,
+        vcpus = rec.vcpus.max(1),
+        witness = witness_socket_inner(&rec.name),
         kernel = image.kernel.display(),
         initrd = image.initrd.display(),
         console = console_inner(&rec.name),
@@ -266,6 +290,7 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
         memory_mib: spec.memory_mib,
         fill_mib: fill,
         dirty_rate: spec.dirty_rate,
+        vcpus: spec.vcpus.max(1),
         ip: guest_ip(n),
         mac: format!("52:54:00:be:{:02x}:{:02x}", n / 256, n % 256),
         created_on: cvm.name.clone(),

@@ -104,10 +104,17 @@ pub struct GuestRecord {
     pub memory_mib: u64,
     pub fill_mib: u64,
     pub dirty_rate: u64,
+    /// Virtual CPUs (threads of one core when more than one).
+    #[serde(default = "one_vcpu")]
+    pub vcpus: u32,
     pub ip: String,
     pub mac: String,
     /// Cloud VM it was created on.
     pub created_on: String,
+}
+
+fn one_vcpu() -> u32 {
+    1
 }
 
 /// Link shaping requested for the cloud VMs' links.

@@ -224,12 +224,95 @@ pub fn summary_field(out: &str, key: &str) -> Option<String> {
         })
 }
 
-/// Polls the run state of one domain on every cloud VM, all the time, and records any
-/// instant at which more than one runs it (with shared RAM that would be two CPUs writing
-/// one memory).
+/// Host path of the lab's witness QMP monitor of `domain`'s QEMU on cloud VM `i` (see
+/// [`vmbeam_lab::guest::witness_socket_inner`]).
+pub fn witness_socket(i: u32, domain: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/run/vmbeam-lab/cvm{i}{}",
+        vmbeam_lab::guest::witness_socket_inner(domain)
+    ))
+}
+
+/// One cloud VM's QEMU of the watched guest, as seen through its witness monitor.
+struct Witness {
+    sock: PathBuf,
+    client: Option<vmbeam_qemu::qmp::QmpClient>,
+    /// Counts connections, so that two answers can be told to come from one QEMU process.
+    connection: u64,
+}
+
+impl Witness {
+    /// QEMU's own answer to "do your vCPUs run?" (`query-status`), with the connection it
+    /// came from; `None` when there is no QEMU (or it did not answer).
+    fn running(&mut self) -> Option<(bool, u64)> {
+        if self.client.is_none() {
+            let opts = vmbeam_qemu::qmp::QmpOptions {
+                connect_timeout: std::time::Duration::ZERO,
+                io_timeout: std::time::Duration::from_secs(2),
+                ..Default::default()
+            };
+            self.client = vmbeam_qemu::qmp::QmpClient::connect(&self.sock, &opts).ok();
+            self.connection += 1;
+        }
+        match self.client.as_mut()?.query_status_info() {
+            Ok(s) => Some((s.running, self.connection)),
+            Err(_) => {
+                self.client = None;
+                None
+            }
+        }
+    }
+}
+
+/// Whether one sample proves that two QEMUs ran the guest at one instant. `reads` are in the
+/// order they were made: (cloud VM, running, connection). The sample reads the cloud VMs
+/// 1..n and back n-1..1, so that every pair is read as X, Y, X. If X's QEMU (one connection,
+/// so one process) answered "running" before and after Y's QEMU answered "running", both ran
+/// at the instant of Y's answer: a QEMU whose vCPUs stop for a migration does not run them
+/// again unless the migration failed and the source was resumed, and a resumed source
+/// after its destination ran is itself the corruption this check is for. Two "running"
+/// answers read one after the other prove nothing (the first may have stopped in between):
+/// that was the old check's mistake.
+pub fn sample_overlap(reads: &[(u32, bool, u64)]) -> Option<(u32, u32)> {
+    for (i, &(x, run_x, conn)) in reads.iter().enumerate() {
+        if !run_x {
+            continue;
+        }
+        let Some(j) = reads[i + 1..]
+            .iter()
+            .position(|&(c, r, k)| c == x && r && k == conn)
+            .map(|p| p + i + 1)
+        else {
+            continue;
+        };
+        if let Some(&(y, _, _)) = reads[i + 1..j].iter().find(|&&(c, r, _)| c != x && r) {
+            return Some((x, y));
+        }
+    }
+    None
+}
+
+/// Watches one domain on every cloud VM, all the time, through QEMU's own run state (the
+/// lab's witness QMP monitor of each QEMU, not libvirt's bookkeeping, which can say
+/// "running" for a QEMU that already stopped), and records every sample that proves two
+/// QEMUs ran the guest at one instant (with shared RAM, two CPUs writing one memory). See
+/// [`sample_overlap`] for why the reading order makes the proof sound.
 pub struct SplitBrainWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+    handle: Option<std::thread::JoinHandle<WatchReport>>,
+}
+
+/// What a watch saw.
+#[derive(Debug, Default)]
+pub struct WatchReport {
+    /// Samples taken.
+    pub samples: u64,
+    /// Samples in which some cloud VM's QEMU answered "running".
+    pub running_samples: u64,
+    /// Cloud VMs whose QEMU ever answered "running".
+    pub ran_on: std::collections::BTreeSet<u32>,
+    /// Proven overlaps.
+    pub violations: Vec<String>,
 }
 
 impl SplitBrainWatch {
@@ -240,31 +323,45 @@ impl SplitBrainWatch {
         let s2 = stop.clone();
         let domain = domain.to_string();
         let handle = std::thread::spawn(move || {
-            let conns: Vec<virt::connect::Connect> = (1..=n)
-                .map(|i| virt::connect::Connect::open(Some(&cvm_uri(i))).expect("connect"))
+            let mut w: Vec<Witness> = (1..=n)
+                .map(|i| Witness {
+                    sock: witness_socket(i, &domain),
+                    client: None,
+                    connection: 0,
+                })
                 .collect();
-            let mut samples = 0u64;
-            let mut violations = Vec::new();
-            while !s2.load(Ordering::SeqCst) {
-                let running: Vec<usize> = conns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| {
-                        virt::domain::Domain::lookup_by_name(c, &domain)
-                            .ok()
-                            .and_then(|d| d.get_state().ok())
-                            .map(|(st, _)| st == virt::sys::VIR_DOMAIN_RUNNING)
-                            .unwrap_or(false)
-                    })
-                    .map(|(i, _)| i + 1)
-                    .collect();
-                samples += 1;
-                if running.len() > 1 {
-                    violations.push(format!("sample {samples}: running on cvm{running:?}"));
+            // 1, 2, ..., n, n-1, ..., 1
+            let order: Vec<u32> = (1..=n).chain((1..n).rev()).collect();
+            let mut report = WatchReport::default();
+            let mut reads = Vec::with_capacity(order.len());
+            loop {
+                // One last sample after the stop: the caller stops the watch once the
+                // guest runs where it should, so the watch always sees it run there.
+                let last = s2.load(Ordering::SeqCst);
+                reads.clear();
+                for &i in &order {
+                    if let Some((running, conn)) = w[(i - 1) as usize].running() {
+                        reads.push((i, running, conn));
+                    }
+                }
+                report.samples += 1;
+                let running: Vec<u32> = reads.iter().filter(|r| r.1).map(|r| r.0).collect();
+                if !running.is_empty() {
+                    report.running_samples += 1;
+                    report.ran_on.extend(running);
+                }
+                if let Some((x, y)) = sample_overlap(&reads) {
+                    report.violations.push(format!(
+                        "sample {}: cvm{x}'s QEMU ran before and after cvm{y}'s said running",
+                        report.samples
+                    ));
+                }
+                if last {
+                    break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            (samples, violations)
+            report
         });
         SplitBrainWatch {
             stop,
@@ -272,19 +369,29 @@ impl SplitBrainWatch {
         }
     }
 
-    /// Stops and asserts that at no sampled instant two cloud VMs ran the guest.
+    /// Stops and asserts that at no sampled instant two QEMUs ran the guest, and that the
+    /// watch really saw the guest run (so a broken witness cannot pass silently).
     #[track_caller]
-    pub fn finish(mut self) -> u64 {
+    pub fn finish(mut self) -> WatchReport {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (samples, v) = self
+        let r = self
             .handle
             .take()
             .expect("running")
             .join()
             .expect("watch thread");
-        assert!(v.is_empty(), "split brain: {v:?}");
-        assert!(samples > 10, "the watch sampled too little ({samples})");
-        samples
+        assert!(r.violations.is_empty(), "split brain: {:?}", r.violations);
+        assert!(
+            r.samples > 10,
+            "the watch sampled too little ({})",
+            r.samples
+        );
+        assert!(
+            r.running_samples > 0,
+            "the watch never saw the guest's QEMU running ({} samples): is the witness monitor there?",
+            r.samples
+        );
+        r
     }
 }
 
@@ -371,4 +478,57 @@ pub fn libvirt_clients_of(cvm: &str, process: &str) -> Vec<String> {
         .filter(|l| l.contains(&format!("((\"{process}\"")))
         .map(String::from)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_overlap;
+
+    #[test]
+    fn a_switchover_between_reads_is_not_an_overlap() {
+        // Forward 1 -> 2: 1 stops right after its first read, 2 starts before its read.
+        assert_eq!(
+            sample_overlap(&[(1, true, 1), (2, true, 1), (1, false, 1)]),
+            None
+        );
+        // Backward 2 -> 1 read the same way.
+        assert_eq!(
+            sample_overlap(&[(1, true, 1), (2, true, 1), (1, true, 1)]),
+            Some((1, 2))
+        );
+        assert_eq!(
+            sample_overlap(&[(1, false, 1), (2, true, 1), (1, true, 1)]),
+            None
+        );
+    }
+
+    #[test]
+    fn two_runs_around_another_are_an_overlap_only_on_one_connection() {
+        assert_eq!(
+            sample_overlap(&[(1, true, 1), (2, true, 4), (1, true, 2)]),
+            None
+        );
+        assert_eq!(
+            sample_overlap(&[
+                (1, true, 1),
+                (2, false, 1),
+                (3, true, 1),
+                (2, false, 1),
+                (1, true, 1)
+            ]),
+            Some((1, 3))
+        );
+        assert_eq!(
+            sample_overlap(&[
+                (1, false, 1),
+                (2, true, 1),
+                (3, true, 1),
+                (2, true, 1),
+                (1, false, 1)
+            ]),
+            Some((2, 3))
+        );
+        assert_eq!(sample_overlap(&[(1, true, 1), (1, true, 1)]), None);
+        assert_eq!(sample_overlap(&[]), None);
+    }
 }

@@ -69,6 +69,9 @@ pub enum GuestCmd {
         /// Pages per second the agent dirties
         #[arg(long, value_name = "PAGES_PER_S", default_value_t = 0)]
         dirty_rate: u64,
+        /// Virtual CPUs (more than one: threads of one core)
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+        vcpus: u32,
         /// Cloud VM to start it on
         #[arg(long, value_name = "CLOUD_VM")]
         on: String,
@@ -324,6 +327,7 @@ fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
             memory,
             fill,
             dirty_rate,
+            vcpus,
             on,
             no_beam,
         } => {
@@ -337,16 +341,18 @@ fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
                     memory_mib: memory,
                     fill_mib: fill,
                     dirty_rate,
+                    vcpus,
                     on,
                     beam: !no_beam,
                 },
                 &image,
             ))?;
             println!(
-                "guest {} running on {} ({} MiB, {} MiB filled, {} pages/s, {}), agent ready in {:.1} s",
+                "guest {} running on {} ({} MiB, {} vCPU, {} MiB filled, {} pages/s, {}), agent ready in {:.1} s",
                 rec.name,
                 rec.created_on,
                 rec.memory_mib,
+                rec.vcpus,
                 rec.fill_mib,
                 rec.dirty_rate,
                 rec.ip,
