@@ -57,6 +57,20 @@ pub struct BenchSummary {
 const WEB_CLIENTS: u32 = 4;
 /// The cloud VMs' link to the cloud network.
 const CLOUD_DEV: &str = "eth0";
+/// Environment variable of the bench's test hook: a system name (`plain`, ...). The guest
+/// is killed after the first run of that system that passed its check and is not its
+/// guest's last; the bench must blame that run and go on.
+pub const BREAK_GUEST_ENV: &str = "VMBEAM_BENCH_BREAK_GUEST_AFTER";
+
+/// What became of one planned run.
+enum Attempt {
+    /// It ran (whatever its outcome: failed, not converged, guest lost are results).
+    Done(Box<RunRecord>, Option<RunSeries>),
+    /// It could not start: the guest no longer answers (why). The previous run of this
+    /// guest broke it.
+    GuestGone(String),
+}
+
 /// Sampling interval of the time series (c, d).
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
@@ -137,6 +151,9 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
     order.sort_by_key(|r| guest_mib(r.settings.memory_mib));
     let total: u32 = plan.migrations();
     let mut records: Vec<RunRecord> = Vec::new();
+    // Test hook: kill the guest (as a late guest crash would) right after the first run of
+    // this system that passed its check and is followed by another run of the same guest.
+    let mut break_after = std::env::var(BREAK_GUEST_ENV).ok();
     let mut series: Vec<RunSeries> = Vec::new();
     let mut done = 0u32;
     let mut i = 0;
@@ -151,23 +168,65 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
         let name = format!("bench{mib}");
         let mut rec = ctx.create_guest(&name, mib, &image)?;
         let mut at = 0usize;
+        // The record of this guest's latest run, blamed if the guest turns out dead later.
+        let mut last_of_guest: Option<usize> = None;
+        let group_runs: u32 = group.iter().map(|r| r.repetitions).sum();
+        let mut in_group = 0u32;
         for run in group {
             for rep in 0..run.repetitions {
+                in_group += 1;
                 done += 1;
-                let (record, s) = ctx.one(run, rep, &rec, &mut at)?;
+                let mut rebooted = false;
+                let (record, s) = loop {
+                    match ctx.one(run, rep, &rec, &mut at)? {
+                        Attempt::Done(record, s) => break (*record, s),
+                        Attempt::GuestGone(why) if !rebooted => {
+                            // It passed its check after its latest run and broke afterwards
+                            // (a page lost by a copying migration can take a while to hit):
+                            // that run broke it. Record so, reboot, run this one again.
+                            eprintln!("bench: {name} is gone before run {done}: {why}");
+                            if let Some(prev) = last_of_guest.and_then(|i| records.get_mut(i)) {
+                                prev.outcome.guest_intact = false;
+                                prev.outcome.guest_note =
+                                    Some(format!("guest broke after passing its check: {why}"));
+                                model::write_results(&args.out, &records)?;
+                            }
+                            guest::destroy(&name)?;
+                            rec = ctx.create_guest(&name, mib, &image)?;
+                            at = 0;
+                            last_of_guest = None;
+                            rebooted = true;
+                        }
+                        Attempt::GuestGone(why) => {
+                            return Err(run_err(format!(
+                                "{name}, freshly booted, does not answer: {why}"
+                            )))
+                        }
+                    }
+                };
                 eprintln!("bench: [{done}/{total}] {}", line(&record));
                 if let Some(s) = s {
                     series.push(s);
                 }
                 let lost = !record.outcome.guest_intact;
                 records.push(record);
+                last_of_guest = Some(records.len() - 1);
                 // Written after every run: an interrupted bench keeps what it measured.
                 model::write_results(&args.out, &records)?;
+                if !lost
+                    && in_group < group_runs
+                    && break_after.as_deref() == Some(run.system.name())
+                {
+                    break_after = None;
+                    eprintln!("bench: killing {name}'s QEMU on purpose ({BREAK_GUEST_ENV})");
+                    ctx.kill_guest(&name, &ctx.cvms[at])?;
+                }
                 if lost {
                     // The run is recorded as it happened; the next one needs a live guest.
                     guest::destroy(&name)?;
                     rec = ctx.create_guest(&name, mib, &image)?;
                     at = 0;
+                    last_of_guest = None;
                 }
             }
         }
@@ -408,17 +467,43 @@ impl Ctx<'_> {
     /// memory check passes. When not, why (the console's fatal line, or the check's).
     fn verify(&self, name: &str, on: &CloudVm) -> (bool, Option<String>) {
         match guest::check(name) {
-            Ok((_, c)) if c.pass => return (true, None),
-            Ok((_, c)) => return (false, Some(format!("memory check failed: {}", c.line))),
-            Err(LabError::GuestNotRunning(_)) => {}
-            Err(e) => return (false, Some(format!("guest unreachable: {e}"))),
+            Ok((_, c)) if c.pass => (true, None),
+            Ok((_, c)) => (false, Some(format!("memory check failed: {}", c.line))),
+            Err(LabError::GuestNotRunning(_)) => (
+                false,
+                Some(self.console_reason(name, on, "guest not running")),
+            ),
+            Err(e) => (
+                false,
+                Some(self.console_reason(name, on, &format!("guest unreachable: {e}"))),
+            ),
         }
+    }
+
+    /// Kills the guest's QEMU on `on` (`virsh destroy`; the definition stays).
+    fn kill_guest(&self, name: &str, on: &CloudVm) -> Result<()> {
+        let o = Command::new(&self.tools.vmbeam)
+            .args(["lab", "exec", &on.name, "virsh", "-q", "destroy", name])
+            .output()
+            .map_err(|e| run_err(format!("virsh destroy: {e}")))?;
+        if !o.status.success() {
+            return Err(run_err(format!(
+                "destroy {name} on {}: {}",
+                on.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why a guest on `on` stopped answering: the fatal line of its latest boot's console
+    /// (a kernel oops or panic), else `otherwise`.
+    fn console_reason(&self, name: &str, on: &CloudVm, otherwise: &str) -> String {
         let console = vmbeam_lab::cvm::host_path(on, &guest::console_inner(name));
         let text = std::fs::read_to_string(&console).unwrap_or_default();
-        let why = fatal_console_line(&text)
+        fatal_console_line(&text)
             .map(|l| format!("guest died on {}: {l}", on.name))
-            .unwrap_or_else(|| format!("guest not running on {} after the run", on.name));
-        (false, Some(why))
+            .unwrap_or_else(|| format!("{otherwise} on {} after the run", on.name))
     }
 
     /// Shapes both cloud VMs' links to `mbit` (`None`: unshaped), if not already so.
@@ -587,10 +672,21 @@ impl Ctx<'_> {
         rep: u32,
         guest: &vmbeam_lab::state::GuestRecord,
         at: &mut usize,
-    ) -> Result<(RunRecord, Option<RunSeries>)> {
+    ) -> Result<Attempt> {
         let (from, to) = (&self.cvms[*at], &self.cvms[1 - *at]);
         self.shape(run.settings.bandwidth_mbit)?;
-        let achieved = self.set_rate(&guest.name, run.settings.dirty_pages_per_s)?;
+        // The first words with the guest since its latest check: a guest that broke after
+        // it (or never came back) is not a reason to stop the bench.
+        let achieved = match self.set_rate(&guest.name, run.settings.dirty_pages_per_s) {
+            Ok(a) => a,
+            Err(e) => {
+                return Ok(Attempt::GuestGone(self.console_reason(
+                    &guest.name,
+                    from,
+                    &e.to_string(),
+                )))
+            }
+        };
         let load_ns = Path::new("/run/netns").join(net::LOAD_NS);
         let web_addr: SocketAddr = format!("{}:80", guest.ip)
             .parse()
@@ -603,6 +699,14 @@ impl Ctx<'_> {
                 WEB_CLIENTS,
                 Duration::from_secs(u64::from(self.web_seconds)),
             )?;
+            if r.rps() == 0.0 && self.set_rate(&guest.name, 0).is_err() {
+                // Not one answer from its web server, and its agent is silent too.
+                return Ok(Attempt::GuestGone(self.console_reason(
+                    &guest.name,
+                    from,
+                    "no answer from its web server or agent",
+                )));
+            }
             Some(r.rps())
         } else {
             None
@@ -660,12 +764,19 @@ impl Ctx<'_> {
             None => None,
         };
         let now_on = if m.converged { to } else { from };
-        let (intact, note) = self.verify(&guest.name, now_on);
+        let (mut intact, mut note) = self.verify(&guest.name, now_on);
         if m.converged {
             *at = 1 - *at;
         }
         if intact && run.settings.dirty_pages_per_s > 0 {
-            self.set_rate(&guest.name, 0)?;
+            if let Err(e) = self.set_rate(&guest.name, 0) {
+                intact = false;
+                note = Some(self.console_reason(
+                    &guest.name,
+                    now_on,
+                    &format!("passed its check, then stopped answering: {e}"),
+                ));
+            }
         }
         let stream = m.libvirt_bytes.unwrap_or(net1.saturating_sub(net0));
         let mut settings = run.settings.clone();
@@ -698,7 +809,7 @@ impl Ctx<'_> {
                 ..self.meta.clone()
             },
         };
-        Ok((record, series))
+        Ok(Attempt::Done(Box::new(record), series))
     }
 }
 

@@ -58,7 +58,24 @@ fn quick_bench_writes_every_output_with_sane_values() {
         let _ = vmbeam_tests::vmbeam(&["lab", "down"]);
     }
     let out = tempfile_dir("quick");
-    let stdout = vmbeam_ok(&["bench", "--quick", "--out", out.to_str().unwrap()]);
+    // The guest is killed after the first plain run that passed its check (as a page lost
+    // by a copying migration can kill it later): the bench must blame that run, reboot the
+    // guest and go on, never abort.
+    let o = std::process::Command::new(vmbeam_tests::vmbeam_bin())
+        .args(["bench", "--quick", "--out", out.to_str().unwrap()])
+        .env(vmbeam_bench::runner::BREAK_GUEST_ENV, "plain")
+        .output()
+        .expect("run vmbeam bench");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "vmbeam bench failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("on purpose") && stderr.contains("is gone before run"),
+        "the injected guest death was not seen: {stderr}"
+    );
     assert!(stdout.contains("runs in"), "{stdout}");
     // The bench takes its lab down.
     assert!(!Path::new("/run/vmbeam-lab/state.json").exists());
@@ -110,6 +127,22 @@ fn quick_bench_writes_every_output_with_sane_values() {
         tags,
         [Experiment::A, Experiment::C, Experiment::F, Experiment::G].into()
     );
+    let blamed: Vec<&RunRecord> = runs
+        .iter()
+        .filter(|r| {
+            r.outcome
+                .guest_note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("guest broke after passing its check"))
+        })
+        .collect();
+    assert_eq!(
+        blamed.len(),
+        1,
+        "the run before the killed guest is blamed once"
+    );
+    assert_eq!(blamed[0].system, System::Plain);
+    assert!(!blamed[0].outcome.guest_intact);
     let systems: BTreeSet<&str> = runs.iter().map(|r| r.system.name()).collect();
     assert_eq!(systems.len(), 4, "{systems:?}");
 
