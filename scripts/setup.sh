@@ -9,18 +9,14 @@
 #                        TCG guests (fixed in QEMU 9.0, commit 03bfc2188f), which breaks the
 #                        traditional baselines here; zero-copy does not depend on it.
 #   debian12             Debian 12's own QEMU 7.2 and libvirt 9.0 (what KVM hosts on Debian 12
-#                        run): the pin is removed and those packages are downgraded to
-#                        bookworm's versions. Rebuild VMBeam afterwards (cargo clean -p virt-sys
-#                        is not needed: the bindings link libvirt.so.0 dynamically).
+#                        run): the same packages pinned to bookworm and downgraded to its
+#                        versions. Running the default again moves them back. VMBeam's
+#                        binaries link libvirt.so.0 dynamically and run on either.
 set -euo pipefail
 STACK=${VMBEAM_STACK:-backports}
 PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
       busybox-static cpio pkg-config iproute2 dbus-daemon util-linux mount kmod fonts-dejavu-core
       gcc python3-venv python3-dev)
-# Binary packages of the pinned stack (qemu, libvirt, seabios sources) that we install.
-STACK_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios
-            libvirt-daemon libvirt-daemon-common libvirt-daemon-log libvirt-daemon-driver-qemu
-            libvirt-clients libvirt-dev libvirt0 libvirt-common)
 SOURCES=/etc/apt/sources.list.d/vmbeam-backports.sources
 PIN=/etc/apt/preferences.d/vmbeam-backports
 export DEBIAN_FRONTEND=noninteractive
@@ -37,20 +33,23 @@ Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-      updated=0
     fi
-    if [ ! -e "$PIN" ]; then
-      cat >"$PIN" <<'EOF'
+    cat >"$PIN" <<'EOF'
 # VMBeam: QEMU and libvirt (and the seabios QEMU 10 needs), only those, from bookworm-backports:
 # QEMU 10.0 / libvirt 11.3, the versions of Debian 13. Written by VMBeam's scripts/setup.sh.
 Package: src:qemu src:libvirt src:seabios
 Pin: release n=bookworm-backports
 Pin-Priority: 990
 EOF
-    fi
     ;;
   debian12)
-    rm -f "$PIN"
+    cat >"$PIN" <<'EOF'
+# VMBeam: Debian 12's own QEMU 7.2 / libvirt 9.0 (VMBEAM_STACK=debian12), also over newer
+# ones from bookworm-backports. Written by VMBeam's scripts/setup.sh.
+Package: src:qemu src:libvirt src:seabios
+Pin: release n=bookworm
+Pin-Priority: 1001
+EOF
     ;;
   *) echo "setup: VMBEAM_STACK must be backports or debian12, not '$STACK'" >&2; exit 2 ;;
 esac
@@ -65,19 +64,30 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Bring installed stack packages to the chosen stack's candidate versions (an upgrade to
-# backports, or a downgrade back to Debian 12's), so that QEMU and libvirt always match.
+# Bring every installed package of the stack's sources to the chosen stack's version (an
+# upgrade to backports, or a downgrade back to Debian 12's), so that QEMU and libvirt always
+# match; packages the other stack does not have (libvirt 11 split libvirt-daemon-common and
+# -log out) are removed.
 want=()
-for p in "${STACK_PKGS[@]}"; do
-  have=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || continue
-  [ -n "$have" ] || continue
+while read -r p src have; do
+  case "$src" in qemu|libvirt|seabios) ;; *) continue ;; esac
   apt_update
   cand=$(apt-cache policy "$p" | sed -n 's/^ *Candidate: //p')
-  [ -n "$cand" ] && [ "$cand" != "(none)" ] && [ "$cand" != "$have" ] && want+=("$p=$cand")
-done
+  if [ "$STACK" = debian12 ] && [[ $cand == *bpo* ]]; then
+    want+=("$p-")
+  elif [ -n "$cand" ] && [ "$cand" != "(none)" ] && [ "$cand" != "$have" ]; then
+    want+=("$p=$cand")
+  fi
+done < <(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${source:Package} ${Version}\n' | awk '$1=="ii" {print $2, $3, $4}')
 if ((${#want[@]})); then
   echo "setup: switching to the $STACK stack: ${want[*]}"
   apt-get install -y -qq --no-install-recommends --allow-downgrades "${want[@]}" >/dev/null
+  # Files move between packages across the two stacks (libvirt 11 split libvirt-common out of
+  # libvirt0): a package removed after the other was unpacked takes shared files with it
+  # (seen: /usr/share/libvirt/cpu_map emptied). Reinstall what the stack now has.
+  mapfile -t now < <(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${source:Package}\n' |
+    awk '$1=="ii" && ($3=="qemu" || $3=="libvirt" || $3=="seabios") {print $2}')
+  apt-get install -y -qq --no-install-recommends --reinstall "${now[@]}" >/dev/null
 fi
 
 # libvirtd refuses to start without the libvirt-qemu user (libvirt-daemon-system creates it;

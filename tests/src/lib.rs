@@ -94,8 +94,40 @@ impl LabGuard {
     }
 }
 
+/// Where a failed test's lab logs are kept: `target/test-logs/lab-<test>-<unix time>/`.
+fn keep_lab_logs() {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("test")
+        .replace("::", "-");
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dest = target_dir()
+        .parent()
+        .map(|t| t.join("test-logs").join(format!("lab-{test}-{secs}")))
+        .expect("target dir");
+    let Ok(rd) = std::fs::read_dir("/run/vmbeam-lab") else {
+        return;
+    };
+    for cvm in rd.flatten() {
+        let logs = cvm.path().join("var-log-libvirt");
+        if !logs.is_dir() {
+            continue;
+        }
+        let to = dest.join(cvm.file_name());
+        let _ = Command::new("cp").arg("-r").arg(&logs).arg(&to).status();
+    }
+    eprintln!("lab logs of the failed test kept in {}", dest.display());
+}
+
 impl Drop for LabGuard {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Before `down` removes them: the daemons' and QEMUs' own account of the failure.
+            keep_lab_logs();
+        }
         let o = vmbeam(&["lab", "down"]);
         if !o.status.success() && !std::thread::panicking() {
             panic!("lab down failed: {}", String::from_utf8_lossy(&o.stderr));
