@@ -785,9 +785,15 @@ fn capability_mismatch_fails_cleanly_and_source_keeps_running() {
         .expect("dst");
         let (mut dq, _) = ready(&mut dst);
         let uri = format!("unix:{}", lab.path(&format!("mig{i}.sock")).display());
-        // As libvirt's `started` hook would: listen first, then set the capability.
+        // As the `started` hook does (`arm_destination`): listen first, then set the
+        // capability directly. Not through `IgnoreSharedGuard`: QEMU >= 10 reports a
+        // listening destination's incoming migration as `setup` in query-migrate, which the
+        // guard (made for the source) takes for a migration in flight; QEMU itself accepts
+        // the change there (it checks only the outgoing state).
         dq.migrate_incoming(&uri).expect("incoming");
-        let mut dg = dst_on.then(|| IgnoreSharedGuard::enable(&mut dq).expect("dst on"));
+        if dst_on {
+            dq.x_ignore_shared(true).expect("dst on");
+        }
         if src_on {
             let mut sg = IgnoreSharedGuard::enable(&mut sq).expect("src on");
             expect_failed_migration(&mut sg, &uri, src_on, dst_on);
@@ -812,9 +818,6 @@ fn capability_mismatch_fails_cleanly_and_source_keeps_running() {
             "OBSERVED destination log: {}",
             log.trim().replace('\n', " | ")
         );
-        if let Some(g) = dg.as_mut() {
-            assert_eq!(g.reset().expect("moot"), ResetOutcome::QemuGone);
-        }
     }
 
     // And a retry with both ends on succeeds.
