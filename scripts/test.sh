@@ -66,8 +66,8 @@ if ! PROFILE=debug scripts/build.sh; then
 fi
 # Unit tests of every crate (and the guest agent's and QEMU backend's process tests), not the
 # end-to-end tiers below.
-tier units bash -c 'cargo test --workspace --exclude vmbeam-tests --no-fail-fast -- --test-threads=1 &&
-  cargo test -p vmbeam-tests --lib --no-fail-fast'
+tier units bash -c 'cargo test --workspace --exclude vmbeam-tests --no-fail-fast -- --test-threads=1
+  a=$?; cargo test -p vmbeam-tests --lib --no-fail-fast; exit $((a | $?))'
 # The Nova shim: its venv (nova from PyPI, cached), ruff and unit tests; the venv is also what
 # the nova-e2e tier runs Nova's live-migration loop with on the lab.
 tier nova-shim scripts/test-nova.sh
