@@ -14,6 +14,7 @@ pub mod memory;
 pub mod pattern;
 pub mod protocol;
 pub mod stats;
+pub mod witness;
 pub mod worker;
 
 use std::fs::OpenOptions;
@@ -237,6 +238,12 @@ pub fn run(cfg: Config) -> Result<std::convert::Infallible, String> {
         .name("memory".into())
         .spawn(move || worker::run(engine, wrx))
         .map_err(|e| format!("cannot start the memory worker: {e}"))?;
+
+    if let Err(e) = witness::start(Arc::clone(&stats)) {
+        console.line(&format!(
+            "VMBEAM-AGENT witness failed to start (continuing without): {e}"
+        ));
+    }
 
     if let Some(port) = cfg.http_port {
         match http::start(cfg.http_addr, port, Arc::clone(&stats), wtx.clone()) {

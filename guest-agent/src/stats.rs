@@ -43,6 +43,8 @@ pub struct Stats {
     pub ready: AtomicBool,
     /// The HTTP port actually bound (0 = none).
     pub http_port: AtomicU64,
+    /// Witness windows that saw a write this agent did not make (see [`crate::witness`]).
+    pub foreign_writes: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters at one moment.
@@ -63,6 +65,7 @@ pub struct Snapshot {
     pub fill_ms: u64,
     pub mlocked: bool,
     pub verify_rate: u64,
+    pub foreign_writes: u64,
 }
 
 impl Stats {
@@ -92,6 +95,7 @@ impl Stats {
             mlocked: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             http_port: AtomicU64::new(0),
+            foreign_writes: AtomicU64::new(0),
         }
     }
 
@@ -145,6 +149,7 @@ impl Stats {
             fill_ms: self.fill_ms.load(Relaxed),
             mlocked: self.mlocked.load(Relaxed),
             verify_rate: self.verify_rate.load(Relaxed),
+            foreign_writes: self.foreign_writes.load(Relaxed),
         }
     }
 }
@@ -164,7 +169,7 @@ impl Snapshot {
     pub fn to_fields(&self) -> String {
         format!(
             "boot_id={} uptime_ms={} pages={} target_rate={} achieved_rate={} achieved_rate_1s={} \
-             dirtied={} passes={} bad={} first_bad={} verified={} mem_mib={} fill_ms={} mlocked={} verify_rate={}",
+             dirtied={} passes={} bad={} first_bad={} verified={} mem_mib={} fill_ms={} mlocked={} verify_rate={} foreign_writes={}",
             self.boot_id,
             self.uptime_ms,
             self.pages,
@@ -180,6 +185,7 @@ impl Snapshot {
             self.fill_ms,
             u8::from(self.mlocked),
             self.verify_rate,
+            self.foreign_writes,
         )
     }
 
@@ -188,7 +194,7 @@ impl Snapshot {
         format!(
             "{{\"boot_id\":\"{}\",\"uptime_ms\":{},\"pages\":{},\"target_rate\":{},\"achieved_rate\":{},\
              \"achieved_rate_1s\":{},\"dirtied\":{},\"passes\":{},\"bad\":{},\"first_bad\":{},\"verified\":{},\
-             \"mem_mib\":{},\"fill_ms\":{},\"mlocked\":{},\"verify_rate\":{}}}",
+             \"mem_mib\":{},\"fill_ms\":{},\"mlocked\":{},\"verify_rate\":{},\"foreign_writes\":{}}}",
             self.boot_id,
             self.uptime_ms,
             self.pages,
@@ -204,6 +210,7 @@ impl Snapshot {
             self.fill_ms,
             self.mlocked,
             self.verify_rate,
+            self.foreign_writes,
         )
     }
 }

@@ -95,12 +95,15 @@ pub struct CheckReport {
     pub dirtied: u64,
     /// How long the pass took.
     pub ms: u64,
+    /// Witness windows that ever saw a write the agent did not make (a second running copy
+    /// of the guest over the same memory, or a lost page).
+    pub foreign_writes: u64,
 }
 
 impl CheckReport {
     /// PASS only if this pass found nothing and nothing was ever found bad before.
     pub fn pass(&self) -> bool {
-        self.bad == 0 && self.ever_bad == 0
+        self.bad == 0 && self.ever_bad == 0 && self.foreign_writes == 0
     }
 
     /// Who saw bad pages: `check`, `background` or `check+background`.
@@ -108,7 +111,8 @@ impl CheckReport {
         match (self.bad > 0, self.other_bad > 0) {
             (true, true) => "check+background",
             (true, false) => "check",
-            _ => "background",
+            (false, true) => "background",
+            (false, false) => "second-writer",
         }
     }
 
@@ -121,7 +125,7 @@ impl CheckReport {
             )
         } else {
             format!(
-                "CHECK FAIL bad={} first_bad={} pages={} boot_id={} dirtied={} ever_bad={} cause={} ms={}",
+                "CHECK FAIL bad={} first_bad={} pages={} boot_id={} dirtied={} ever_bad={} cause={} foreign_writes={} ms={}",
                 self.bad,
                 opt(self.first_bad.or(self.ever_first_bad)),
                 self.pages,
@@ -129,6 +133,7 @@ impl CheckReport {
                 self.dirtied,
                 self.ever_bad,
                 self.cause(),
+                self.foreign_writes,
                 self.ms
             )
         }
@@ -422,6 +427,7 @@ impl Engine {
             other_bad: ever_bad.saturating_sub(run.new_distinct),
             dirtied: self.stats.dirtied.load(Relaxed),
             ms: run.started.elapsed().as_millis() as u64,
+            foreign_writes: self.stats.foreign_writes.load(Relaxed),
         }
     }
 
