@@ -86,6 +86,9 @@ const STATE_DIRS: &[&str] = &["/var/lib/vmbeam", "/var/lib/vmbeam/pool"];
 
 const HOOK: &str = "/usr/libexec/vmbeam/vmbeam-hook";
 
+/// bookworm-backports' libvirt0 (libvirt 11.3, what scripts/setup.sh installs by default).
+const BACKPORTS_LIBVIRT0: &str = "11.3.0-2~bpo12+1";
+
 /// A domain without VMBeam metadata: the hook must not touch it.
 const PLAIN_XML: &str = "<domain type='kvm'>
   <name>guest1</name>
@@ -132,12 +135,37 @@ esac
 exit 0
 "#;
 
-/// Stands in for a running libvirtd without systemd: a pid file and a SIGHUP counter.
+/// Stands in for a running libvirtd without systemd: a pid file and a SIGHUP counter. The
+/// pid file is its readiness: written only once the SIGHUP trap is in place, so a SIGHUP sent
+/// to the pid in it is counted, never fatal (SIGHUP's default action ends a process).
 const FAKE_LIBVIRTD: &str = r#"#!/bin/sh
-echo $$ >/run/libvirtd.pid
 trap 'echo hup >>/run/libvirtd.hups' HUP
+echo $$ >/run/libvirtd.pid
 while :; do sleep 0.1; done
 "#;
+
+/// Shell (in a root) that starts FAKE_LIBVIRTD in the background and waits, at most 30 s,
+/// until it is ready (its pid file is written), failing if it dies or never gets there.
+/// `env --default-signal=HUP`: a shell cannot trap a signal that was ignored when it started
+/// (POSIX; dash ignores such a `trap` silently), and dispositions are inherited through
+/// fork and exec, so under `nohup` (or any runner that ignores SIGHUP) the stand-in would
+/// ignore the postinst's SIGHUP and count nothing.
+const START_FAKE_LIBVIRTD: &str = "env --default-signal=HUP /usr/local/sbin/libvirtd & \
+    n=0; until [ -s /run/libvirtd.pid ]; do \
+      kill -0 $! 2>/dev/null || { echo 'the libvirtd stand-in died' >&2; exit 1; }; \
+      n=$((n+1)); \
+      [ $n -le 300 ] || { echo 'the libvirtd stand-in is not ready after 30 s' >&2; exit 1; }; \
+      sleep 0.1; \
+    done";
+
+/// Shell (in the same root and namespaces, before they end and take the stand-in with them)
+/// that waits, at most 30 s, until FAKE_LIBVIRTD has recorded a SIGHUP: the signal is
+/// handled asynchronously (the trap runs when the stand-in's shell next gets to it, after
+/// its current `sleep`), so `kill` returning in the postinst does not mean it is counted.
+const AWAIT_FAKE_LIBVIRTD_HUP: &str = "n=0; \
+    until [ -s /run/libvirtd.hups ] || [ $n -ge 300 ]; do n=$((n+1)); sleep 0.1; done; \
+    if kill -0 \"$(cat /run/libvirtd.pid)\" 2>/dev/null; then s=alive; else s=dead; fi; \
+    echo \"libvirtd stand-in: $s\"";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -659,6 +687,68 @@ fn check_hook(root: &Root) {
     }
 }
 
+/// The .deb's libvirt0 dependency (dpkg-shlibdeps' lower bound, from Debian's symbols file:
+/// the libvirt release that introduced each symbol the binaries call) must accept both
+/// libvirt stacks VMBeam supports, whichever one the binaries were linked against: Debian
+/// 12's libvirt0 9.0 (read from the test's root) and bookworm-backports' 11.3 (as
+/// scripts/setup.sh installs it; also the host's own libvirt0, if installed).
+#[track_caller]
+fn check_libvirt0_dependency(depends: &str) {
+    let relation = depends
+        .split(',')
+        .map(str::trim)
+        .find(|d| d.split_whitespace().next() == Some("libvirt0"))
+        .unwrap_or_else(|| panic!("Depends lacks libvirt0: {depends}"));
+    let bound = relation
+        .strip_prefix("libvirt0 (>= ")
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("libvirt0 should have a lower bound only: {relation}"));
+    let status = run(
+        "tar -xO status",
+        "tar",
+        &[
+            "-xOf",
+            base_root_tarball().to_str().unwrap(),
+            "./var/lib/dpkg/status",
+        ],
+    )
+    .ok("read the Debian 12 root's dpkg status")
+    .stdout;
+    let debian12 = status
+        .split("\n\n")
+        .find(|stanza| stanza.lines().any(|l| l == "Package: libvirt0"))
+        .and_then(|stanza| stanza.lines().find_map(|l| l.strip_prefix("Version: ")))
+        .expect("libvirt0 in the Debian 12 root")
+        .to_string();
+    assert!(
+        debian12.starts_with("9.0.0-"),
+        "the test root should have Debian 12's libvirt0 9.0, not {debian12}"
+    );
+    let mut versions = vec![
+        ("Debian 12", debian12),
+        ("bookworm-backports", BACKPORTS_LIBVIRT0.to_string()),
+    ];
+    let host = run(
+        "dpkg-query",
+        "dpkg-query",
+        &["-W", "-f=${Version}", "libvirt0"],
+    );
+    if host.code == 0 && !host.stdout.trim().is_empty() {
+        versions.push(("this host", host.stdout.trim().to_string()));
+    }
+    for (which, version) in versions {
+        let ok = run(
+            "dpkg --compare-versions",
+            "dpkg",
+            &["--compare-versions", &version, "ge", bound],
+        );
+        assert_eq!(
+            ok.code, 0,
+            "{relation} rejects {which}'s libvirt0 {version}: VMBeam supports it"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 
@@ -744,6 +834,7 @@ fn deb_passes_lintian_with_only_listed_warnings() {
     ] {
         assert!(depends.contains(d), "Depends lacks {d}: {depends}");
     }
+    check_libvirt0_dependency(&depends);
     let recommends = field("Recommends");
     for r in ["libvirt-daemon", "qemu-system-x86", "polkitd"] {
         assert!(recommends.contains(r), "Recommends lacks {r}: {recommends}");
@@ -914,9 +1005,9 @@ fn deb_installs_upgrades_removes_and_purges_cleanly() {
     root.write("/usr/local/sbin/libvirtd", FAKE_LIBVIRTD, 0o755);
     let before = root.snapshot();
 
-    // 1. First installation, no systemd running, a libvirtd running: it gets SIGHUP.
+    // 1. First installation, no systemd running, a libvirtd running: it gets one SIGHUP.
     let out = root.sh_ok(&format!(
-        "/usr/local/sbin/libvirtd & sleep 0.3; dpkg -i {deb1} && sleep 0.5"
+        "{{ {START_FAKE_LIBVIRTD}; }} && dpkg -i {deb1} && {{ {AWAIT_FAKE_LIBVIRTD_HUP}; }}"
     ));
     let said = format!("{}{}", out.stdout, out.stderr);
     assert!(
@@ -932,9 +1023,10 @@ fn deb_installs_upgrades_removes_and_purges_cleanly() {
         "",
         "no systemctl calls where systemd does not run"
     );
-    assert!(
-        root.p("/run/libvirtd.hups").is_file(),
-        "postinst must make a running libvirtd re-read its hooks (SIGHUP)"
+    assert_eq!(
+        std::fs::read_to_string(root.p("/run/libvirtd.hups")).unwrap_or_default(),
+        "hup\n",
+        "postinst must make a running libvirtd re-read its hooks (one SIGHUP):\n{said}"
     );
     let listed: BTreeSet<String> = root
         .sh_ok("dpkg -L vmbeam")
