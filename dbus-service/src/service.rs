@@ -215,17 +215,6 @@ impl Manager {
                 "domain and destination URI are required".into(),
             ));
         }
-        {
-            let jobs = self.jobs.lock().expect("lock");
-            if jobs.values().any(|(_, j)| {
-                let v = j.view.lock().expect("lock");
-                v.domain == domain && v.finished.is_none()
-            }) {
-                return Err(BeamError::Busy(format!(
-                    "a migration of {domain} is already running"
-                )));
-            }
-        }
         let id = self.next_job.fetch_add(1, Ordering::SeqCst);
         let path = OwnedObjectPath::try_from(format!("{JOBS_PATH}/{id}"))
             .map_err(|e| BeamError::Failed(e.to_string()))?;
@@ -238,7 +227,12 @@ impl Manager {
                 let _ = tx.send(());
             }),
         ));
-        server
+        // The "already running" check and the registration are one step under one lock:
+        // zbus runs each call in its own task, and an .await between them let a second
+        // Migrate of the same domain pass (whose failure path could then undo the first
+        // job's state).
+        let expired = register_job(&self.jobs, &domain, id, &path, &handle)?;
+        if let Err(e) = server
             .at(
                 path.clone(),
                 JobObj {
@@ -247,12 +241,10 @@ impl Manager {
                 },
             )
             .await
-            .map_err(BeamError::ZBus)?;
-        let expired = {
-            let mut jobs = self.jobs.lock().expect("lock");
-            jobs.insert(id, (path.to_string(), handle.clone()));
-            expire_jobs(&mut jobs)
-        };
+        {
+            self.jobs.lock().expect("lock").remove(&id);
+            return Err(BeamError::ZBus(e));
+        }
         for p in expired {
             let _ = server.remove::<JobObj, _>(p.as_str()).await;
         }
@@ -469,6 +461,28 @@ impl Manager {
 pub const KEEP_FINISHED_JOBS: usize = 32;
 
 /// Drops the oldest finished jobs beyond [`KEEP_FINISHED_JOBS`]; returns their paths.
+/// Registers job `id` for `domain` unless a migration of `domain` is still running, in one
+/// step under the table's lock; returns the object paths of finished jobs that expired.
+fn register_job(
+    table: &JobTable,
+    domain: &str,
+    id: u64,
+    path: &OwnedObjectPath,
+    handle: &Arc<JobHandle>,
+) -> Result<Vec<String>, BeamError> {
+    let mut jobs = table.lock().expect("lock");
+    if jobs.values().any(|(_, j)| {
+        let v = j.view.lock().expect("lock");
+        v.domain == domain && v.finished.is_none()
+    }) {
+        return Err(BeamError::Busy(format!(
+            "a migration of {domain} is already running"
+        )));
+    }
+    jobs.insert(id, (path.to_string(), handle.clone()));
+    Ok(expire_jobs(&mut jobs))
+}
+
 fn expire_jobs(jobs: &mut BTreeMap<u64, (String, Arc<JobHandle>)>) -> Vec<String> {
     let finished: Vec<u64> = jobs
         .iter()
@@ -771,6 +785,45 @@ mod tests {
         let mut o = HashMap::new();
         o.insert("live".to_string(), ov("yes".into()));
         assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
+    }
+
+    #[test]
+    fn concurrent_migrations_of_one_domain_register_one_job() {
+        // Many callers at once, as zbus runs each Migrate in its own task: exactly one
+        // registers per domain while it runs; another domain is not held up; once the job
+        // finished, the domain can migrate again.
+        let table: JobTable = Arc::new(Mutex::new(BTreeMap::new()));
+        let start = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8u64)
+            .map(|id| {
+                let (table, start) = (table.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let domain = if id == 7 { "other" } else { "web1" };
+                    let path = OwnedObjectPath::try_from(format!("{JOBS_PATH}/{id}")).unwrap();
+                    let handle = Arc::new(JobHandle::new(id, domain, "qemu:///x", Box::new(|| {})));
+                    start.wait();
+                    register_job(&table, domain, id, &path, &handle).map(|_| handle)
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let won: Vec<&Arc<JobHandle>> = results[..7]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .collect();
+        assert_eq!(won.len(), 1, "exactly one Migrate of web1 registers");
+        for r in results[..7].iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(r, BeamError::Busy(m) if m.contains("already running")),
+                "{r:?}"
+            );
+        }
+        assert!(results[7].is_ok(), "another domain is not held up");
+        assert_eq!(table.lock().unwrap().len(), 2);
+        won[0].view.lock().unwrap().finished = Some(true);
+        let path = OwnedObjectPath::try_from(format!("{JOBS_PATH}/9")).unwrap();
+        let again = Arc::new(JobHandle::new(9, "web1", "qemu:///x", Box::new(|| {})));
+        assert!(register_job(&table, "web1", 9, &path, &again).is_ok());
     }
 
     #[test]
