@@ -70,6 +70,13 @@ fn create(name: &str, mem: &str, rate: &str, on: &str, extra: &[&str]) {
     vmbeam_ok(&a);
 }
 
+/// Asserts `vmbeam migrate`'s summary names `mode` (`zero-copy`, `traditional`).
+#[track_caller]
+fn assert_mode(out: &str, mode: &str) {
+    let got = summary_field(out, "mode").unwrap_or_default();
+    assert!(got.starts_with(mode), "expected a {mode} migration: {out}");
+}
+
 /// Asserts the guest runs on `cvm` only and has x-ignore-shared off.
 #[track_caller]
 fn settled_on(name: &str, cvm: &str, total_cvms: u32) {
@@ -92,12 +99,7 @@ fn zero_copy_of_a_2gib_guest_dirtying_10k_pages_per_second() {
     let watch = SplitBrainWatch::start("big", 2);
     let out = ok(&migrate(1, 2, "big", &["--zero-copy"]));
     watch.finish();
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("zero-copy"),
-        "{out}"
-    );
+    assert_mode(&out, "zero-copy");
     let bytes: u64 = summary_field(&out, "bytes on wire")
         .unwrap()
         .split_whitespace()
@@ -143,12 +145,7 @@ fn a_two_vcpu_guest_moves_zero_copy_and_back_traditionally() {
     let watch = SplitBrainWatch::start("smp", 2);
     let out = ok(&migrate(1, 2, "smp", &["--zero-copy"]));
     watch.finish();
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("zero-copy"),
-        "{out}"
-    );
+    assert_mode(&out, "zero-copy");
     check_on("smp", "cvm2");
     let info = ok(&virsh(
         &cvm_uri(2),
@@ -158,12 +155,7 @@ fn a_two_vcpu_guest_moves_zero_copy_and_back_traditionally() {
     let xml = ok(&virsh(&cvm_uri(2), &["dumpxml", "smp"]));
     assert!(xml.contains("threads='2'"), "topology kept: {xml}");
     let out = ok(&migrate(2, 1, "smp", &["--no-zero-copy"]));
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("traditional"),
-        "{out}"
-    );
+    assert_mode(&out, "traditional");
     check_on("smp", "cvm1");
     assert_eq!(
         boot_id("smp"),
@@ -183,12 +175,7 @@ fn twenty_zero_copy_migrations_back_and_forth() {
     for i in 0..20u32 {
         let (from, to) = if i % 2 == 0 { (1, 2) } else { (2, 1) };
         let out = ok(&migrate(from, to, "pingpong", &["--zero-copy"]));
-        assert!(
-            summary_field(&out, "mode")
-                .unwrap()
-                .starts_with("zero-copy"),
-            "migration {i}: {out}"
-        );
+        assert_mode(&out, "zero-copy");
     }
     watch.finish();
     check_on("pingpong", "cvm1");
@@ -244,12 +231,7 @@ fn stock_virsh_migration_copies_into_a_fresh_pool_file_then_zero_copy_back() {
     let watch = SplitBrainWatch::start("classic", 2);
     let out = ok(&migrate(2, 1, "classic", &["--zero-copy"]));
     watch.finish();
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("zero-copy"),
-        "{out}"
-    );
+    assert_mode(&out, "zero-copy");
     check_on("classic", "cvm1");
     assert_eq!(pool_files(), after, "zero-copy keeps the same pool file");
 }
@@ -282,12 +264,7 @@ fn other_cloud_or_unshared_pool_goes_traditional_or_is_refused() {
     );
     check_on("guarded", "cvm3");
     let out = ok(&migrate(3, 2, "guarded", &[]));
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("traditional"),
-        "{out}"
-    );
+    assert_mode(&out, "traditional");
     check_on("guarded", "cvm2");
     // cvm2 (another cloud) shares the pool; cvm3's own pool is empty again.
     assert_pool_clean(1);
@@ -586,12 +563,7 @@ fn plain_memory_is_refused_for_zero_copy_until_enabled() {
     let watch = SplitBrainWatch::start("plain", 2);
     let out = ok(&migrate(1, 2, "plain", &["--zero-copy"]));
     watch.finish();
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("zero-copy"),
-        "{out}"
-    );
+    assert_mode(&out, "zero-copy");
     check_on("plain", "cvm2");
     assert_pool_clean(1);
 }
@@ -671,11 +643,6 @@ fn a_missing_or_hung_destination_daemon_fails_the_migration_cleanly() {
     let out = vmbeam_ok(&["lab", "up", "--cloud-vms", "2"]);
     assert!(out.contains("restarted vmbeamd"), "{out}");
     let out = ok(&migrate(1, 2, "lonely", &["--zero-copy"]));
-    assert!(
-        summary_field(&out, "mode")
-            .unwrap()
-            .starts_with("zero-copy"),
-        "{out}"
-    );
+    assert_mode(&out, "zero-copy");
     check_on("lonely", "cvm2");
 }
