@@ -111,6 +111,10 @@ fn keep_lab_logs() {
     let Ok(rd) = std::fs::read_dir("/run/vmbeam-lab") else {
         return;
     };
+    if let Err(e) = std::fs::create_dir_all(&dest) {
+        eprintln!("cannot keep the lab logs in {}: {e}", dest.display());
+        return;
+    }
     for cvm in rd.flatten() {
         let logs = cvm.path().join("var-log-libvirt");
         if !logs.is_dir() {
