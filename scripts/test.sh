@@ -43,7 +43,9 @@ tier() {
   else
     failed=1
     local which
-    which=$(sed -nE 's/^test (.*) \.\.\. FAILED$/\1/p' "$log" | sort -u | head -20 | paste -sd' ' -)
+    # cargo's closing "failures:" list (robust to output interleaved with "test X ... FAILED")
+    which=$(awk '/^failures:$/{f=1;next} /^test result/{f=0} f && /^    [A-Za-z0-9_:]+$/{sub(/^ +/,""); print}' "$log" |
+      sort -u | head -20 | paste -sd' ' -)
     SUMMARY+=("$(printf '  %-10s FAIL  %5ss  %s' "$name" "$dt" "${which:-(exit $rc; see $log)}")")
   fi
   return 0
