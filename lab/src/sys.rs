@@ -248,11 +248,21 @@ pub fn reap_for(cmd: &[String]) -> i32 {
             return 127;
         }
     };
+    // How the daemon ended goes to its log (our stderr): nobody waits for this process,
+    // and a daemon that vanished mid-test must leave a trace.
     loop {
         match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => return code,
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == child => {
-                return 128 + sig as i32
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => {
+                eprintln!("vmbeam lab reap: {} (pid {child}) exited with status {code}", cmd.join(" "));
+                return code;
+            }
+            Ok(WaitStatus::Signaled(pid, sig, core)) if pid.as_raw() == child => {
+                eprintln!(
+                    "vmbeam lab reap: {} (pid {child}) killed by {sig}{}",
+                    cmd.join(" "),
+                    if core { " (core dumped)" } else { "" }
+                );
+                return 128 + sig as i32;
             }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
