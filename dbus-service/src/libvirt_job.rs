@@ -115,6 +115,54 @@ pub struct Request {
     pub suspend_after: Option<Duration>,
 }
 
+/// `virDomainGetJobStats`, without `virt` 0.4's `Domain::get_job_stats` (0.5.0 is the same).
+/// That wrapper hands libvirt's array to `Vec::from_raw_parts`: when no job runs (between
+/// libvirt's phases, or just after the job ended) libvirt answers `VIR_DOMAIN_JOB_NONE` with
+/// no parameters and a NULL array, which is undefined behaviour there (a debug build aborts
+/// the whole daemon mid-migration; that was the "vmbeamd left the bus under load" crash),
+/// and it frees the array with Rust's allocator instead of `virTypedParamsFree`.
+fn job_stats(dom: &Domain, flags: u32) -> Result<JobStats, virt::error::Error> {
+    let mut kind: std::ffi::c_int = 0;
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut nparams: std::ffi::c_int = 0;
+    // SAFETY: `dom` is a valid domain handle for the call; the three out-pointers point to
+    // live locals; libvirt allocates `params` (or leaves it NULL) and we free it below.
+    let r = unsafe {
+        sys::virDomainGetJobStats(dom.as_ptr(), &mut kind, &mut params, &mut nparams, flags)
+    };
+    if r < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: libvirt just returned these, and ownership passes to the callee.
+    Ok(unsafe { take_job_stats(kind, params, nparams) })
+}
+
+/// Converts and frees a typed-parameter array that libvirt allocated (NULL and 0 allowed).
+///
+/// # Safety
+/// `params` is NULL or points to `nparams` initialised parameters allocated by libvirt,
+/// owned by the caller and not used after this call.
+unsafe fn take_job_stats(
+    kind: std::ffi::c_int,
+    params: sys::virTypedParameterPtr,
+    nparams: std::ffi::c_int,
+) -> JobStats {
+    if params.is_null() || nparams <= 0 {
+        return JobStats {
+            r#type: kind,
+            ..Default::default()
+        };
+    }
+    // SAFETY: per this function's contract there are `nparams` initialised parameters at
+    // `params`; they are `Copy`, and the copy's string pointers stay valid until the free
+    // below (virt's conversion copies strings without freeing them).
+    let copy = unsafe { std::slice::from_raw_parts(params, nparams as usize) }.to_vec();
+    let stats = JobStats::from((kind, copy));
+    // SAFETY: `params`/`nparams` are exactly what libvirt allocated, freed once, here.
+    unsafe { sys::virTypedParamsFree(params, nparams) };
+    stats
+}
+
 /// Aborts the running job of `domain` (what `virsh domjobabort` does).
 pub fn abort(src_uri: &str, domain: &str) -> Result<(), JobError> {
     let c = connect(src_uri)?;
@@ -166,7 +214,7 @@ pub fn migrate(
         match rx.recv_timeout(every) {
             Ok(r) => break r,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(s) = dom.get_job_stats(0) {
+                if let Ok(s) = job_stats(&dom, 0) {
                     if s.r#type != sys::VIR_DOMAIN_JOB_NONE as i32 {
                         on_progress(progress_of(&s));
                     }
@@ -193,7 +241,7 @@ pub fn migrate(
     };
     if let Ok(dc) = connect(&req.dest_uri) {
         if let Ok(d) = Domain::lookup_by_name(&dc, &req.domain) {
-            if let Ok(s) = d.get_job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED) {
+            if let Ok(s) = job_stats(&d, sys::VIR_DOMAIN_JOB_STATS_COMPLETED) {
                 done.bytes_transferred = s.data_processed.or(s.mem_processed).unwrap_or(0);
                 done.ram_bytes = s.mem_processed.unwrap_or(0);
                 done.downtime_ms = s.downtime;
@@ -208,6 +256,41 @@ pub fn migrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What libvirt answers when no job runs (between its phases, or just after the job
+    /// ended): no parameters and a NULL array, which virt's own wrapper turned into
+    /// undefined behaviour (a debug build aborted the daemon).
+    #[test]
+    fn job_stats_without_parameters_is_a_plain_answer() {
+        let none = sys::VIR_DOMAIN_JOB_NONE as i32;
+        // SAFETY: NULL and 0 are allowed by the contract.
+        let s = unsafe { take_job_stats(none, std::ptr::null_mut(), 0) };
+        assert_eq!(s.r#type, none);
+        assert_eq!(s.data_processed, None);
+    }
+
+    /// A libvirt-allocated array is read and freed with libvirt's own allocator.
+    #[test]
+    fn job_stats_reads_and_frees_libvirt_parameters() {
+        // SAFETY: plain library initialisation (connecting does it implicitly); without it
+        // libvirt's per-thread error state is torn down wrongly when the test thread exits.
+        assert_eq!(unsafe { sys::virInitialize() }, 0);
+        let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+        let (mut n, mut max) = (0, 0);
+        for (name, v) in [(c"data_processed", 4096u64), (c"downtime", 17)] {
+            // SAFETY: the out-pointers point to live locals; libvirt (re)allocates the array.
+            let r = unsafe {
+                sys::virTypedParamsAddULLong(&mut params, &mut n, &mut max, name.as_ptr(), v)
+            };
+            assert_eq!(r, 0);
+        }
+        let unbounded = sys::VIR_DOMAIN_JOB_UNBOUNDED as i32;
+        // SAFETY: `params`/`n` came from libvirt and are not used afterwards.
+        let s = unsafe { take_job_stats(unbounded, params, n) };
+        assert_eq!(s.r#type, unbounded);
+        assert_eq!(s.data_processed, Some(4096));
+        assert_eq!(s.downtime, Some(17));
+    }
 
     #[test]
     fn flags_map_to_libvirt_bits() {
