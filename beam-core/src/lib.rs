@@ -2,7 +2,7 @@
 //! hook share. Nothing here talks to libvirt or QEMU; file-system access is limited to the
 //! beam pool, the replay cache and the configuration.
 //!
-//! - [`ids`]: validated host, cloud and domain identifiers.
+//! - [`ids`]: validated host, cloud and domain identifiers, nonces, file identities.
 //! - [`metadata`]: VMBeam's element in a domain's `<metadata>`.
 //! - [`domain`]: the facts VMBeam reads from a domain XML.
 //! - [`transform`]: the domain-XML rewrites behind `vmbeam enable` / `disable`.
@@ -32,10 +32,10 @@ mod xml;
 pub use domain::DomainFacts;
 pub use hook::HookEvent;
 pub use identity::Identity;
-pub use ids::{CloudId, DomainUuid, HostId};
+pub use ids::{CloudId, DomainUuid, FileIdentity, HostId, Nonce};
 pub use job::{JobStats, Operation, Phase, Progress};
 pub use metadata::BeamMetadata;
 pub use plan::{MigrationMode, Plan, Reason, RequestedMode};
-pub use pool::{BeamPool, FileIdentity, ProofToken};
-pub use ticket::{Nonce, Ticket, TicketKey};
+pub use pool::{BeamPool, ProofToken};
+pub use ticket::{Ticket, TicketKey};
 pub use xml::XmlError;

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use quick_xml::escape::escape;
 use serde::Deserialize;
 
-use crate::ids::{CloudId, DomainUuid, HostId, IdError};
+use crate::ids::{parse_decimal, CloudId, DomainUuid, HostId, IdError};
 use crate::pool;
 use crate::xml::{self, Element, Node, XmlError};
 
@@ -338,14 +338,6 @@ impl BeamMetadata {
             .checked_add(1)
             .ok_or(MetadataError::GenerationOverflow)
     }
-}
-
-/// Parses ASCII decimal digits only (no sign, no spaces) into a `u64`.
-pub(crate) fn parse_decimal(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 #[cfg(test)]

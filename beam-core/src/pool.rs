@@ -19,15 +19,14 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ids::{DomainUuid, HostId};
-use crate::ticket::Nonce;
+use crate::ids::{parse_decimal, DomainUuid, FileIdentity, HostId, Nonce};
 
 /// Suffix of pool files.
 pub const RAM_SUFFIX: &str = ".ram";
@@ -147,34 +146,9 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Poo
     }
 }
 
-/// A file's device and inode numbers: its identity within one kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct FileIdentity {
-    /// `st_dev`.
-    pub dev: u64,
-    /// `st_ino`.
-    pub ino: u64,
-}
-
-impl fmt::Display for FileIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dev {} inode {}", self.dev, self.ino)
-    }
-}
-
-impl FileIdentity {
-    fn of(meta: &fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-}
-
 /// The device/inode of `path` (symlinks followed: a linked RAM path reports its target).
 pub fn file_identity(path: &Path) -> Result<FileIdentity, PoolError> {
-    let meta = fs::metadata(path).map_err(|e| not_found_or(e, "stat", path))?;
-    Ok(FileIdentity::of(&meta))
+    FileIdentity::of(path).map_err(|e| not_found_or(e, "stat", path))
 }
 
 fn not_found_or(e: io::Error, op: &'static str, path: &Path) -> PoolError {
@@ -194,7 +168,7 @@ pub fn pool_file_name(uuid: &DomainUuid, generation: u64) -> String {
 pub fn parse_pool_file_name(name: &str) -> Option<(DomainUuid, u64)> {
     let stem = name.strip_suffix(RAM_SUFFIX)?;
     let (uuid, generation) = stem.rsplit_once('.')?;
-    let generation = crate::metadata::parse_decimal(generation)?;
+    let generation = parse_decimal(generation)?;
     Some((DomainUuid::new(uuid).ok()?, generation))
 }
 
@@ -329,7 +303,7 @@ pub fn write_proof(pool_dir: &Path, nonce: &Nonce) -> Result<ProofToken, PoolErr
     Ok(ProofToken {
         nonce: *nonce,
         sha256: hex::encode(Sha256::digest(content.as_bytes())),
-        identity: FileIdentity::of(&meta),
+        identity: FileIdentity::from_metadata(&meta),
     })
 }
 
@@ -350,7 +324,7 @@ pub fn read_proof(pool_dir: &Path, token: &ProofToken) -> Result<(), PoolError> 
     if !digest.eq_ignore_ascii_case(&token.sha256) {
         return Err(PoolError::ProofMismatch(path));
     }
-    let found = FileIdentity::of(&meta);
+    let found = FileIdentity::from_metadata(&meta);
     if found != token.identity {
         return Err(PoolError::ProofIdentityMismatch {
             path,
@@ -381,7 +355,9 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
     }
     let file = File::open(path).map_err(|e| not_found_or(e, "open", path))?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
-    if !meta.file_type().is_file() || FileIdentity::of(&meta) != FileIdentity::of(&before) {
+    if !meta.file_type().is_file()
+        || FileIdentity::from_metadata(&meta) != FileIdentity::from_metadata(&before)
+    {
         return Err(PoolError::NotRegular(path.to_path_buf()));
     }
     Ok((file, meta))
@@ -461,7 +437,7 @@ impl BeamPool {
                 expected: expected_size,
             });
         }
-        Ok(FileIdentity::of(&meta))
+        Ok(FileIdentity::from_metadata(&meta))
     }
 
     /// Reads the ownership record of `file_name`; `Ok(None)` when there is none.
@@ -782,7 +758,7 @@ impl BeamPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
 

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use vmbeam_core::plan::{DestinationReport, ProofStatus};
-use vmbeam_core::pool::{self, FileIdentity};
+use vmbeam_core::pool;
 use vmbeam_core::ticket::TicketKey;
-use vmbeam_core::{CloudId, HostId, Identity, Nonce, ProofToken};
+use vmbeam_core::{CloudId, FileIdentity, HostId, Identity, Nonce, ProofToken};
 
 const REQ_SUFFIX: &str = ".rdv-req";
 const RESP_SUFFIX: &str = ".rdv-resp";
