@@ -9,6 +9,7 @@
 //! - [`identity`]: this cloud VM's identity (`/etc/vmbeam/vmbeam.conf`).
 //! - [`ticket`]: signed agreements between source and destination, replay protection.
 //! - [`pool`]: the beam pool: RAM files, ownership records, the co-location proof.
+//! - [`rendezvous`]: the co-location proof's request and answer (messages, MAC, file names).
 //! - [`plan`]: zero-copy or traditional, and why.
 //! - [`job`]: phases, monotonic progress, statistics, and the [`job::Operation`] every front
 //!   end translates into.
@@ -25,6 +26,7 @@ pub mod job;
 pub mod metadata;
 pub mod plan;
 pub mod pool;
+pub mod rendezvous;
 pub mod ticket;
 pub mod transform;
 mod xml;

@@ -9,7 +9,9 @@
 //!   Only the current owner rewrites its record, so there is a single writer per file.
 //! - Co-location is proven through the pool itself: the source writes a proof file with a
 //!   random content and sends its hash ([`ProofToken`]); the destination must find and hash
-//!   it in its own view of the pool ([`read_proof`]).
+//!   it in its own view of the pool ([`read_proof`]). The request and the answer that carry
+//!   the token are files in the pool too, `<nonce>.rdv-req` and `<nonce>.rdv-resp`
+//!   ([`crate::rendezvous`]).
 //!
 //! Device/inode numbers identify a file only within one kernel. Where the pool is shared
 //! between separate kernels, both sides' numbers differ even for the same file; the
@@ -34,6 +36,10 @@ pub const RAM_SUFFIX: &str = ".ram";
 pub const OWNER_SUFFIX: &str = ".owner";
 /// Suffix of proof files.
 pub const PROOF_SUFFIX: &str = ".proof";
+/// Suffix of a co-location request (`<nonce>.rdv-req`, see [`crate::rendezvous`]).
+pub const RDV_REQ_SUFFIX: &str = ".rdv-req";
+/// Suffix of a co-location answer (`<nonce>.rdv-resp`, see [`crate::rendezvous`]).
+pub const RDV_RESP_SUFFIX: &str = ".rdv-resp";
 const TMP_SUFFIX: &str = ".tmp";
 const PROOF_MAGIC: &str = "vmbeam-proof-v1";
 const MAX_RECORD_LEN: u64 = 64 * 1024;

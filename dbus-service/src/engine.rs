@@ -20,10 +20,10 @@ use vmbeam_core::pool::{self, BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::ticket::{Ticket, TicketFields};
 use vmbeam_core::{BeamMetadata, DomainFacts, Phase, Progress};
 
-use crate::hooks::{now_secs, RAN_SUFFIX};
+use crate::hooks::RAN_SUFFIX;
 use crate::libvirt_job::{self, Flags, Request};
 use crate::rendezvous;
-use crate::state::{Outgoing, SharedCtx};
+use crate::state::{now_secs, Outgoing, SharedCtx};
 
 /// What a job's observers see; updated by the job, read by the D-Bus job object.
 #[derive(Debug, Clone)]
@@ -196,7 +196,7 @@ pub fn probe_destination(
         }),
         Err(e) => Ok(Colocation {
             report: None,
-            detail: Some(e.to_string()),
+            detail: Some(e.chain()),
         }),
     }
 }

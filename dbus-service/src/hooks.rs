@@ -8,7 +8,7 @@
 //! `inmigrate`: set `x-ignore-shared` for zero-copy and watch the incoming migration to reset
 //! it). Any host: `release end` (the owner deletes a pool file whose domain is gone for good).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tracing::{info, info_span, warn};
 use vmbeam_bus::BeamError;
@@ -19,17 +19,10 @@ use vmbeam_core::pool::{BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::ticket::{Expectations, Ticket};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
 
-use crate::state::{Incoming, Running, SharedCtx};
+use crate::state::{now_secs, Incoming, Running, SharedCtx};
 
 /// Suffix of the marker a destination leaves in the pool once the guest ran there.
 pub const RAN_SUFFIX: &str = ".ran";
-
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn failed(e: impl std::fmt::Display) -> BeamError {
     BeamError::Failed(e.to_string())
