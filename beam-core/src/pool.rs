@@ -12,6 +12,11 @@
 //!   it in its own view of the pool ([`read_proof`]). The request and the answer that carry
 //!   the token are files in the pool too, `<nonce>.rdv-req` and `<nonce>.rdv-resp`
 //!   ([`crate::rendezvous`]).
+//! - Once the guest ran on a zero-copy destination, the destination leaves `<file>.ran`
+//!   ([`BeamPool::mark_ran`]): from then on the source must never run the guest again, and
+//!   its failure path fences instead of resuming ([`BeamPool::has_ran`]).
+//! - [`classify`] names every kind of file the pool holds; [`BeamPool::leftovers`] lists the
+//!   ones a crashed process left behind.
 //!
 //! Device/inode numbers identify a file only within one kernel. Where the pool is shared
 //! between separate kernels, both sides' numbers differ even for the same file; the
@@ -36,6 +41,9 @@ pub const RAM_SUFFIX: &str = ".ram";
 pub const OWNER_SUFFIX: &str = ".owner";
 /// Suffix of proof files.
 pub const PROOF_SUFFIX: &str = ".proof";
+/// Suffix appended to a pool file's name for the marker a destination leaves once the guest
+/// ran there (see [`BeamPool::mark_ran`]).
+pub const RAN_SUFFIX: &str = ".ran";
 /// Suffix of a co-location request (`<nonce>.rdv-req`, see [`crate::rendezvous`]).
 pub const RDV_REQ_SUFFIX: &str = ".rdv-req";
 /// Suffix of a co-location answer (`<nonce>.rdv-resp`, see [`crate::rendezvous`]).
@@ -185,6 +193,51 @@ pub fn is_plain_file_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\0'])
+}
+
+/// What a name in the pool directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolFileKind {
+    /// A pool file, `<uuid>.<generation>.ram`.
+    Ram,
+    /// A pool file's ownership record, `<pool file>.owner`.
+    OwnerRecord,
+    /// A pool file's marker that the guest ran on the destination, `<pool file>.ran`.
+    RanMarker,
+    /// A co-location proof, `<nonce>.proof`.
+    Proof,
+    /// A co-location request, `<nonce>.rdv-req`.
+    RendezvousRequest,
+    /// A co-location answer, `<nonce>.rdv-resp`.
+    RendezvousResponse,
+    /// A file being written, `.<name>.tmp` (records and rendezvous messages are written
+    /// aside and then renamed or linked into place).
+    Temporary,
+    /// Not VMBeam's.
+    Foreign,
+}
+
+/// What the file named `name` in the pool is, by its name alone.
+pub fn classify(name: &str) -> PoolFileKind {
+    let pool_file = |stem: &str| parse_pool_file_name(stem).is_some();
+    let nonce = |stem: &str| stem.parse::<Nonce>().is_ok();
+    let kinds: [(&str, fn(&str) -> bool, PoolFileKind); 5] = [
+        (OWNER_SUFFIX, pool_file, PoolFileKind::OwnerRecord),
+        (RAN_SUFFIX, pool_file, PoolFileKind::RanMarker),
+        (PROOF_SUFFIX, nonce, PoolFileKind::Proof),
+        (RDV_REQ_SUFFIX, nonce, PoolFileKind::RendezvousRequest),
+        (RDV_RESP_SUFFIX, nonce, PoolFileKind::RendezvousResponse),
+    ];
+    if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+        return PoolFileKind::Temporary;
+    }
+    if pool_file(name) {
+        return PoolFileKind::Ram;
+    }
+    kinds
+        .into_iter()
+        .find(|(suffix, valid, _)| name.strip_suffix(suffix).is_some_and(valid))
+        .map_or(PoolFileKind::Foreign, |(_, _, kind)| kind)
 }
 
 /// The state of a pool file's ownership.
@@ -396,6 +449,43 @@ impl BeamPool {
 
     fn record_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
         self.path_of(&format!("{file_name}{OWNER_SUFFIX}"))
+    }
+
+    fn ran_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(&format!("{file_name}{RAN_SUFFIX}"))
+    }
+
+    /// Destination of a zero-copy migration, once the guest runs there on `file_name`'s
+    /// memory: leaves the marker `<file_name>.ran`. From then on the source must never run
+    /// the guest again: its failure path sees the marker ([`BeamPool::has_ran`]) and fences
+    /// the source instead of resuming it.
+    pub fn mark_ran(&self, file_name: &str) -> Result<(), PoolError> {
+        let path = self.ran_path(file_name)?;
+        fs::write(&path, b"ran\n").map_err(io_err("write", &path))
+    }
+
+    /// Whether the destination left the marker of [`BeamPool::mark_ran`] for `file_name`.
+    /// Anything at that name counts. An error means the pool could not say (the caller
+    /// decides; the source's failure path fences on it).
+    pub fn has_ran(&self, file_name: &str) -> Result<bool, PoolError> {
+        let path = self.ran_path(file_name)?;
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    /// Deletes the marker of [`BeamPool::mark_ran`] for `file_name` (by the source once its
+    /// migration settled, by the owner when it releases the file). A missing marker is not
+    /// an error.
+    pub fn clear_ran(&self, file_name: &str) -> Result<(), PoolError> {
+        let path = self.ran_path(file_name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
     }
 
     /// Creates the pool file for `uuid` at `generation`, `size_bytes` long, mode 0600 and,
@@ -738,9 +828,13 @@ impl BeamPool {
             .collect())
     }
 
-    /// Proof files and temporary files left in the pool (by crashed processes, when
-    /// nothing else is in flight); for the caller to delete.
-    pub fn leftovers(&self) -> Result<Vec<PathBuf>, PoolError> {
+    /// Files in the pool that no protocol needs any more, older than `min_age`: proofs,
+    /// rendezvous requests and answers, temporary files, and `.ran` markers whose pool file
+    /// is not being handed over. Such files are left by crashed processes; a younger one may
+    /// belong to a migration in flight on any cloud VM sharing the pool. Pool files and owner
+    /// records are never leftovers: their owner settles them ([`BeamPool::orphans`]).
+    /// Foreign files are not VMBeam's and are not listed. For the caller to report or delete.
+    pub fn leftovers(&self, min_age: std::time::Duration) -> Result<Vec<PathBuf>, PoolError> {
         let dir = fs::read_dir(&self.dir).map_err(|e| not_found_or(e, "list", &self.dir))?;
         let mut out = Vec::new();
         for entry in dir {
@@ -748,11 +842,32 @@ impl BeamPool {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            let proof = name
-                .strip_suffix(PROOF_SUFFIX)
-                .is_some_and(|n| n.parse::<Nonce>().is_ok());
-            let tmp = name.starts_with('.') && name.ends_with(TMP_SUFFIX);
-            if proof || tmp {
+            let stale = match classify(&name) {
+                PoolFileKind::Proof
+                | PoolFileKind::RendezvousRequest
+                | PoolFileKind::RendezvousResponse
+                | PoolFileKind::Temporary => true,
+                PoolFileKind::RanMarker => {
+                    let file = name.strip_suffix(RAN_SUFFIX).unwrap_or_default();
+                    match self.read_owner(file) {
+                        Ok(Some(r)) => r.state != OwnerState::HandingOver,
+                        Ok(None) => true,
+                        // An unreadable record: not ours to judge here (see `list`).
+                        Err(_) => false,
+                    }
+                }
+                PoolFileKind::Ram | PoolFileKind::OwnerRecord | PoolFileKind::Foreign => false,
+            };
+            if !stale {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age >= min_age {
                 out.push(entry.path());
             }
         }
@@ -1014,7 +1129,10 @@ mod tests {
     }
 
     fn pool_leftovers(dir: &Path) -> usize {
-        BeamPool::new(dir).leftovers().unwrap().len()
+        BeamPool::new(dir)
+            .leftovers(std::time::Duration::ZERO)
+            .unwrap()
+            .len()
     }
 
     #[test]
@@ -1057,12 +1175,97 @@ mod tests {
     }
 
     #[test]
+    fn every_name_in_the_pool_is_classified() {
+        let n = Nonce([0xab; 16]);
+        let file = pool_file_name(&uuid(), 3);
+        for (name, kind) in [
+            (file.clone(), PoolFileKind::Ram),
+            (format!("{file}.owner"), PoolFileKind::OwnerRecord),
+            (format!("{file}.ran"), PoolFileKind::RanMarker),
+            (format!("{n}.proof"), PoolFileKind::Proof),
+            (format!("{n}.rdv-req"), PoolFileKind::RendezvousRequest),
+            (format!("{n}.rdv-resp"), PoolFileKind::RendezvousResponse),
+            (format!(".{file}.owner.0011.tmp"), PoolFileKind::Temporary),
+            (format!(".{n}.rdv-resp.tmp"), PoolFileKind::Temporary),
+            ("README".into(), PoolFileKind::Foreign),
+            ("notanonce.proof".into(), PoolFileKind::Foreign),
+            ("x.ram.ran".into(), PoolFileKind::Foreign),
+            (format!("{n}.ran"), PoolFileKind::Foreign),
+            (".tmp".into(), PoolFileKind::Temporary),
+            (".".into(), PoolFileKind::Foreign),
+        ] {
+            assert_eq!(classify(&name), kind, "{name}");
+        }
+    }
+
+    #[test]
+    fn ran_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        assert!(!pool.has_ran(&name).unwrap());
+        pool.clear_ran(&name).unwrap();
+        pool.mark_ran(&name).unwrap();
+        assert!(pool.has_ran(&name).unwrap());
+        assert!(dir.path().join(format!("{name}.ran")).is_file());
+        // Marking twice is fine (the watcher may run again after a daemon restart).
+        pool.mark_ran(&name).unwrap();
+        pool.clear_ran(&name).unwrap();
+        assert!(!pool.has_ran(&name).unwrap());
+        assert!(matches!(pool.mark_ran("../x"), Err(PoolError::BadName(_))));
+        assert!(matches!(pool.has_ran("a/b"), Err(PoolError::BadName(_))));
+        // A pool the source cannot read says neither yes nor no.
+        let gone = BeamPool::new(dir.path().join("missing").join("deeper"));
+        assert!(gone.mark_ran(&name).is_err());
+        assert!(
+            !gone.has_ran(&name).unwrap(),
+            "a missing pool has no marker"
+        );
+    }
+
+    #[test]
     fn leftovers_found() {
         let dir = tempfile::tempdir().unwrap();
         let pool = BeamPool::new(dir.path());
+        let n = Nonce::random();
+        let (a, b) = (host("cvm1"), host("cvm2"));
         fs::write(dir.path().join(".x.owner.00.tmp"), "").unwrap();
         fs::write(dir.path().join("notanonce.proof"), "").unwrap();
-        pool.create_file(&uuid(), 1, 10, None).unwrap();
-        assert_eq!(pool.leftovers().unwrap().len(), 1);
+        fs::write(dir.path().join(format!("{n}.rdv-req")), "").unwrap();
+        fs::write(dir.path().join(format!("{n}.rdv-resp")), "").unwrap();
+        fs::write(dir.path().join("README"), "").unwrap();
+        // 1: marker while handing over (in flight: not a leftover); 2: marker of an active
+        // file (settled: leftover); 3: marker without a pool file (leftover).
+        let u =
+            |n: u8| DomainUuid::new(&format!("00000000-0000-0000-0000-0000000000{n:02}")).unwrap();
+        for g in [1, 2] {
+            let name = pool_file_name(&u(g), 1);
+            pool.create_file(&u(g), 1, 10, None).unwrap();
+            pool.claim(&name, &u(g), 1, &a).unwrap();
+            pool.mark_ran(&name).unwrap();
+        }
+        pool.begin_hand_over(&pool_file_name(&u(1), 1), &a, &b)
+            .unwrap();
+        pool.mark_ran(&pool_file_name(&u(3), 1)).unwrap();
+        let names: Vec<String> = pool
+            .leftovers(std::time::Duration::ZERO)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        let mut expected = vec![
+            ".x.owner.00.tmp".to_string(),
+            format!("{n}.rdv-req"),
+            format!("{n}.rdv-resp"),
+            format!("{}.ran", pool_file_name(&u(2), 1)),
+            format!("{}.ran", pool_file_name(&u(3), 1)),
+        ];
+        expected.sort();
+        assert_eq!(names, expected);
+        // Young files may belong to a migration in flight elsewhere.
+        assert!(pool
+            .leftovers(std::time::Duration::from_secs(3600))
+            .unwrap()
+            .is_empty());
     }
 }

@@ -20,7 +20,6 @@ use vmbeam_core::pool::{self, BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::ticket::{Ticket, TicketFields};
 use vmbeam_core::{BeamMetadata, DomainFacts, Phase, Progress};
 
-use crate::hooks::RAN_SUFFIX;
 use crate::libvirt_job::{self, Flags, Request};
 use crate::rendezvous;
 use crate::state::{now_secs, Outgoing, SharedCtx};
@@ -379,7 +378,9 @@ pub fn run(
             .expect("lock")
             .outgoing
             .remove(&facts.uuid);
-        let _ = std::fs::remove_file(id.pool_dir.join(format!("{pool_file}{RAN_SUFFIX}")));
+        if let Err(e) = bpool.clear_ran(&pool_file) {
+            warn!(error = %e, "could not delete the destination's ran marker");
+        }
     };
     if let Err(e) = bpool.begin_hand_over(&pool_file, &id.host_id, &dest) {
         settle();
@@ -420,10 +421,10 @@ pub fn run(
         }
         Err(e) => {
             job.phase(Phase::CleaningUp);
-            let ran = id
-                .pool_dir
-                .join(format!("{pool_file}{RAN_SUFFIX}"))
-                .exists();
+            let ran = bpool.has_ran(&pool_file).unwrap_or_else(|e| {
+                error!(error = %e, "cannot tell whether the guest ran on the destination: fencing the source");
+                true
+            });
             if ran {
                 // The destination already ran guest code on this memory: resuming the source
                 // would have two CPUs write one memory. Fence the source.

@@ -10,19 +10,16 @@
 
 use std::time::Duration;
 
-use tracing::{info, info_span, warn};
+use tracing::{error, info, info_span, warn};
 use vmbeam_bus::BeamError;
 use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
 use vmbeam_core::hook::{HookOp, HookSubOp};
-use vmbeam_core::pool::{BeamPool, OwnerState, RecordStatus};
+use vmbeam_core::pool::{BeamPool, OwnerState};
 use vmbeam_core::ticket::{Expectations, Ticket};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
 
 use crate::state::{now_secs, Incoming, Running, SharedCtx};
-
-/// Suffix of the marker a destination leaves in the pool once the guest ran there.
-pub const RAN_SUFFIX: &str = ".ran";
 
 fn failed(e: impl std::fmt::Display) -> BeamError {
     BeamError::Failed(e.to_string())
@@ -242,19 +239,17 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> 
         return Ok(());
     };
     let pool_path = ctx.cfg.identity.pool_dir.join(&pool_file);
-    // Once the guest has run here, the source must never run it again: leave a marker in the
-    // pool for the source's failure path.
-    let marker = ctx
-        .cfg
-        .identity
-        .pool_dir
-        .join(format!("{pool_file}{RAN_SUFFIX}"));
+    // Once the guest has run here, the source must never run it again: leave the pool's
+    // marker for the source's failure path.
+    let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
     ctx.backend
         .arm_destination(
             facts,
             &pool_path,
             Box::new(move || {
-                let _ = std::fs::write(&marker, b"ran\n");
+                if let Err(e) = pool.mark_ran(&pool_file) {
+                    error!(%pool_file, error = %e, "the guest runs here but the pool could not be marked: a failing source will not know to fence itself");
+                }
             }),
         )
         .map_err(backend_err)
@@ -290,7 +285,9 @@ fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
             Ok(Some(r)) if r.owner == id.host_id && r.state == OwnerState::Active => {
                 match pool.release(&f, &id.host_id) {
                     Ok(()) => {
-                        let _ = std::fs::remove_file(id.pool_dir.join(format!("{f}{RAN_SUFFIX}")));
+                        if let Err(e) = pool.clear_ran(&f) {
+                            warn!(pool_file = %f, error = %e, "could not delete the pool file's ran marker");
+                        }
                         info!(pool_file = %f, "domain gone for good here: pool file deleted")
                     }
                     Err(e) => warn!(pool_file = %f, error = %e, "could not delete pool file"),
@@ -313,7 +310,26 @@ pub fn orphan_report(ctx: &SharedCtx, live: &std::collections::HashSet<DomainUui
         .unwrap_or_default()
 }
 
-/// Whether an owner record says `RecordStatus::Valid` with this owner.
-pub fn owned_by(status: &RecordStatus, host: &vmbeam_core::HostId) -> bool {
-    matches!(status, RecordStatus::Valid(r) if &r.owner == host)
+/// How old a file in the pool must be before start-up reports it as left behind (younger
+/// ones may belong to a migration in flight between other cloud VMs sharing the pool).
+pub const LEFTOVER_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// Files in the pool that crashed processes left behind ([`BeamPool::leftovers`]), logged
+/// (never deleted: the pool is shared, and the owner settles its own files).
+pub fn report_leftovers(ctx: &SharedCtx) -> Vec<std::path::PathBuf> {
+    match BeamPool::new(&ctx.cfg.identity.pool_dir).leftovers(LEFTOVER_MIN_AGE) {
+        Ok(files) => {
+            if !files.is_empty() {
+                warn!(
+                    ?files,
+                    "files left in the pool by crashed processes (not deleted)"
+                );
+            }
+            files
+        }
+        Err(e) => {
+            warn!(pool = %ctx.cfg.identity.pool_dir.display(), error = %e, "cannot look for leftovers in the pool");
+            Vec::new()
+        }
+    }
 }

@@ -115,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connect to the system bus and own org.vmbeam.VMBeam1")?;
     info!(host = %ctx.cfg.identity.host_id, cloud = %ctx.cfg.identity.cloud, libvirt_uuid = %ctx.libvirt_uuid, "vmbeamd ready");
+    vmbeamd::hooks::report_leftovers(&ctx);
     // Answer co-location requests addressed to this host, through the pool.
     tokio::spawn(vmbeamd::rendezvous::serve_forever(ctx.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
