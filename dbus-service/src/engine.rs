@@ -345,14 +345,17 @@ pub fn run(
         carrier::insert_ticket(&migratable, &ticket)
             .map_err(|e| BeamError::Failed(e.to_string()))?,
     );
+    // The record once the destination has it: the persistent definition there says so, and
+    // the pool's owner record gets the same generation when libvirt reports success.
+    let moved = BeamMetadata {
+        pool_file: Some(pool_file.clone()),
+        ..meta
+            .as_ref()
+            .expect("zero-copy implies metadata")
+            .handed_to(dest.clone())
+            .map_err(|e| BeamError::Failed(format!("VMBeam metadata: {e}")))?
+    };
     if opts.persistent {
-        let meta = meta.expect("zero-copy implies metadata");
-        let moved = BeamMetadata {
-            owner: dest.clone(),
-            generation: meta.generation + 1,
-            pool_file: Some(pool_file.clone()),
-            ..meta
-        };
         let inactive = if dom.is_persistent().unwrap_or(false) {
             dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_MIGRATABLE)
                 .map_err(lv)?
@@ -408,7 +411,7 @@ pub fn run(
             job.phase(Phase::Confirming);
             // libvirt reported success: the destination runs the guest on this file.
             if let Err(e) =
-                bpool.complete_hand_over(&pool_file, &id.host_id, &dest, meta_generation(&xml) + 1)
+                bpool.complete_hand_over(&pool_file, &id.host_id, &dest, moved.generation)
             {
                 error!(error = %e, "could not record the hand-over of the pool file");
             }
@@ -451,14 +454,6 @@ pub fn run(
             })
         }
     }
-}
-
-fn meta_generation(xml: &str) -> u64 {
-    BeamMetadata::from_domain_xml(xml)
-        .ok()
-        .flatten()
-        .map(|m| m.generation)
-        .unwrap_or(0)
 }
 
 fn finish(job: &JobHandle, done: &libvirt_job::Completed, started: Instant, mode: &str) -> String {

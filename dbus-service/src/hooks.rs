@@ -125,9 +125,10 @@ fn owned_here(
     let moved = BeamMetadata {
         cloud: id.cloud.clone(),
         pool: id.pool_dir.clone(),
-        owner: id.host_id.clone(),
-        generation: meta.generation.saturating_add(1),
         pool_file,
+        ..meta
+            .handed_to(id.host_id.clone())
+            .map_err(|e| BeamError::InvalidArgs(format!("VMBeam metadata: {e}")))?
     };
     vmbeam_core::transform::enable(xml, &moved, &ctx.cfg.qmp_dir)
         .map(|r| r.xml)
