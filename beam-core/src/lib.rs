@@ -14,12 +14,14 @@
 //! - [`job`]: phases, monotonic progress, statistics, and the [`job::Operation`] every front
 //!   end translates into.
 //! - [`hook`]: libvirt hook arguments.
+//! - [`host`]: libvirt's host capabilities (the host UUID).
 
 mod b64;
 pub mod backend;
 pub mod carrier;
 pub mod domain;
 pub mod hook;
+pub mod host;
 pub mod identity;
 pub mod ids;
 pub mod job;

@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::libvirt_conn::Conn;
+use crate::libvirt_conn::{self, Conn};
 use tracing::{error, info, info_span, warn};
-use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 use vmbeam_bus::BeamError;
@@ -134,19 +133,6 @@ fn lv(e: virt::error::Error) -> BeamError {
     BeamError::Libvirt(e.message().to_string())
 }
 
-/// The libvirt host UUID a connection reports (`<host><uuid>` of the capabilities).
-pub fn host_uuid(conn: &Connect) -> Result<String, BeamError> {
-    let caps = conn.get_capabilities().map_err(lv)?;
-    let start = caps
-        .find("<uuid>")
-        .ok_or_else(|| BeamError::Libvirt("capabilities without a host UUID".into()))?;
-    let rest = &caps[start + 6..];
-    let end = rest
-        .find("</uuid>")
-        .ok_or_else(|| BeamError::Libvirt("malformed capabilities".into()))?;
-    Ok(rest[..end].trim().to_ascii_lowercase())
-}
-
 /// The pool file this host's domain runs on: the running table, else the pool's records.
 pub fn current_pool_file(ctx: &SharedCtx, facts: &DomainFacts) -> Option<String> {
     if let Some(r) = ctx.tables.lock().expect("lock").running.get(&facts.uuid) {
@@ -177,7 +163,7 @@ pub fn probe_destination(
     let dest_uuid = {
         let dconn = Conn::open(dest_uri)
             .map_err(|e| BeamError::Libvirt(format!("connect to {dest_uri}: {}", e.message())))?;
-        host_uuid(&dconn)?
+        libvirt_conn::host_uuid(&dconn)?
     };
     if dest_uuid == ctx.libvirt_uuid {
         return Err(BeamError::InvalidArgs(format!("{dest_uri} is this host")));

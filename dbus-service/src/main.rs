@@ -80,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
         loop {
             match vmbeamd::libvirt_conn::Conn::open(&uri) {
                 Ok(c) => {
-                    return vmbeamd::engine::host_uuid(&c).map_err(|e| anyhow::anyhow!("{e:?}"));
+                    return vmbeamd::libvirt_conn::host_uuid(&c)
+                        .map_err(|e| anyhow::anyhow!("{e:?}"));
                 }
                 Err(e) if std::time::Instant::now() >= deadline => {
                     return Err(anyhow::anyhow!("libvirt at {uri}: {}", e.message()))
