@@ -219,25 +219,31 @@ pub enum PoolFileKind {
 
 /// What the file named `name` in the pool is, by its name alone.
 pub fn classify(name: &str) -> PoolFileKind {
-    let pool_file = |stem: &str| parse_pool_file_name(stem).is_some();
-    let nonce = |stem: &str| stem.parse::<Nonce>().is_ok();
-    let kinds: [(&str, fn(&str) -> bool, PoolFileKind); 5] = [
-        (OWNER_SUFFIX, pool_file, PoolFileKind::OwnerRecord),
-        (RAN_SUFFIX, pool_file, PoolFileKind::RanMarker),
-        (PROOF_SUFFIX, nonce, PoolFileKind::Proof),
-        (RDV_REQ_SUFFIX, nonce, PoolFileKind::RendezvousRequest),
-        (RDV_RESP_SUFFIX, nonce, PoolFileKind::RendezvousResponse),
-    ];
+    let of_pool_file = |suffix: &str| {
+        name.strip_suffix(suffix)
+            .is_some_and(|stem| parse_pool_file_name(stem).is_some())
+    };
+    let of_nonce = |suffix: &str| {
+        name.strip_suffix(suffix)
+            .is_some_and(|stem| stem.parse::<Nonce>().is_ok())
+    };
     if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
-        return PoolFileKind::Temporary;
+        PoolFileKind::Temporary
+    } else if of_pool_file("") {
+        PoolFileKind::Ram
+    } else if of_pool_file(OWNER_SUFFIX) {
+        PoolFileKind::OwnerRecord
+    } else if of_pool_file(RAN_SUFFIX) {
+        PoolFileKind::RanMarker
+    } else if of_nonce(PROOF_SUFFIX) {
+        PoolFileKind::Proof
+    } else if of_nonce(RDV_REQ_SUFFIX) {
+        PoolFileKind::RendezvousRequest
+    } else if of_nonce(RDV_RESP_SUFFIX) {
+        PoolFileKind::RendezvousResponse
+    } else {
+        PoolFileKind::Foreign
     }
-    if pool_file(name) {
-        return PoolFileKind::Ram;
-    }
-    kinds
-        .into_iter()
-        .find(|(suffix, valid, _)| name.strip_suffix(suffix).is_some_and(valid))
-        .map_or(PoolFileKind::Foreign, |(_, _, kind)| kind)
 }
 
 /// The state of a pool file's ownership.
