@@ -253,7 +253,10 @@ pub fn reap_for(cmd: &[String]) -> i32 {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => {
-                eprintln!("vmbeam lab reap: {} (pid {child}) exited with status {code}", cmd.join(" "));
+                eprintln!(
+                    "vmbeam lab reap: {} (pid {child}) exited with status {code}",
+                    cmd.join(" ")
+                );
                 return code;
             }
             Ok(WaitStatus::Signaled(pid, sig, core)) if pid.as_raw() == child => {
