@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::domain::DomainFacts;
 use crate::plan::BackendCapabilities;
-use crate::DomainFacts;
 
 /// A backend step failed.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{DomainUuid, IdError};
-use crate::metadata::parse_decimal;
+use crate::ids::{parse_decimal, DomainUuid, IdError};
 use crate::xml::{self, Element, XmlError};
 
 /// The namespace of libvirt's QEMU passthrough elements (`<qemu:commandline>`).

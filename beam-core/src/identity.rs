@@ -290,7 +290,7 @@ fn parse_value(text: &str, line: usize) -> Result<Value, IdentityError> {
     if number.is_empty() {
         return Err(syntax("missing value"));
     }
-    crate::metadata::parse_decimal(number)
+    crate::ids::parse_decimal(number)
         .map(Value::Int)
         .ok_or_else(|| syntax("value must be a quoted string or a non-negative integer"))
 }

@@ -2,29 +2,33 @@
 //! hook share. Nothing here talks to libvirt or QEMU; file-system access is limited to the
 //! beam pool, the replay cache and the configuration.
 //!
-//! - [`ids`]: validated host, cloud and domain identifiers.
+//! - [`ids`]: validated host, cloud and domain identifiers, nonces, file identities.
 //! - [`metadata`]: VMBeam's element in a domain's `<metadata>`.
 //! - [`domain`]: the facts VMBeam reads from a domain XML.
 //! - [`transform`]: the domain-XML rewrites behind `vmbeam enable` / `disable`.
 //! - [`identity`]: this cloud VM's identity (`/etc/vmbeam/vmbeam.conf`).
 //! - [`ticket`]: signed agreements between source and destination, replay protection.
 //! - [`pool`]: the beam pool: RAM files, ownership records, the co-location proof.
+//! - [`rendezvous`]: the co-location proof's request and answer (messages, MAC, file names).
 //! - [`plan`]: zero-copy or traditional, and why.
 //! - [`job`]: phases, monotonic progress, statistics, and the [`job::Operation`] every front
 //!   end translates into.
 //! - [`hook`]: libvirt hook arguments.
+//! - [`host`]: libvirt's host capabilities (the host UUID).
 
 mod b64;
 pub mod backend;
 pub mod carrier;
 pub mod domain;
 pub mod hook;
+pub mod host;
 pub mod identity;
 pub mod ids;
 pub mod job;
 pub mod metadata;
 pub mod plan;
 pub mod pool;
+pub mod rendezvous;
 pub mod ticket;
 pub mod transform;
 mod xml;
@@ -32,10 +36,10 @@ mod xml;
 pub use domain::DomainFacts;
 pub use hook::HookEvent;
 pub use identity::Identity;
-pub use ids::{CloudId, DomainUuid, HostId};
+pub use ids::{CloudId, DomainUuid, FileIdentity, HostId, Nonce};
 pub use job::{JobStats, Operation, Phase, Progress};
 pub use metadata::BeamMetadata;
 pub use plan::{MigrationMode, Plan, Reason, RequestedMode};
-pub use pool::{BeamPool, FileIdentity, ProofToken};
-pub use ticket::{Nonce, Ticket, TicketKey};
+pub use pool::{BeamPool, ProofToken};
+pub use ticket::{Ticket, TicketKey};
 pub use xml::XmlError;

@@ -25,12 +25,12 @@
 //! Metadata is a claim made by whoever could edit the domain, never a proof of anything:
 //! co-location is proven through the pool itself and agreements through tickets.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use quick_xml::escape::escape;
 use serde::Deserialize;
 
-use crate::ids::{CloudId, DomainUuid, HostId, IdError};
+use crate::ids::{parse_decimal, CloudId, DomainUuid, HostId, IdError};
 use crate::pool;
 use crate::xml::{self, Element, Node, XmlError};
 
@@ -305,47 +305,20 @@ impl BeamMetadata {
         self.pool.join(self.pool_file_name(uuid))
     }
 
-    /// The record after a zero-copy migration to `new_owner`: the destination keeps using
-    /// the same pool file, so its name is recorded explicitly and the generation bumped.
-    pub fn after_zero_copy(
-        &self,
-        uuid: &DomainUuid,
-        new_owner: HostId,
-    ) -> Result<Self, MetadataError> {
+    /// The record after the domain is handed to `new_owner` (a migration's destination):
+    /// the same record with that owner and the generation bumped. The one place the
+    /// generation moves: the source's persistent definition for the destination and its
+    /// owner record after the hand-over, and the destination's incoming XML all use it.
+    pub fn handed_to(&self, new_owner: HostId) -> Result<Self, MetadataError> {
         Ok(Self {
-            cloud: self.cloud.clone(),
-            pool: self.pool.clone(),
             owner: new_owner,
-            generation: self.next_generation()?,
-            pool_file: Some(self.pool_file_name(uuid)),
+            generation: self
+                .generation
+                .checked_add(1)
+                .ok_or(MetadataError::GenerationOverflow)?,
+            ..self.clone()
         })
     }
-
-    /// The record after a copying migration to `new_owner`, whose pool (`new_pool`) gets a
-    /// fresh file under the default name of the bumped generation.
-    pub fn after_copy(&self, new_owner: HostId, new_pool: &Path) -> Result<Self, MetadataError> {
-        Ok(Self {
-            cloud: self.cloud.clone(),
-            pool: new_pool.to_path_buf(),
-            owner: new_owner,
-            generation: self.next_generation()?,
-            pool_file: None,
-        })
-    }
-
-    fn next_generation(&self) -> Result<u64, MetadataError> {
-        self.generation
-            .checked_add(1)
-            .ok_or(MetadataError::GenerationOverflow)
-    }
-}
-
-/// Parses ASCII decimal digits only (no sign, no spaces) into a `u64`.
-pub(crate) fn parse_decimal(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 #[cfg(test)]
@@ -569,33 +542,26 @@ mod tests {
     }
 
     #[test]
-    fn successors() {
-        let uuid = DomainUuid::new(UUID).unwrap();
-        let m = BeamMetadata {
-            pool_file: None,
-            ..sample()
-        };
-        assert_eq!(m.pool_file_name(&uuid), format!("{UUID}.3.ram"));
-        let z = m
-            .after_zero_copy(&uuid, HostId::new("cvm2").unwrap())
-            .unwrap();
-        assert_eq!(z.generation, 4);
-        assert_eq!(z.owner.as_str(), "cvm2");
-        assert_eq!(z.pool_file_name(&uuid), format!("{UUID}.3.ram"));
-        let c = z
-            .after_copy(HostId::new("cvm3").unwrap(), Path::new("/pool3"))
-            .unwrap();
-        assert_eq!(c.generation, 5);
+    fn handed_to_bumps_the_generation_once() {
+        let m = sample();
+        let cvm2 = HostId::new("cvm2").unwrap();
+        let h = m.handed_to(cvm2.clone()).unwrap();
+        assert_eq!(h.generation, m.generation + 1);
+        assert_eq!(h.owner, cvm2);
         assert_eq!(
-            c.pool_file_path(&uuid),
-            PathBuf::from(format!("/pool3/{UUID}.5.ram"))
+            (&h.cloud, &h.pool, &h.pool_file),
+            (&m.cloud, &m.pool, &m.pool_file)
+        );
+        assert_eq!(
+            h.handed_to(m.owner.clone()).unwrap().generation,
+            m.generation + 2
         );
         let max = BeamMetadata {
             generation: u64::MAX,
             ..sample()
         };
         assert!(matches!(
-            max.after_copy(HostId::new("x").unwrap(), Path::new("/p")),
+            max.handed_to(cvm2),
             Err(MetadataError::GenerationOverflow)
         ));
     }

@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{AllocationMode, DomainFacts, MemoryAccess, MemorySource};
 use crate::identity::Identity;
+use crate::ids::FileIdentity;
 use crate::ids::{CloudId, HostId};
 use crate::metadata::BeamMetadata;
-use crate::pool::{FileIdentity, PoolError};
+use crate::pool::PoolError;
 
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -742,7 +743,7 @@ mod tests {
                 local: ID,
                 dest: FileIdentity { dev: 1, ino: 3 },
             },
-            "the destination sees another pool file (dev 1 inode 3) than this host (dev 1 inode 2)",
+            "the destination sees another pool file (dev 0:1 inode 3) than this host (dev 0:1 inode 2)",
         );
         cases
     }

@@ -9,7 +9,14 @@
 //!   Only the current owner rewrites its record, so there is a single writer per file.
 //! - Co-location is proven through the pool itself: the source writes a proof file with a
 //!   random content and sends its hash ([`ProofToken`]); the destination must find and hash
-//!   it in its own view of the pool ([`read_proof`]).
+//!   it in its own view of the pool ([`read_proof`]). The request and the answer that carry
+//!   the token are files in the pool too, `<nonce>.rdv-req` and `<nonce>.rdv-resp`
+//!   ([`crate::rendezvous`]).
+//! - Once the guest ran on a zero-copy destination, the destination leaves `<file>.ran`
+//!   ([`BeamPool::mark_ran`]): from then on the source must never run the guest again, and
+//!   its failure path fences instead of resuming ([`BeamPool::has_ran`]).
+//! - [`classify`] names every kind of file the pool holds; [`BeamPool::leftovers`] lists the
+//!   ones a crashed process left behind.
 //!
 //! Device/inode numbers identify a file only within one kernel. Where the pool is shared
 //! between separate kernels, both sides' numbers differ even for the same file; the
@@ -19,15 +26,14 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ids::{DomainUuid, HostId};
-use crate::ticket::Nonce;
+use crate::ids::{parse_decimal, DomainUuid, FileIdentity, HostId, Nonce};
 
 /// Suffix of pool files.
 pub const RAM_SUFFIX: &str = ".ram";
@@ -35,6 +41,13 @@ pub const RAM_SUFFIX: &str = ".ram";
 pub const OWNER_SUFFIX: &str = ".owner";
 /// Suffix of proof files.
 pub const PROOF_SUFFIX: &str = ".proof";
+/// Suffix appended to a pool file's name for the marker a destination leaves once the guest
+/// ran there (see [`BeamPool::mark_ran`]).
+pub const RAN_SUFFIX: &str = ".ran";
+/// Suffix of a co-location request (`<nonce>.rdv-req`, see [`crate::rendezvous`]).
+pub const RDV_REQ_SUFFIX: &str = ".rdv-req";
+/// Suffix of a co-location answer (`<nonce>.rdv-resp`, see [`crate::rendezvous`]).
+pub const RDV_RESP_SUFFIX: &str = ".rdv-resp";
 const TMP_SUFFIX: &str = ".tmp";
 const PROOF_MAGIC: &str = "vmbeam-proof-v1";
 const MAX_RECORD_LEN: u64 = 64 * 1024;
@@ -147,34 +160,9 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Poo
     }
 }
 
-/// A file's device and inode numbers: its identity within one kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct FileIdentity {
-    /// `st_dev`.
-    pub dev: u64,
-    /// `st_ino`.
-    pub ino: u64,
-}
-
-impl fmt::Display for FileIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dev {} inode {}", self.dev, self.ino)
-    }
-}
-
-impl FileIdentity {
-    fn of(meta: &fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-}
-
 /// The device/inode of `path` (symlinks followed: a linked RAM path reports its target).
 pub fn file_identity(path: &Path) -> Result<FileIdentity, PoolError> {
-    let meta = fs::metadata(path).map_err(|e| not_found_or(e, "stat", path))?;
-    Ok(FileIdentity::of(&meta))
+    FileIdentity::of(path).map_err(|e| not_found_or(e, "stat", path))
 }
 
 fn not_found_or(e: io::Error, op: &'static str, path: &Path) -> PoolError {
@@ -194,7 +182,7 @@ pub fn pool_file_name(uuid: &DomainUuid, generation: u64) -> String {
 pub fn parse_pool_file_name(name: &str) -> Option<(DomainUuid, u64)> {
     let stem = name.strip_suffix(RAM_SUFFIX)?;
     let (uuid, generation) = stem.rsplit_once('.')?;
-    let generation = crate::metadata::parse_decimal(generation)?;
+    let generation = parse_decimal(generation)?;
     Some((DomainUuid::new(uuid).ok()?, generation))
 }
 
@@ -205,6 +193,57 @@ pub fn is_plain_file_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\0'])
+}
+
+/// What a name in the pool directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolFileKind {
+    /// A pool file, `<uuid>.<generation>.ram`.
+    Ram,
+    /// A pool file's ownership record, `<pool file>.owner`.
+    OwnerRecord,
+    /// A pool file's marker that the guest ran on the destination, `<pool file>.ran`.
+    RanMarker,
+    /// A co-location proof, `<nonce>.proof`.
+    Proof,
+    /// A co-location request, `<nonce>.rdv-req`.
+    RendezvousRequest,
+    /// A co-location answer, `<nonce>.rdv-resp`.
+    RendezvousResponse,
+    /// A file being written, `.<name>.tmp` (records and rendezvous messages are written
+    /// aside and then renamed or linked into place).
+    Temporary,
+    /// Not VMBeam's.
+    Foreign,
+}
+
+/// What the file named `name` in the pool is, by its name alone.
+pub fn classify(name: &str) -> PoolFileKind {
+    let of_pool_file = |suffix: &str| {
+        name.strip_suffix(suffix)
+            .is_some_and(|stem| parse_pool_file_name(stem).is_some())
+    };
+    let of_nonce = |suffix: &str| {
+        name.strip_suffix(suffix)
+            .is_some_and(|stem| stem.parse::<Nonce>().is_ok())
+    };
+    if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+        PoolFileKind::Temporary
+    } else if of_pool_file("") {
+        PoolFileKind::Ram
+    } else if of_pool_file(OWNER_SUFFIX) {
+        PoolFileKind::OwnerRecord
+    } else if of_pool_file(RAN_SUFFIX) {
+        PoolFileKind::RanMarker
+    } else if of_nonce(PROOF_SUFFIX) {
+        PoolFileKind::Proof
+    } else if of_nonce(RDV_REQ_SUFFIX) {
+        PoolFileKind::RendezvousRequest
+    } else if of_nonce(RDV_RESP_SUFFIX) {
+        PoolFileKind::RendezvousResponse
+    } else {
+        PoolFileKind::Foreign
+    }
 }
 
 /// The state of a pool file's ownership.
@@ -329,7 +368,7 @@ pub fn write_proof(pool_dir: &Path, nonce: &Nonce) -> Result<ProofToken, PoolErr
     Ok(ProofToken {
         nonce: *nonce,
         sha256: hex::encode(Sha256::digest(content.as_bytes())),
-        identity: FileIdentity::of(&meta),
+        identity: FileIdentity::from_metadata(&meta),
     })
 }
 
@@ -350,7 +389,7 @@ pub fn read_proof(pool_dir: &Path, token: &ProofToken) -> Result<(), PoolError> 
     if !digest.eq_ignore_ascii_case(&token.sha256) {
         return Err(PoolError::ProofMismatch(path));
     }
-    let found = FileIdentity::of(&meta);
+    let found = FileIdentity::from_metadata(&meta);
     if found != token.identity {
         return Err(PoolError::ProofIdentityMismatch {
             path,
@@ -381,7 +420,9 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
     }
     let file = File::open(path).map_err(|e| not_found_or(e, "open", path))?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
-    if !meta.file_type().is_file() || FileIdentity::of(&meta) != FileIdentity::of(&before) {
+    if !meta.file_type().is_file()
+        || FileIdentity::from_metadata(&meta) != FileIdentity::from_metadata(&before)
+    {
         return Err(PoolError::NotRegular(path.to_path_buf()));
     }
     Ok((file, meta))
@@ -414,6 +455,43 @@ impl BeamPool {
 
     fn record_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
         self.path_of(&format!("{file_name}{OWNER_SUFFIX}"))
+    }
+
+    fn ran_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(&format!("{file_name}{RAN_SUFFIX}"))
+    }
+
+    /// Destination of a zero-copy migration, once the guest runs there on `file_name`'s
+    /// memory: leaves the marker `<file_name>.ran`. From then on the source must never run
+    /// the guest again: its failure path sees the marker ([`BeamPool::has_ran`]) and fences
+    /// the source instead of resuming it.
+    pub fn mark_ran(&self, file_name: &str) -> Result<(), PoolError> {
+        let path = self.ran_path(file_name)?;
+        fs::write(&path, b"ran\n").map_err(io_err("write", &path))
+    }
+
+    /// Whether the destination left the marker of [`BeamPool::mark_ran`] for `file_name`.
+    /// Anything at that name counts. An error means the pool could not say (the caller
+    /// decides; the source's failure path fences on it).
+    pub fn has_ran(&self, file_name: &str) -> Result<bool, PoolError> {
+        let path = self.ran_path(file_name)?;
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    /// Deletes the marker of [`BeamPool::mark_ran`] for `file_name` (by the source once its
+    /// migration settled, by the owner when it releases the file). A missing marker is not
+    /// an error.
+    pub fn clear_ran(&self, file_name: &str) -> Result<(), PoolError> {
+        let path = self.ran_path(file_name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
     }
 
     /// Creates the pool file for `uuid` at `generation`, `size_bytes` long, mode 0600 and,
@@ -461,7 +539,7 @@ impl BeamPool {
                 expected: expected_size,
             });
         }
-        Ok(FileIdentity::of(&meta))
+        Ok(FileIdentity::from_metadata(&meta))
     }
 
     /// Reads the ownership record of `file_name`; `Ok(None)` when there is none.
@@ -756,9 +834,13 @@ impl BeamPool {
             .collect())
     }
 
-    /// Proof files and temporary files left in the pool (by crashed processes, when
-    /// nothing else is in flight); for the caller to delete.
-    pub fn leftovers(&self) -> Result<Vec<PathBuf>, PoolError> {
+    /// Files in the pool that no protocol needs any more, older than `min_age`: proofs,
+    /// rendezvous requests and answers, temporary files, and `.ran` markers whose pool file
+    /// is not being handed over. Such files are left by crashed processes; a younger one may
+    /// belong to a migration in flight on any cloud VM sharing the pool. Pool files and owner
+    /// records are never leftovers: their owner settles them ([`BeamPool::orphans`]).
+    /// Foreign files are not VMBeam's and are not listed. For the caller to report or delete.
+    pub fn leftovers(&self, min_age: std::time::Duration) -> Result<Vec<PathBuf>, PoolError> {
         let dir = fs::read_dir(&self.dir).map_err(|e| not_found_or(e, "list", &self.dir))?;
         let mut out = Vec::new();
         for entry in dir {
@@ -766,11 +848,32 @@ impl BeamPool {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            let proof = name
-                .strip_suffix(PROOF_SUFFIX)
-                .is_some_and(|n| n.parse::<Nonce>().is_ok());
-            let tmp = name.starts_with('.') && name.ends_with(TMP_SUFFIX);
-            if proof || tmp {
+            let stale = match classify(&name) {
+                PoolFileKind::Proof
+                | PoolFileKind::RendezvousRequest
+                | PoolFileKind::RendezvousResponse
+                | PoolFileKind::Temporary => true,
+                PoolFileKind::RanMarker => {
+                    let file = name.strip_suffix(RAN_SUFFIX).unwrap_or_default();
+                    match self.read_owner(file) {
+                        Ok(Some(r)) => r.state != OwnerState::HandingOver,
+                        Ok(None) => true,
+                        // An unreadable record: not ours to judge here (see `list`).
+                        Err(_) => false,
+                    }
+                }
+                PoolFileKind::Ram | PoolFileKind::OwnerRecord | PoolFileKind::Foreign => false,
+            };
+            if !stale {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age >= min_age {
                 out.push(entry.path());
             }
         }
@@ -782,7 +885,7 @@ impl BeamPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
 
@@ -1032,7 +1135,10 @@ mod tests {
     }
 
     fn pool_leftovers(dir: &Path) -> usize {
-        BeamPool::new(dir).leftovers().unwrap().len()
+        BeamPool::new(dir)
+            .leftovers(std::time::Duration::ZERO)
+            .unwrap()
+            .len()
     }
 
     #[test]
@@ -1075,12 +1181,97 @@ mod tests {
     }
 
     #[test]
+    fn every_name_in_the_pool_is_classified() {
+        let n = Nonce([0xab; 16]);
+        let file = pool_file_name(&uuid(), 3);
+        for (name, kind) in [
+            (file.clone(), PoolFileKind::Ram),
+            (format!("{file}.owner"), PoolFileKind::OwnerRecord),
+            (format!("{file}.ran"), PoolFileKind::RanMarker),
+            (format!("{n}.proof"), PoolFileKind::Proof),
+            (format!("{n}.rdv-req"), PoolFileKind::RendezvousRequest),
+            (format!("{n}.rdv-resp"), PoolFileKind::RendezvousResponse),
+            (format!(".{file}.owner.0011.tmp"), PoolFileKind::Temporary),
+            (format!(".{n}.rdv-resp.tmp"), PoolFileKind::Temporary),
+            ("README".into(), PoolFileKind::Foreign),
+            ("notanonce.proof".into(), PoolFileKind::Foreign),
+            ("x.ram.ran".into(), PoolFileKind::Foreign),
+            (format!("{n}.ran"), PoolFileKind::Foreign),
+            (".tmp".into(), PoolFileKind::Temporary),
+            (".".into(), PoolFileKind::Foreign),
+        ] {
+            assert_eq!(classify(&name), kind, "{name}");
+        }
+    }
+
+    #[test]
+    fn ran_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        assert!(!pool.has_ran(&name).unwrap());
+        pool.clear_ran(&name).unwrap();
+        pool.mark_ran(&name).unwrap();
+        assert!(pool.has_ran(&name).unwrap());
+        assert!(dir.path().join(format!("{name}.ran")).is_file());
+        // Marking twice is fine (the watcher may run again after a daemon restart).
+        pool.mark_ran(&name).unwrap();
+        pool.clear_ran(&name).unwrap();
+        assert!(!pool.has_ran(&name).unwrap());
+        assert!(matches!(pool.mark_ran("../x"), Err(PoolError::BadName(_))));
+        assert!(matches!(pool.has_ran("a/b"), Err(PoolError::BadName(_))));
+        // A pool the source cannot read says neither yes nor no.
+        let gone = BeamPool::new(dir.path().join("missing").join("deeper"));
+        assert!(gone.mark_ran(&name).is_err());
+        assert!(
+            !gone.has_ran(&name).unwrap(),
+            "a missing pool has no marker"
+        );
+    }
+
+    #[test]
     fn leftovers_found() {
         let dir = tempfile::tempdir().unwrap();
         let pool = BeamPool::new(dir.path());
+        let n = Nonce::random();
+        let (a, b) = (host("cvm1"), host("cvm2"));
         fs::write(dir.path().join(".x.owner.00.tmp"), "").unwrap();
         fs::write(dir.path().join("notanonce.proof"), "").unwrap();
-        pool.create_file(&uuid(), 1, 10, None).unwrap();
-        assert_eq!(pool.leftovers().unwrap().len(), 1);
+        fs::write(dir.path().join(format!("{n}.rdv-req")), "").unwrap();
+        fs::write(dir.path().join(format!("{n}.rdv-resp")), "").unwrap();
+        fs::write(dir.path().join("README"), "").unwrap();
+        // 1: marker while handing over (in flight: not a leftover); 2: marker of an active
+        // file (settled: leftover); 3: marker without a pool file (leftover).
+        let u =
+            |n: u8| DomainUuid::new(&format!("00000000-0000-0000-0000-0000000000{n:02}")).unwrap();
+        for g in [1, 2] {
+            let name = pool_file_name(&u(g), 1);
+            pool.create_file(&u(g), 1, 10, None).unwrap();
+            pool.claim(&name, &u(g), 1, &a).unwrap();
+            pool.mark_ran(&name).unwrap();
+        }
+        pool.begin_hand_over(&pool_file_name(&u(1), 1), &a, &b)
+            .unwrap();
+        pool.mark_ran(&pool_file_name(&u(3), 1)).unwrap();
+        let names: Vec<String> = pool
+            .leftovers(std::time::Duration::ZERO)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        let mut expected = vec![
+            ".x.owner.00.tmp".to_string(),
+            format!("{n}.rdv-req"),
+            format!("{n}.rdv-resp"),
+            format!("{}.ran", pool_file_name(&u(2), 1)),
+            format!("{}.ran", pool_file_name(&u(3), 1)),
+        ];
+        expected.sort();
+        assert_eq!(names, expected);
+        // Young files may belong to a migration in flight elsewhere.
+        assert!(pool
+            .leftovers(std::time::Duration::from_secs(3600))
+            .unwrap()
+            .is_empty());
     }
 }

@@ -17,16 +17,12 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use hmac::{Hmac, Mac};
-use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::b64;
-use crate::ids::{CloudId, DomainUuid, HostId};
-use crate::pool::FileIdentity;
+use crate::ids::{CloudId, DomainUuid, FileIdentity, HostId, Nonce};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -182,62 +178,6 @@ impl TicketKey {
 impl fmt::Debug for TicketKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TicketKey({} bytes, redacted)", self.0.len())
-    }
-}
-
-/// A random 128-bit value, shown as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Nonce(pub [u8; 16]);
-
-impl Nonce {
-    /// A fresh nonce from the operating system's random source.
-    pub fn random() -> Self {
-        let mut bytes = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(bytes)
-    }
-
-    /// The nonce in hex.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for Nonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for Nonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Nonce({})", self.to_hex())
-    }
-}
-
-impl FromStr for Nonce {
-    type Err = TicketError;
-    /// Parses exactly 32 hex digits.
-    fn from_str(s: &str) -> Result<Self, TicketError> {
-        let mut bytes = [0u8; 16];
-        if s.len() != 32 || hex::decode_to_slice(s, &mut bytes).is_err() {
-            return Err(TicketError::Malformed("nonce"));
-        }
-        Ok(Self(bytes))
-    }
-}
-
-impl TryFrom<String> for Nonce {
-    type Error = TicketError;
-    fn try_from(s: String) -> Result<Self, TicketError> {
-        s.parse()
-    }
-}
-
-impl From<Nonce> for String {
-    fn from(n: Nonce) -> String {
-        n.to_hex()
     }
 }
 
@@ -987,17 +927,6 @@ mod tests {
         let raw: Vec<u8> = (0..40u8).collect();
         assert_eq!(TicketKey::from_file_content(&raw).unwrap().0, raw);
         assert!(!format!("{k:?}").contains("ab"));
-    }
-
-    #[test]
-    fn nonce_text() {
-        let n = Nonce([0xab; 16]);
-        assert_eq!(n.to_string(), "ab".repeat(16));
-        assert_eq!(n.to_string().parse::<Nonce>().unwrap(), n);
-        assert!("abc".parse::<Nonce>().is_err());
-        assert!("zz".repeat(16).parse::<Nonce>().is_err());
-        let json = serde_json::to_string(&n).unwrap();
-        assert_eq!(serde_json::from_str::<Nonce>(&json).unwrap(), n);
     }
 
     #[test]

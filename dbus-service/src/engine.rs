@@ -1,29 +1,31 @@
 //! The source side of a migration: plan it (zero-copy only with proof), issue the ticket,
 //! set `x-ignore-shared` for exactly the migration's duration, run it as libvirt's own job,
 //! and settle the pool file's ownership by how libvirt says it ended.
+//!
+//! [`run`] is the only step that talks to libvirt; the zero-copy steps it calls
+//! (`zero_copy_xml`, `arm_zero_copy`, `settle_outcome`) work on the pool, the daemon's
+//! tables and the backend only, so the split-brain fence is unit-tested without libvirt.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::libvirt_conn::Conn;
+use crate::libvirt_conn::{self, Conn};
 use tracing::{error, info, info_span, warn};
-use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 use vmbeam_bus::BeamError;
-use vmbeam_core::backend::BackendError;
+use vmbeam_core::backend::{Armed, BackendError};
 use vmbeam_core::carrier;
 use vmbeam_core::job::MigrateOptions;
 use vmbeam_core::plan::{self, BackendCapabilities, MigrationMode, PlanInput, RequestedMode};
 use vmbeam_core::pool::{self, BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::ticket::{Ticket, TicketFields};
-use vmbeam_core::{BeamMetadata, DomainFacts, Phase, Progress};
+use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HostId, Phase, Progress};
 
-use crate::hooks::{now_secs, RAN_SUFFIX};
 use crate::libvirt_job::{self, Flags, Request};
 use crate::rendezvous;
-use crate::state::{Outgoing, SharedCtx};
+use crate::state::{now_secs, Ctx, Outgoing, SharedCtx};
 
 /// What a job's observers see; updated by the job, read by the D-Bus job object.
 #[derive(Debug, Clone)]
@@ -135,19 +137,6 @@ fn lv(e: virt::error::Error) -> BeamError {
     BeamError::Libvirt(e.message().to_string())
 }
 
-/// The libvirt host UUID a connection reports (`<host><uuid>` of the capabilities).
-pub fn host_uuid(conn: &Connect) -> Result<String, BeamError> {
-    let caps = conn.get_capabilities().map_err(lv)?;
-    let start = caps
-        .find("<uuid>")
-        .ok_or_else(|| BeamError::Libvirt("capabilities without a host UUID".into()))?;
-    let rest = &caps[start + 6..];
-    let end = rest
-        .find("</uuid>")
-        .ok_or_else(|| BeamError::Libvirt("malformed capabilities".into()))?;
-    Ok(rest[..end].trim().to_ascii_lowercase())
-}
-
 /// The pool file this host's domain runs on: the running table, else the pool's records.
 pub fn current_pool_file(ctx: &SharedCtx, facts: &DomainFacts) -> Option<String> {
     if let Some(r) = ctx.tables.lock().expect("lock").running.get(&facts.uuid) {
@@ -178,7 +167,7 @@ pub fn probe_destination(
     let dest_uuid = {
         let dconn = Conn::open(dest_uri)
             .map_err(|e| BeamError::Libvirt(format!("connect to {dest_uri}: {}", e.message())))?;
-        host_uuid(&dconn)?
+        libvirt_conn::host_uuid(&dconn)?
     };
     if dest_uuid == ctx.libvirt_uuid {
         return Err(BeamError::InvalidArgs(format!("{dest_uri} is this host")));
@@ -196,12 +185,17 @@ pub fn probe_destination(
         }),
         Err(e) => Ok(Colocation {
             report: None,
-            detail: Some(e.to_string()),
+            detail: Some(e.chain()),
         }),
     }
 }
 
 /// Runs one migration to its end. `Ok` carries the one-line outcome.
+///
+/// The steps: `plan_migration` (zero-copy only with proof), then for zero-copy
+/// `zero_copy_xml` (the ticket and the XMLs libvirt takes), `arm_zero_copy` (the
+/// outgoing entry, the hand-over, the backend's arming), libvirt's own job, and
+/// `settle_outcome` (success, fence or abort).
 pub fn run(
     ctx: &SharedCtx,
     job: &Arc<JobHandle>,
@@ -214,7 +208,6 @@ pub fn run(
     let _g = span.enter();
     let started = Instant::now();
     job.phase(Phase::Planning);
-    let id = &ctx.cfg.identity;
     let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
     let dom = Domain::lookup_by_name(&conn, domain)
         .map_err(|_| BeamError::NoSuchDomain(domain.into()))?;
@@ -224,9 +217,99 @@ pub fn run(
         )));
     }
     let xml = dom.get_xml_desc(0).map_err(lv)?;
-    let facts = DomainFacts::from_xml(&xml).map_err(|e| BeamError::Failed(e.to_string()))?;
+    let planned = plan_migration(ctx, job, &xml, dest_uri, opts)?;
+    let flags = Flags {
+        live: opts.live,
+        p2p: true,
+        persistent: opts.persistent,
+        undefine_source: opts.undefine_source,
+        tls: opts.tls,
+    };
+    let mut req = Request {
+        src_uri: ctx.cfg.libvirt_uri.clone(),
+        domain: domain.into(),
+        dest_uri: dest_uri.into(),
+        migrate_uri: migrate_uri.map(String::from),
+        flags,
+        dest_xml: None,
+        persist_xml: None,
+        suspend_after: opts.timeout_secs.map(Duration::from_secs),
+    };
+    let progress = |p: libvirt_job::Progress| job.ratio(p.processed, p.total);
+    let Some(zc) = planned else {
+        job.phase(Phase::Migrating);
+        let done = libvirt_job::migrate(&req, Duration::from_millis(200), progress)
+            .map_err(|e| BeamError::MigrationFailed(e.to_string()))?;
+        job.mark("libvirt-returned");
+        return Ok(finish(job, &done, started, "traditional"));
+    };
+
+    // Zero-copy.
+    job.phase(Phase::IssuingTicket);
+    let migratable = dom
+        .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+        .map_err(lv)?;
+    let inactive = if !opts.persistent {
+        None
+    } else if dom.is_persistent().unwrap_or(false) {
+        Some(
+            dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_MIGRATABLE)
+                .map_err(lv)?,
+        )
+    } else {
+        Some(migratable.clone())
+    };
+    let xmls = zero_copy_xml(ctx, &zc, &migratable, inactive.as_deref())?;
+    req.dest_xml = Some(xmls.dest_xml);
+    req.persist_xml = xmls.persist_xml;
+    let flight = arm_zero_copy(ctx, job.id, &zc)?;
+    info!(
+        backend = ctx.backend.name(),
+        "source armed; ticket issued; migrating"
+    );
+    job.phase(Phase::Migrating);
+    let result = libvirt_job::migrate(&req, Duration::from_millis(100), progress);
+    settle_outcome(
+        ctx,
+        job,
+        &zc,
+        flight,
+        xmls.generation,
+        result,
+        started,
+        || {
+            let _ = dom.destroy();
+        },
+    )
+}
+
+/// What a zero-copy migration works with, as planned.
+pub(crate) struct ZeroCopyPlan {
+    /// The domain, from its live XML.
+    pub facts: DomainFacts,
+    /// Its metadata, the owner set to this host (the pool's owner record says so).
+    pub meta: BeamMetadata,
+    /// The pool file this host's domain runs on.
+    pub pool_file: String,
+    /// The destination cloud VM, as it proved itself through the pool.
+    pub dest: HostId,
+}
+
+/// Plans the migration of the domain whose live XML is `xml` to `dest_uri`: proves
+/// co-location through the pool (unless forced traditional), asks the backend what it
+/// offers and lets the planner decide. `Ok(None)` is a traditional migration; a refused
+/// `--zero-copy` is an error. The job's mode and reason are set.
+fn plan_migration(
+    ctx: &SharedCtx,
+    job: &JobHandle,
+    xml: &str,
+    dest_uri: &str,
+    opts: &MigrateOptions,
+) -> Result<Option<ZeroCopyPlan>, BeamError> {
+    let id = &ctx.cfg.identity;
+    let facts = DomainFacts::from_xml(xml).map_err(|e| BeamError::Failed(e.to_string()))?;
     let mut meta =
-        BeamMetadata::from_domain_xml(&xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+        BeamMetadata::from_domain_xml(xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
     let pool_file = meta.as_ref().and_then(|_| current_pool_file(ctx, &facts));
     // The metadata's owner is a claim; the pool's owner record is the truth. A domain whose
     // pool file this host owns is this host's, whatever a stale definition says.
@@ -283,181 +366,269 @@ pub fn run(
         .into();
         v.mode_reason = reason.clone();
     });
-    let flags = Flags {
-        live: opts.live,
-        p2p: true,
-        persistent: opts.persistent,
-        undefine_source: opts.undefine_source,
-        tls: opts.tls,
-    };
-    let mut req = Request {
-        src_uri: ctx.cfg.libvirt_uri.clone(),
-        domain: domain.into(),
-        dest_uri: dest_uri.into(),
-        migrate_uri: migrate_uri.map(String::from),
-        flags,
-        dest_xml: None,
-        persist_xml: None,
-        suspend_after: opts.timeout_secs.map(Duration::from_secs),
-    };
-    let progress = |p: libvirt_job::Progress| job.ratio(p.processed, p.total);
     if !zero_copy {
-        job.phase(Phase::Migrating);
-        let done = libvirt_job::migrate(&req, Duration::from_millis(200), progress)
-            .map_err(|e| BeamError::MigrationFailed(e.to_string()))?;
-        job.mark("libvirt-returned");
-        return Ok(finish(job, &done, started, "traditional"));
+        return Ok(None);
     }
+    match (colo.report, pool_file, meta) {
+        (Some(report), Some(pool_file), Some(meta)) => Ok(Some(ZeroCopyPlan {
+            facts,
+            meta,
+            pool_file,
+            dest: report.host_id,
+        })),
+        _ => Err(BeamError::Failed(
+            "zero-copy planned without a destination report or pool file".into(),
+        )),
+    }
+}
 
-    // Zero-copy.
-    let (report, pool_file) = match (colo.report, pool_file) {
-        (Some(r), Some(f)) => (r, f),
-        _ => {
-            return Err(BeamError::Failed(
-                "zero-copy planned without a destination report or pool file".into(),
-            ))
-        }
-    };
-    let pool_path = id.pool_dir.join(&pool_file);
-    job.phase(Phase::IssuingTicket);
-    let dest = report.host_id.clone();
-    let bpool = BeamPool::new(&id.pool_dir);
+/// The XMLs libvirt takes for a zero-copy migration.
+pub(crate) struct ZeroCopyXml {
+    /// The destination's XML: the migratable XML with the ticket in its `<metadata>`.
+    pub dest_xml: String,
+    /// The persistent definition for the destination (`--persistent`): the domain's
+    /// metadata as it will be there.
+    pub persist_xml: Option<String>,
+    /// The generation once the destination has the domain (the owner record's too).
+    pub generation: u64,
+}
+
+/// Zero-copy, step 1: issues the ticket for the destination and writes it into the
+/// migratable XML; rewrites the `inactive` definition (when persisting) to say the
+/// destination owns the domain. Changes nothing anywhere.
+fn zero_copy_xml(
+    ctx: &Ctx,
+    zc: &ZeroCopyPlan,
+    migratable: &str,
+    inactive: Option<&str>,
+) -> Result<ZeroCopyXml, BeamError> {
+    let id = &ctx.cfg.identity;
+    let pool_path = id.pool_dir.join(&zc.pool_file);
     let identity = pool::file_identity(&pool_path).map_err(|e| BeamError::Failed(e.to_string()))?;
     let ticket = Ticket::issue(
         &ctx.key,
         TicketFields {
             cloud: id.cloud.clone(),
-            domain_uuid: facts.uuid.clone(),
-            domain_name: facts.name.clone(),
-            pool_file: pool_file.clone(),
+            domain_uuid: zc.facts.uuid.clone(),
+            domain_name: zc.facts.name.clone(),
+            pool_file: zc.pool_file.clone(),
             pool_identity: identity,
             source_host: id.host_id.clone(),
-            dest_host: dest.clone(),
+            dest_host: zc.dest.clone(),
             ttl_secs: id.ticket_ttl_secs,
         },
         now_secs(),
     )
     .and_then(|t| t.encode())
     .map_err(|e| BeamError::Failed(e.to_string()))?;
-    let migratable = dom
-        .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
-        .map_err(lv)?;
-    req.dest_xml = Some(
-        carrier::insert_ticket(&migratable, &ticket)
-            .map_err(|e| BeamError::Failed(e.to_string()))?,
-    );
-    if opts.persistent {
-        let meta = meta.expect("zero-copy implies metadata");
-        let moved = BeamMetadata {
-            owner: dest.clone(),
-            generation: meta.generation + 1,
-            pool_file: Some(pool_file.clone()),
-            ..meta
-        };
-        let inactive = if dom.is_persistent().unwrap_or(false) {
-            dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_MIGRATABLE)
-                .map_err(lv)?
-        } else {
-            migratable.clone()
-        };
-        let rewritten = vmbeam_core::transform::enable(&inactive, &moved, &ctx.cfg.qmp_dir)
-            .map_err(|e| BeamError::Failed(e.to_string()))?;
-        req.persist_xml = Some(rewritten.xml);
-    }
-    ctx.tables.lock().expect("lock").outgoing.insert(
-        facts.uuid.clone(),
-        Outgoing {
-            job: job.id,
-            pool_file: pool_file.clone(),
-            dest: dest.clone(),
-        },
-    );
-    // The job no longer holds the pool file; the destination's "ran" marker has served.
-    let settle = || {
-        ctx.tables
-            .lock()
-            .expect("lock")
-            .outgoing
-            .remove(&facts.uuid);
-        let _ = std::fs::remove_file(id.pool_dir.join(format!("{pool_file}{RAN_SUFFIX}")));
+    let dest_xml = carrier::insert_ticket(migratable, &ticket)
+        .map_err(|e| BeamError::Failed(e.to_string()))?;
+    // The record once the destination has it: the persistent definition there says so, and
+    // the pool's owner record gets the same generation when libvirt reports success.
+    let moved = BeamMetadata {
+        pool_file: Some(zc.pool_file.clone()),
+        ..zc.meta
+            .handed_to(zc.dest.clone())
+            .map_err(|e| BeamError::Failed(format!("VMBeam metadata: {e}")))?
     };
-    if let Err(e) = bpool.begin_hand_over(&pool_file, &id.host_id, &dest) {
-        settle();
-        return Err(BeamError::Failed(format!("hand-over of {pool_file}: {e}")));
+    let persist_xml = match inactive {
+        Some(inactive) => Some(
+            vmbeam_core::transform::enable(inactive, &moved, &ctx.cfg.qmp_dir)
+                .map_err(|e| BeamError::Failed(e.to_string()))?
+                .xml,
+        ),
+        None => None,
+    };
+    Ok(ZeroCopyXml {
+        dest_xml,
+        persist_xml,
+        generation: moved.generation,
+    })
+}
+
+/// This job's entry in the outgoing table for the migration's duration: while it is there,
+/// the source's `release` hook leaves the pool file alone (libvirt runs it inside the
+/// migration's Confirm, or when the source is destroyed). Dropping the entry removes it
+/// only while it is still this job's, and then the destination's ran marker, which has
+/// served once the job settled: it never touches another job's entry or marker.
+pub(crate) struct OutgoingEntry<'a> {
+    ctx: &'a Ctx,
+    uuid: DomainUuid,
+    job: u64,
+    pool_file: String,
+}
+
+impl<'a> OutgoingEntry<'a> {
+    /// Enters `out` for `uuid`. Refused (and nothing changed) while another job's entry is
+    /// there.
+    pub fn register(ctx: &'a Ctx, uuid: &DomainUuid, out: Outgoing) -> Result<Self, BeamError> {
+        let mut t = ctx.tables.lock().expect("lock");
+        if let Some(other) = t.outgoing.get(uuid).filter(|o| o.job != out.job) {
+            return Err(BeamError::Busy(format!(
+                "job {} is migrating this domain (pool file {})",
+                other.job, other.pool_file
+            )));
+        }
+        let entry = OutgoingEntry {
+            ctx,
+            uuid: uuid.clone(),
+            job: out.job,
+            pool_file: out.pool_file.clone(),
+        };
+        t.outgoing.insert(uuid.clone(), out);
+        Ok(entry)
     }
-    let mut armed = match ctx.backend.arm_source(&facts, &pool_path) {
-        Ok(a) => a,
+}
+
+impl Drop for OutgoingEntry<'_> {
+    fn drop(&mut self) {
+        let ours = {
+            let mut t = self.ctx.tables.lock().unwrap_or_else(|p| p.into_inner());
+            let ours = t
+                .outgoing
+                .get(&self.uuid)
+                .is_some_and(|o| o.job == self.job);
+            if ours {
+                t.outgoing.remove(&self.uuid);
+            }
+            ours
+        };
+        if !ours {
+            warn!(
+                job = self.job,
+                "the outgoing entry is no longer this job's: left alone, with the ran marker"
+            );
+            return;
+        }
+        let pool = BeamPool::new(&self.ctx.cfg.identity.pool_dir);
+        if let Err(e) = pool.clear_ran(&self.pool_file) {
+            warn!(error = %e, "could not delete the destination's ran marker");
+        }
+    }
+}
+
+/// A zero-copy migration armed on the source: its outgoing entry and the backend's handle.
+pub(crate) struct InFlight<'a> {
+    entry: OutgoingEntry<'a>,
+    armed: Box<dyn Armed>,
+}
+
+/// Zero-copy, step 2: enters the outgoing migration, moves the pool file's owner record to
+/// `handing-over` and arms the source (QEMU: verifies the backing, `x-ignore-shared` on).
+/// On failure everything is undone (the record is taken back, the entry removed).
+fn arm_zero_copy<'a>(
+    ctx: &'a Ctx,
+    job_id: u64,
+    zc: &ZeroCopyPlan,
+) -> Result<InFlight<'a>, BeamError> {
+    let id = &ctx.cfg.identity;
+    let bpool = BeamPool::new(&id.pool_dir);
+    let entry = OutgoingEntry::register(
+        ctx,
+        &zc.facts.uuid,
+        Outgoing {
+            job: job_id,
+            pool_file: zc.pool_file.clone(),
+            dest: zc.dest.clone(),
+        },
+    )?;
+    if let Err(e) = bpool.begin_hand_over(&zc.pool_file, &id.host_id, &zc.dest) {
+        drop(entry);
+        return Err(BeamError::Failed(format!(
+            "hand-over of {}: {e}",
+            zc.pool_file
+        )));
+    }
+    match ctx
+        .backend
+        .arm_source(&zc.facts, &id.pool_dir.join(&zc.pool_file))
+    {
+        Ok(armed) => Ok(InFlight { entry, armed }),
         Err(e) => {
-            let _ = bpool.abort_hand_over(&pool_file, &id.host_id);
-            settle();
-            return Err(match e {
+            let _ = bpool.abort_hand_over(&zc.pool_file, &id.host_id);
+            drop(entry);
+            Err(match e {
                 BackendError::Refused(m) => BeamError::ZeroCopyRefused(m),
                 BackendError::Failed(m) => BeamError::Failed(m),
-            });
+            })
         }
-    };
-    info!(
-        backend = ctx.backend.name(),
-        "source armed; ticket issued; migrating"
-    );
-    job.phase(Phase::Migrating);
-    let result = libvirt_job::migrate(&req, Duration::from_millis(100), progress);
+    }
+}
+
+/// Zero-copy, step 3: settles the pool file by how libvirt's job ended.
+///
+/// - Success: the destination runs the guest on this file: the owner record moves to it
+///   (at `generation`), and the source is disarmed.
+/// - Failure after the destination ran the guest (its ran marker, or no way to tell):
+///   resuming the source would have two CPUs write one memory. The source is fenced
+///   (`fence_source` destroys it), never resumed; the record stays `handing-over`.
+/// - Any other failure: the source is disarmed and takes the file back (`active`, its own).
+///
+/// Then the outgoing entry goes (and the marker, which has served).
+#[allow(clippy::too_many_arguments)]
+fn settle_outcome(
+    ctx: &Ctx,
+    job: &JobHandle,
+    zc: &ZeroCopyPlan,
+    flight: InFlight<'_>,
+    generation: u64,
+    result: Result<libvirt_job::Completed, libvirt_job::JobError>,
+    started: Instant,
+    fence_source: impl FnOnce(),
+) -> Result<String, BeamError> {
+    let id = &ctx.cfg.identity;
+    let bpool = BeamPool::new(&id.pool_dir);
+    let InFlight { entry, mut armed } = flight;
+    let pool_file = &zc.pool_file;
     match result {
         Ok(done) => {
             job.phase(Phase::Confirming);
             // libvirt reported success: the destination runs the guest on this file.
-            if let Err(e) =
-                bpool.complete_hand_over(&pool_file, &id.host_id, &dest, meta_generation(&xml) + 1)
-            {
+            if let Err(e) = bpool.complete_hand_over(pool_file, &id.host_id, &zc.dest, generation) {
                 error!(error = %e, "could not record the hand-over of the pool file");
             }
             match armed.disarm(Duration::from_secs(2)) {
                 Ok(o) => info!(outcome = %o, "source disarmed after success"),
                 Err(e) => warn!(error = %e, "source disarm"),
             }
-            settle();
+            drop(entry);
             Ok(finish(job, &done, started, "zero-copy"))
         }
         Err(e) => {
             job.phase(Phase::CleaningUp);
-            let ran = id
-                .pool_dir
-                .join(format!("{pool_file}{RAN_SUFFIX}"))
-                .exists();
+            let ran = bpool.has_ran(pool_file).unwrap_or_else(|e| {
+                error!(error = %e, "cannot tell whether the guest ran on the destination: fencing the source");
+                true
+            });
             if ran {
                 // The destination already ran guest code on this memory: resuming the source
                 // would have two CPUs write one memory. Fence the source.
                 error!("migration failed after the guest ran on the destination: destroying the source");
                 let _ = armed.disarm(Duration::from_secs(1));
-                let _ = dom.destroy();
+                fence_source();
             } else {
                 match armed.disarm(Duration::from_secs(10)) {
                     Ok(o) => info!(outcome = %o, "source disarmed"),
                     Err(e) => error!(error = %e, "source disarm failed"),
                 }
-                if let Err(e) = bpool.abort_hand_over(&pool_file, &id.host_id) {
+                if let Err(e) = bpool.abort_hand_over(pool_file, &id.host_id) {
                     warn!(error = %e, "could not take the pool file back");
                 }
             }
-            settle();
+            drop(entry);
             let cancelled = job.cancelled.load(Ordering::SeqCst);
-            Err(if cancelled {
-                BeamError::MigrationFailed(format!(
-                    "cancelled: {e}; the guest keeps running on the source"
-                ))
+            let what = if cancelled {
+                format!("cancelled: {e}")
             } else {
-                BeamError::MigrationFailed(format!("{e}; the guest keeps running on the source"))
-            })
+                e.to_string()
+            };
+            Err(BeamError::MigrationFailed(if ran {
+                format!("{what}; the guest had already run on the destination, so the source was destroyed (fenced), not resumed")
+            } else {
+                format!("{what}; the guest keeps running on the source")
+            }))
         }
     }
-}
-
-fn meta_generation(xml: &str) -> u64 {
-    BeamMetadata::from_domain_xml(xml)
-        .ok()
-        .flatten()
-        .map(|m| m.generation)
-        .unwrap_or(0)
 }
 
 fn finish(job: &JobHandle, done: &libvirt_job::Completed, started: Instant, mode: &str) -> String {
@@ -475,4 +646,328 @@ fn finish(job: &JobHandle, done: &libvirt_job::Completed, started: Instant, mode
             .unwrap_or_else(|| "?".into()),
         done.bytes_transferred
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The source's settle and fence decisions, without libvirt: a fake backend, a temporary
+    //! pool, libvirt's outcome given.
+
+    use std::cell::Cell;
+
+    use vmbeam_core::pool::{pool_file_name, OwnerRecord};
+
+    use super::*;
+    use crate::libvirt_job::{Completed, JobError};
+    use crate::testing::{domain_xml, facts, host_id, uuid, Cloud, Host, MEMORY};
+
+    /// The source cvm1 runs the test domain on its pool file (generation 3, active, its own).
+    fn source(cloud: &Cloud) -> (Host, String) {
+        let src = cloud.host("cvm1");
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.create_file(&uuid(), 3, MEMORY, None).unwrap();
+        let name = pool_file_name(&uuid(), 3);
+        pool.claim(&name, &uuid(), 3, &host_id("cvm1")).unwrap();
+        (src, name)
+    }
+
+    fn plan_to_cvm2(pool_file: &str) -> ZeroCopyPlan {
+        ZeroCopyPlan {
+            facts: facts(),
+            meta: BeamMetadata::from_domain_xml(&domain_xml("cvm1"))
+                .unwrap()
+                .unwrap(),
+            pool_file: pool_file.into(),
+            dest: host_id("cvm2"),
+        }
+    }
+
+    fn job(id: u64) -> JobHandle {
+        JobHandle::new(id, "web1", "qemu+tcp://cvm2/system", Box::new(|| {}))
+    }
+
+    fn record(cloud: &Cloud, file: &str) -> OwnerRecord {
+        BeamPool::new(cloud.pool_dir())
+            .read_owner(file)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn outgoing_job(h: &Host) -> Option<u64> {
+        h.ctx
+            .tables
+            .lock()
+            .unwrap()
+            .outgoing
+            .get(&uuid())
+            .map(|o| o.job)
+    }
+
+    fn libvirt_failed() -> Result<Completed, JobError> {
+        Err(JobError::Migration("operation failed: boom".into()))
+    }
+
+    /// Arms job `id` and settles it with `result`; returns the outcome and whether the source
+    /// was fenced.
+    fn arm_and_settle(
+        h: &Host,
+        zc: &ZeroCopyPlan,
+        id: u64,
+        before_settle: impl FnOnce(),
+        result: Result<Completed, JobError>,
+    ) -> (Result<String, BeamError>, bool) {
+        let job = job(id);
+        let flight = arm_zero_copy(&h.ctx, id, zc).unwrap();
+        assert_eq!(outgoing_job(h), Some(id));
+        before_settle();
+        let fenced = Cell::new(false);
+        let out = settle_outcome(&h.ctx, &job, zc, flight, 4, result, Instant::now(), || {
+            fenced.set(true)
+        });
+        (out, fenced.get())
+    }
+
+    #[test]
+    fn a_failed_job_after_the_guest_ran_on_the_destination_fences_the_source() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let pool = BeamPool::new(cloud.pool_dir());
+        let (out, fenced) = arm_and_settle(
+            &src,
+            &zc,
+            1,
+            || pool.mark_ran(&file).unwrap(),
+            libvirt_failed(),
+        );
+        assert!(fenced, "the source must be destroyed, never resumed");
+        let Err(BeamError::MigrationFailed(m)) = out else {
+            panic!("{out:?}")
+        };
+        assert!(m.contains("boom") && m.contains("fenced"), "{m}");
+        assert!(!m.contains("keeps running on the source"), "{m}");
+        // The record is not taken back: the destination may run the guest on this file.
+        let r = record(&cloud, &file);
+        assert_eq!(r.state, OwnerState::HandingOver);
+        assert_eq!(r.handing_over_to, Some(host_id("cvm2")));
+        assert_eq!(
+            src.fake.calls(),
+            [format!("arm_source {file}"), "disarm 1s".into()]
+        );
+        // The job settled: its entry and the marker (which has served) are gone.
+        assert_eq!(outgoing_job(&src), None);
+        assert!(!pool.has_ran(&file).unwrap());
+    }
+
+    #[test]
+    fn a_failed_job_before_the_guest_ran_takes_the_file_back_and_keeps_the_source() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let (out, fenced) = arm_and_settle(&src, &zc, 1, || {}, libvirt_failed());
+        assert!(!fenced);
+        let Err(BeamError::MigrationFailed(m)) = out else {
+            panic!("{out:?}")
+        };
+        assert!(m.contains("keeps running on the source"), "{m}");
+        let r = record(&cloud, &file);
+        assert_eq!(
+            (r.state, r.owner, r.generation),
+            (OwnerState::Active, host_id("cvm1"), 3)
+        );
+        assert_eq!(
+            src.fake.calls(),
+            [format!("arm_source {file}"), "disarm 10s".into()]
+        );
+        assert_eq!(outgoing_job(&src), None);
+    }
+
+    #[test]
+    fn a_cancelled_job_says_so() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let job = job(1);
+        job.cancelled.store(true, Ordering::SeqCst);
+        let flight = arm_zero_copy(&src.ctx, 1, &zc).unwrap();
+        let out = settle_outcome(
+            &src.ctx,
+            &job,
+            &zc,
+            flight,
+            4,
+            libvirt_failed(),
+            Instant::now(),
+            || panic!("fenced"),
+        );
+        assert!(
+            matches!(&out, Err(BeamError::MigrationFailed(m)) if m.starts_with("cancelled: ")),
+            "{out:?}"
+        );
+        assert_eq!(record(&cloud, &file).state, OwnerState::Active);
+    }
+
+    #[test]
+    fn success_hands_the_file_over_at_the_next_generation() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let pool = BeamPool::new(cloud.pool_dir());
+        // The destination ran the guest (as it does on success): the marker has served.
+        let (out, fenced) = arm_and_settle(
+            &src,
+            &zc,
+            1,
+            || pool.mark_ran(&file).unwrap(),
+            Ok(Completed::default()),
+        );
+        assert!(!fenced);
+        assert!(out.unwrap().starts_with("zero-copy migration completed"));
+        let r = record(&cloud, &file);
+        assert_eq!(
+            (r.state, r.owner, r.generation),
+            (OwnerState::Active, host_id("cvm2"), 4)
+        );
+        assert_eq!(
+            src.fake.calls(),
+            [format!("arm_source {file}"), "disarm 2s".into()]
+        );
+        assert_eq!(outgoing_job(&src), None);
+        assert!(!pool.has_ran(&file).unwrap());
+        assert_eq!(cloud.pool_names(), [file.clone(), format!("{file}.owner")]);
+    }
+
+    #[test]
+    fn a_second_job_leaves_the_first_jobs_entry_record_and_marker_alone() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let pool = BeamPool::new(cloud.pool_dir());
+        let first = arm_zero_copy(&src.ctx, 1, &zc).unwrap();
+        pool.mark_ran(&file).unwrap();
+        // A second job of the same domain cannot enter: nothing of the first changes (before,
+        // its failure path removed the first job's entry and marker and so disarmed the fence).
+        let second = arm_zero_copy(&src.ctx, 2, &zc);
+        assert!(
+            matches!(second, Err(BeamError::Busy(_))),
+            "{:?}",
+            second.err()
+        );
+        assert_eq!(outgoing_job(&src), Some(1));
+        assert!(pool.has_ran(&file).unwrap());
+        assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
+        assert_eq!(src.fake.calls(), [format!("arm_source {file}")]);
+        // The first job's failure then sees the marker and fences.
+        let fenced = Cell::new(false);
+        let out = settle_outcome(
+            &src.ctx,
+            &job(1),
+            &zc,
+            first,
+            4,
+            libvirt_failed(),
+            Instant::now(),
+            || fenced.set(true),
+        );
+        assert!(out.is_err());
+        assert!(fenced.get());
+    }
+
+    #[test]
+    fn an_entry_only_removes_itself() {
+        // Whatever put another job's entry in its place, dropping this job's entry leaves
+        // that one and the marker alone.
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let pool = BeamPool::new(cloud.pool_dir());
+        let out = |job| Outgoing {
+            job,
+            pool_file: file.clone(),
+            dest: host_id("cvm2"),
+        };
+        let entry = OutgoingEntry::register(&src.ctx, &uuid(), out(2)).unwrap();
+        src.ctx
+            .tables
+            .lock()
+            .unwrap()
+            .outgoing
+            .insert(uuid(), out(1));
+        pool.mark_ran(&file).unwrap();
+        drop(entry);
+        assert_eq!(outgoing_job(&src), Some(1));
+        assert!(pool.has_ran(&file).unwrap());
+        // Its own entry it removes, with the marker; registering again is fine then.
+        let again = OutgoingEntry::register(&src.ctx, &uuid(), out(1)).unwrap();
+        drop(again);
+        assert_eq!(outgoing_job(&src), None);
+        assert!(!pool.has_ran(&file).unwrap());
+    }
+
+    #[test]
+    fn a_refused_arm_takes_the_file_back() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        src.fake.refuse_arm_source.store(true, Ordering::SeqCst);
+        let r = arm_zero_copy(&src.ctx, 1, &plan_to_cvm2(&file));
+        assert!(
+            matches!(r, Err(BeamError::ZeroCopyRefused(_))),
+            "{:?}",
+            r.err()
+        );
+        let rec = record(&cloud, &file);
+        assert_eq!(
+            (rec.state, rec.owner),
+            (OwnerState::Active, host_id("cvm1"))
+        );
+        assert_eq!(outgoing_job(&src), None);
+    }
+
+    #[test]
+    fn a_hand_over_that_cannot_begin_changes_nothing() {
+        // The record says another host owns the file: no hand-over, no arming, no entry.
+        let cloud = Cloud::new();
+        let src = cloud.host("cvm1");
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.create_file(&uuid(), 3, MEMORY, None).unwrap();
+        let file = pool_file_name(&uuid(), 3);
+        pool.claim(&file, &uuid(), 3, &host_id("cvm3")).unwrap();
+        let before = record(&cloud, &file);
+        let r = arm_zero_copy(&src.ctx, 1, &plan_to_cvm2(&file));
+        assert!(
+            matches!(&r, Err(BeamError::Failed(m)) if m.contains("hand-over")),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(record(&cloud, &file), before);
+        assert!(src.fake.calls().is_empty());
+        assert_eq!(outgoing_job(&src), None);
+    }
+
+    #[test]
+    fn the_destination_accepts_the_sources_ticket_and_owns_the_domain_one_generation_later() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let dst = cloud.host("cvm2");
+        let zc = plan_to_cvm2(&file);
+        let xml = domain_xml("cvm1");
+        let x = zero_copy_xml(&src.ctx, &zc, &xml, Some(&xml)).unwrap();
+        assert_eq!(x.generation, 4);
+        // The persistent definition for the destination says it owns the domain.
+        let persisted = BeamMetadata::from_domain_xml(x.persist_xml.as_deref().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (persisted.owner, persisted.generation, persisted.pool_file),
+            (host_id("cvm2"), 4, Some(file.clone()))
+        );
+        // The destination's migrate hook accepts the ticket and says the same.
+        let args = ["web1", "migrate", "begin", "-"].map(String::from);
+        let incoming = crate::hooks::handle(&dst.ctx, &args, &x.dest_xml).unwrap();
+        let meta = BeamMetadata::from_domain_xml(&incoming).unwrap().unwrap();
+        assert_eq!(
+            (meta.owner, meta.generation, meta.pool_file),
+            (host_id("cvm2"), 4, Some(file))
+        );
+        assert!(carrier::extract_ticket(&incoming).unwrap().1.is_none());
+    }
 }

@@ -8,28 +8,18 @@
 //! `inmigrate`: set `x-ignore-shared` for zero-copy and watch the incoming migration to reset
 //! it). Any host: `release end` (the owner deletes a pool file whose domain is gone for good).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use tracing::{info, info_span, warn};
+use tracing::{error, info, info_span, warn};
 use vmbeam_bus::BeamError;
 use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
 use vmbeam_core::hook::{HookOp, HookSubOp};
-use vmbeam_core::pool::{BeamPool, OwnerState, RecordStatus};
+use vmbeam_core::pool::{BeamPool, OwnerState};
 use vmbeam_core::ticket::{Expectations, Ticket};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
 
-use crate::state::{Incoming, Running, SharedCtx};
-
-/// Suffix of the marker a destination leaves in the pool once the guest ran there.
-pub const RAN_SUFFIX: &str = ".ran";
-
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::state::{now_secs, Incoming, Running, SharedCtx};
 
 fn failed(e: impl std::fmt::Display) -> BeamError {
     BeamError::Failed(e.to_string())
@@ -135,9 +125,10 @@ fn owned_here(
     let moved = BeamMetadata {
         cloud: id.cloud.clone(),
         pool: id.pool_dir.clone(),
-        owner: id.host_id.clone(),
-        generation: meta.generation.saturating_add(1),
         pool_file,
+        ..meta
+            .handed_to(id.host_id.clone())
+            .map_err(|e| BeamError::InvalidArgs(format!("VMBeam metadata: {e}")))?
     };
     vmbeam_core::transform::enable(xml, &moved, &ctx.cfg.qmp_dir)
         .map(|r| r.xml)
@@ -249,19 +240,17 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> 
         return Ok(());
     };
     let pool_path = ctx.cfg.identity.pool_dir.join(&pool_file);
-    // Once the guest has run here, the source must never run it again: leave a marker in the
-    // pool for the source's failure path.
-    let marker = ctx
-        .cfg
-        .identity
-        .pool_dir
-        .join(format!("{pool_file}{RAN_SUFFIX}"));
+    // Once the guest has run here, the source must never run it again: leave the pool's
+    // marker for the source's failure path.
+    let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
     ctx.backend
         .arm_destination(
             facts,
             &pool_path,
             Box::new(move || {
-                let _ = std::fs::write(&marker, b"ran\n");
+                if let Err(e) = pool.mark_ran(&pool_file) {
+                    error!(%pool_file, error = %e, "the guest runs here but the pool could not be marked: a failing source will not know to fence itself");
+                }
             }),
         )
         .map_err(backend_err)
@@ -297,7 +286,9 @@ fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
             Ok(Some(r)) if r.owner == id.host_id && r.state == OwnerState::Active => {
                 match pool.release(&f, &id.host_id) {
                     Ok(()) => {
-                        let _ = std::fs::remove_file(id.pool_dir.join(format!("{f}{RAN_SUFFIX}")));
+                        if let Err(e) = pool.clear_ran(&f) {
+                            warn!(pool_file = %f, error = %e, "could not delete the pool file's ran marker");
+                        }
                         info!(pool_file = %f, "domain gone for good here: pool file deleted")
                     }
                     Err(e) => warn!(pool_file = %f, error = %e, "could not delete pool file"),
@@ -320,7 +311,384 @@ pub fn orphan_report(ctx: &SharedCtx, live: &std::collections::HashSet<DomainUui
         .unwrap_or_default()
 }
 
-/// Whether an owner record says `RecordStatus::Valid` with this owner.
-pub fn owned_by(status: &RecordStatus, host: &vmbeam_core::HostId) -> bool {
-    matches!(status, RecordStatus::Valid(r) if &r.owner == host)
+/// How old a file in the pool must be before start-up reports it as left behind (younger
+/// ones may belong to a migration in flight between other cloud VMs sharing the pool).
+pub const LEFTOVER_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// Files in the pool that crashed processes left behind ([`BeamPool::leftovers`]), logged
+/// (never deleted: the pool is shared, and the owner settles its own files).
+pub fn report_leftovers(ctx: &SharedCtx) -> Vec<std::path::PathBuf> {
+    match BeamPool::new(&ctx.cfg.identity.pool_dir).leftovers(LEFTOVER_MIN_AGE) {
+        Ok(files) => {
+            if !files.is_empty() {
+                warn!(
+                    ?files,
+                    "files left in the pool by crashed processes (not deleted)"
+                );
+            }
+            files
+        }
+        Err(e) => {
+            warn!(pool = %ctx.cfg.identity.pool_dir.display(), error = %e, "cannot look for leftovers in the pool");
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The destination's hook handlers and `release end`, without libvirt: a fake backend,
+    //! a temporary pool shared with the source.
+
+    use std::sync::atomic::Ordering;
+
+    use vmbeam_core::pool::{pool_file_name, PoolError};
+    use vmbeam_core::ticket::TicketFields;
+    use vmbeam_core::{CloudId, HostId, TicketKey};
+
+    use super::*;
+    use crate::state::Outgoing;
+    use crate::testing::{domain_xml, host_id, key, uuid, Cloud, Host, CLOUD, MEMORY};
+
+    fn args(op: &str, sub: &str) -> Vec<String> {
+        ["web1", op, sub, "-"].map(String::from).to_vec()
+    }
+
+    /// The source cvm1's pool file for the test domain (generation 3, active, its own).
+    fn source_file(cloud: &Cloud) -> String {
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.create_file(&uuid(), 3, MEMORY, None).unwrap();
+        let name = pool_file_name(&uuid(), 3);
+        pool.claim(&name, &uuid(), 3, &host_id("cvm1")).unwrap();
+        name
+    }
+
+    struct Issue {
+        key: TicketKey,
+        dest: HostId,
+        file: String,
+        issued: u64,
+        domain: DomainUuid,
+    }
+
+    /// The source's XML for the destination: the domain with a ticket in its metadata.
+    fn with_ticket(cloud: &Cloud, i: Issue) -> String {
+        let identity = vmbeam_core::pool::file_identity(&cloud.pool_dir().join(&i.file))
+            .unwrap_or(vmbeam_core::FileIdentity { dev: 0, ino: 0 });
+        let ticket = Ticket::issue(
+            &i.key,
+            TicketFields {
+                cloud: CloudId::new(CLOUD).unwrap(),
+                domain_uuid: i.domain,
+                domain_name: "web1".into(),
+                pool_file: i.file,
+                pool_identity: identity,
+                source_host: host_id("cvm1"),
+                dest_host: i.dest,
+                ttl_secs: 60,
+            },
+            i.issued,
+        )
+        .unwrap()
+        .encode()
+        .unwrap();
+        carrier::insert_ticket(&domain_xml("cvm1"), &ticket).unwrap()
+    }
+
+    fn good(file: &str) -> Issue {
+        Issue {
+            key: key(),
+            dest: host_id("cvm2"),
+            file: file.into(),
+            issued: now_secs(),
+            domain: uuid(),
+        }
+    }
+
+    /// Everything a refused ticket must leave as it was.
+    fn snapshot(cloud: &Cloud, h: &Host) -> (Vec<String>, usize, usize, Vec<String>) {
+        let t = h.ctx.tables.lock().unwrap();
+        (
+            cloud.pool_names(),
+            t.incoming.len(),
+            t.running.len(),
+            h.fake.calls(),
+        )
+    }
+
+    #[test]
+    fn migrate_begin_accepts_a_good_ticket_and_strips_it() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let dst = cloud.host("cvm2");
+        let xml = handle(
+            &dst.ctx,
+            &args("migrate", "begin"),
+            &with_ticket(&cloud, good(&file)),
+        )
+        .unwrap();
+        assert!(carrier::extract_ticket(&xml).unwrap().1.is_none());
+        let meta = BeamMetadata::from_domain_xml(&xml).unwrap().unwrap();
+        assert_eq!(
+            (meta.owner, meta.generation, meta.pool_file.as_deref()),
+            (host_id("cvm2"), 4, Some(file.as_str()))
+        );
+        let t = dst.ctx.tables.lock().unwrap();
+        assert_eq!(
+            t.incoming.get(&uuid()).map(|i| i.pool_file.as_str()),
+            Some(file.as_str())
+        );
+    }
+
+    #[test]
+    fn migrate_begin_refuses_a_bad_or_replayed_ticket_and_changes_nothing() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let dst = cloud.host("cvm2");
+        let other_domain = DomainUuid::new("00000000-0000-4000-8000-000000000001").unwrap();
+        let cases: Vec<(&str, Issue)> = vec![
+            (
+                "another cloud's key",
+                Issue {
+                    key: TicketKey::from_bytes(vec![9; 32]).unwrap(),
+                    ..good(&file)
+                },
+            ),
+            (
+                "another destination",
+                Issue {
+                    dest: host_id("cvm3"),
+                    ..good(&file)
+                },
+            ),
+            (
+                "expired",
+                Issue {
+                    issued: now_secs() - 3600,
+                    ..good(&file)
+                },
+            ),
+            (
+                "another domain",
+                Issue {
+                    domain: other_domain,
+                    ..good(&file)
+                },
+            ),
+            (
+                "a pool file not in this pool",
+                Issue {
+                    file: pool_file_name(&uuid(), 9),
+                    ..good(&file)
+                },
+            ),
+        ];
+        let before = snapshot(&cloud, &dst);
+        for (what, issue) in cases {
+            let r = handle(
+                &dst.ctx,
+                &args("migrate", "begin"),
+                &with_ticket(&cloud, issue),
+            );
+            assert!(
+                matches!(r, Err(BeamError::TicketRefused(_))),
+                "{what}: {r:?}"
+            );
+            assert_eq!(snapshot(&cloud, &dst), before, "{what}");
+        }
+        // A pool file of the wrong size (not the guest's memory) is refused too.
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.create_file(&uuid(), 5, MEMORY * 2, None).unwrap();
+        let before = snapshot(&cloud, &dst);
+        let wrong = Issue {
+            file: pool_file_name(&uuid(), 5),
+            ..good(&file)
+        };
+        let r = handle(
+            &dst.ctx,
+            &args("migrate", "begin"),
+            &with_ticket(&cloud, wrong),
+        );
+        assert!(matches!(r, Err(BeamError::TicketRefused(_))), "{r:?}");
+        assert_eq!(snapshot(&cloud, &dst), before);
+        // A garbled ticket.
+        let garbled = carrier::insert_ticket(&domain_xml("cvm1"), "vmbt1.AAAA").unwrap();
+        let r = handle(&dst.ctx, &args("migrate", "begin"), &garbled);
+        assert!(matches!(r, Err(BeamError::TicketRefused(_))), "{r:?}");
+        assert_eq!(snapshot(&cloud, &dst), before);
+
+        // A replayed ticket: accepted once, refused the second time, nothing recorded then.
+        let xml = with_ticket(&cloud, good(&file));
+        handle(&dst.ctx, &args("migrate", "begin"), &xml).unwrap();
+        dst.ctx.tables.lock().unwrap().incoming.clear();
+        let before = snapshot(&cloud, &dst);
+        let r = handle(&dst.ctx, &args("migrate", "begin"), &xml);
+        assert!(
+            matches!(&r, Err(BeamError::TicketRefused(m)) if m.contains("already used")),
+            "{r:?}"
+        );
+        assert_eq!(snapshot(&cloud, &dst), before);
+    }
+
+    #[test]
+    fn start_links_the_sources_file_only_for_an_accepted_ticket() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let dst = cloud.host("cvm2");
+        handle(
+            &dst.ctx,
+            &args("migrate", "begin"),
+            &with_ticket(&cloud, good(&file)),
+        )
+        .unwrap();
+        let xml = domain_xml("cvm2");
+        assert_eq!(handle(&dst.ctx, &args("start", "begin"), &xml).unwrap(), "");
+        assert_eq!(dst.fake.calls(), [format!("link_ram {file} {MEMORY}")]);
+        {
+            let t = dst.ctx.tables.lock().unwrap();
+            assert!(t.incoming.is_empty(), "an acceptance is used once");
+            let r = t.running.get(&uuid()).unwrap();
+            assert!(r.zero_copy && r.pool_file == file);
+        }
+        // No new file: the source's is used as it is (still the source's until it settles).
+        assert_eq!(cloud.pool_names(), [file.clone(), format!("{file}.owner")]);
+        assert_eq!(
+            BeamPool::new(cloud.pool_dir())
+                .read_owner(&file)
+                .unwrap()
+                .unwrap()
+                .owner,
+            host_id("cvm1")
+        );
+    }
+
+    #[test]
+    fn any_other_start_gets_a_fresh_file_of_its_own() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let dst = cloud.host("cvm2");
+        // An acceptance whose ticket expired long ago does not count.
+        dst.ctx.tables.lock().unwrap().incoming.insert(
+            uuid(),
+            Incoming {
+                pool_file: file.clone(),
+                source: host_id("cvm1"),
+                expires_at: 0,
+            },
+        );
+        handle(&dst.ctx, &args("start", "begin"), &domain_xml("cvm2")).unwrap();
+        let fresh = pool_file_name(&uuid(), 4);
+        assert_eq!(dst.fake.calls(), [format!("link_ram {fresh} {MEMORY}")]);
+        let pool = BeamPool::new(cloud.pool_dir());
+        let r = pool.read_owner(&fresh).unwrap().unwrap();
+        assert_eq!((r.owner, r.state), (host_id("cvm2"), OwnerState::Active));
+        assert_eq!(pool.check_file(&fresh, MEMORY).map(|_| ()).ok(), Some(()));
+        assert!(!dst.ctx.tables.lock().unwrap().running[&uuid()].zero_copy);
+    }
+
+    #[test]
+    fn started_marks_the_pool_once_the_guest_runs_on_a_zero_copy_destination() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let dst = cloud.host("cvm2");
+        let pool = BeamPool::new(cloud.pool_dir());
+        dst.fake.guest_runs_at_once.store(true, Ordering::SeqCst);
+        // A copying start: nothing to arm, no marker.
+        dst.ctx.tables.lock().unwrap().running.insert(
+            uuid(),
+            Running {
+                pool_file: file.clone(),
+                zero_copy: false,
+            },
+        );
+        handle(&dst.ctx, &args("started", "begin"), &domain_xml("cvm2")).unwrap();
+        assert!(dst.fake.calls().is_empty());
+        assert!(!pool.has_ran(&file).unwrap());
+        // A zero-copy start: armed, and the marker once the guest runs.
+        dst.ctx.tables.lock().unwrap().running.insert(
+            uuid(),
+            Running {
+                pool_file: file.clone(),
+                zero_copy: true,
+            },
+        );
+        handle(&dst.ctx, &args("started", "begin"), &domain_xml("cvm2")).unwrap();
+        assert_eq!(dst.fake.calls(), [format!("arm_destination {file}")]);
+        assert!(pool.has_ran(&file).unwrap());
+    }
+
+    fn release(h: &Host) {
+        handle(&h.ctx, &args("release", "end"), &domain_xml("cvm1")).unwrap();
+    }
+
+    #[test]
+    fn release_end_deletes_its_own_file_and_clears_the_marker() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let src = cloud.host("cvm1");
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.mark_ran(&file).unwrap();
+        src.ctx.tables.lock().unwrap().running.insert(
+            uuid(),
+            Running {
+                pool_file: file.clone(),
+                zero_copy: false,
+            },
+        );
+        release(&src);
+        assert!(cloud.pool_names().is_empty(), "{:?}", cloud.pool_names());
+        assert!(src.ctx.tables.lock().unwrap().running.is_empty());
+    }
+
+    #[test]
+    fn release_end_leaves_the_file_while_a_migration_settles_and_others_files() {
+        let cloud = Cloud::new();
+        let file = source_file(&cloud);
+        let src = cloud.host("cvm1");
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.mark_ran(&file).unwrap();
+        src.ctx.tables.lock().unwrap().outgoing.insert(
+            uuid(),
+            Outgoing {
+                job: 1,
+                pool_file: file.clone(),
+                dest: host_id("cvm2"),
+            },
+        );
+        let before = cloud.pool_names();
+        release(&src);
+        assert_eq!(cloud.pool_names(), before, "the job settles the file");
+        assert!(pool.has_ran(&file).unwrap());
+        // Another host's file is never deleted here.
+        src.ctx.tables.lock().unwrap().outgoing.clear();
+        let dst = cloud.host("cvm2");
+        release(&dst);
+        assert_eq!(cloud.pool_names(), before, "not cvm2's file");
+        // A file being handed over is not released by its owner either.
+        pool.begin_hand_over(&file, &host_id("cvm1"), &host_id("cvm2"))
+            .unwrap();
+        release(&src);
+        assert_eq!(cloud.pool_names(), before);
+        assert!(matches!(
+            pool.release(&file, &host_id("cvm1")),
+            Err(PoolError::WrongState { .. })
+        ));
+    }
+
+    #[test]
+    fn domains_without_vmbeam_metadata_pass_through_untouched() {
+        let cloud = Cloud::new();
+        let dst = cloud.host("cvm2");
+        let plain = "<domain type='qemu'><name>x</name></domain>";
+        assert_eq!(
+            handle(&dst.ctx, &args("migrate", "begin"), plain).unwrap(),
+            plain
+        );
+        assert_eq!(
+            handle(&dst.ctx, &args("start", "begin"), plain).unwrap(),
+            ""
+        );
+        assert!(dst.fake.calls().is_empty());
+        assert!(cloud.pool_names().is_empty());
+    }
 }

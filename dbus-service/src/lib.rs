@@ -10,3 +10,6 @@ pub mod libvirt_job;
 pub mod rendezvous;
 pub mod service;
 pub mod state;
+
+#[cfg(test)]
+mod testing;

@@ -8,6 +8,7 @@
 use std::ops::Deref;
 
 use virt::connect::Connect;
+use vmbeam_bus::BeamError;
 
 /// An open libvirt connection; closed on drop (after the domains looked up through it, which
 /// are declared later and so dropped first).
@@ -33,4 +34,12 @@ impl Drop for Conn {
         // Nothing useful to do if closing fails: the daemon goes on either way.
         let _ = self.0.close();
     }
+}
+
+/// The libvirt host UUID `conn` reports (`<host><uuid>` of its capabilities), lowercase.
+pub fn host_uuid(conn: &Connect) -> Result<String, BeamError> {
+    let caps = conn
+        .get_capabilities()
+        .map_err(|e| BeamError::Libvirt(e.message().to_string()))?;
+    vmbeam_core::host::host_uuid(&caps).map_err(|e| BeamError::Libvirt(e.to_string()))
 }

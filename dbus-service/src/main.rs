@@ -80,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
         loop {
             match vmbeamd::libvirt_conn::Conn::open(&uri) {
                 Ok(c) => {
-                    return vmbeamd::engine::host_uuid(&c).map_err(|e| anyhow::anyhow!("{e:?}"));
+                    return vmbeamd::libvirt_conn::host_uuid(&c)
+                        .map_err(|e| anyhow::anyhow!("{e:?}"));
                 }
                 Err(e) if std::time::Instant::now() >= deadline => {
                     return Err(anyhow::anyhow!("libvirt at {uri}: {}", e.message()))
@@ -115,19 +116,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connect to the system bus and own org.vmbeam.VMBeam1")?;
     info!(host = %ctx.cfg.identity.host_id, cloud = %ctx.cfg.identity.cloud, libvirt_uuid = %ctx.libvirt_uuid, "vmbeamd ready");
+    vmbeamd::hooks::report_leftovers(&ctx);
     // Answer co-location requests addressed to this host, through the pool.
-    let c2 = ctx.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            tick.tick().await;
-            let c3 = c2.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                vmbeamd::rendezvous::serve_once(&c3.cfg.identity, &c3.key, &c3.libvirt_uuid)
-            })
-            .await;
-        }
-    });
+    tokio::spawn(vmbeamd::rendezvous::serve_forever(ctx.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: exiting"),

@@ -1,87 +1,55 @@
-//! Co-location, proven through the pool itself.
-//!
-//! Two cloud VMs are co-located for VMBeam exactly when they see the same pool. The source
-//! writes a proof file (a random secret, named by a nonce) and a request addressed to the
-//! destination's libvirt host UUID; the destination's vmbeamd, which watches its own view of
-//! the pool, reads the proof and answers with its identity, the result, and an HMAC under
-//! its cloud's key. A destination that does not share the pool never sees the request and
-//! never answers; one in another virtual IaaS cloud answers with its cloud and a MAC the
-//! source cannot verify. Metadata alone is a claim; this is the proof.
+//! Co-location, proven through the pool itself: the rendezvous's I/O. The protocol (the
+//! messages, their MAC and their file names) is `vmbeam_core::rendezvous`; here are the
+//! source's wait for an answer ([`probe`]) and the destination's scan of its view of the
+//! pool ([`serve_once`], run every [`SERVE_INTERVAL`] by [`serve_forever`]).
 
+use std::error::Error as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use vmbeam_core::plan::{DestinationReport, ProofStatus};
-use vmbeam_core::pool::{self, FileIdentity};
+use vmbeam_core::pool::{self, PoolError};
+use vmbeam_core::rendezvous::{self as rdv, MessageError, Request, Response};
 use vmbeam_core::ticket::TicketKey;
-use vmbeam_core::{CloudId, HostId, Identity, Nonce, ProofToken};
+use vmbeam_core::{Identity, Nonce};
 
-const REQ_SUFFIX: &str = ".rdv-req";
-const RESP_SUFFIX: &str = ".rdv-resp";
+use crate::state::{now_secs, SharedCtx};
 
-/// A request, written by the source into the pool.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Request {
-    pub v: u32,
-    pub nonce: Nonce,
-    pub from_host: HostId,
-    pub from_cloud: CloudId,
-    /// The destination's libvirt host UUID (what the source's libvirt connection reports).
-    pub to_libvirt_uuid: String,
-    pub proof: ProofToken,
-    /// The domain's pool file, whose identity the destination reports from its view.
-    pub pool_file: Option<String>,
-    pub expires_at: u64,
-}
-
-/// The destination's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub v: u32,
-    pub nonce: Nonce,
-    pub host_id: HostId,
-    pub cloud: CloudId,
-    pub libvirt_uuid: String,
-    pub proof: ProofStatus,
-    pub pool_identity: Option<FileIdentity>,
-    /// HMAC-SHA256 under the answering cloud's key over the fields above.
-    pub mac: String,
-}
+/// How often the destination scans the pool for requests.
+pub const SERVE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Why the rendezvous did not yield a usable report.
 #[derive(Debug, thiserror::Error)]
 pub enum RendezvousError {
-    #[error("pool {0}: {1}")]
-    Pool(PathBuf, String),
+    #[error("pool {}: cannot write the proof", .0.display())]
+    Proof(PathBuf, #[source] PoolError),
+    #[error("pool: cannot {op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no VMBeam daemon answered through the pool within {0:?}: the destination does not share this pool (or its vmbeamd is not running)")]
     NoAnswer(Duration),
-    #[error("the destination's answer is not authenticated by this cloud's key (destination says it is in cloud '{0}')")]
-    BadMac(String),
-    #[error("malformed answer through the pool: {0}")]
-    Malformed(String),
+    #[error(transparent)]
+    Answer(#[from] MessageError),
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn response_body(r: &Response) -> Vec<u8> {
-    serde_json::json!([
-        "vmbeam-rdv-1",
-        r.nonce.to_hex(),
-        r.host_id.as_str(),
-        r.cloud.as_str(),
-        r.libvirt_uuid,
-        r.proof,
-        r.pool_identity,
-    ])
-    .to_string()
-    .into_bytes()
+impl RendezvousError {
+    /// The message with its causes, on one line (`a: b: c`).
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        // (`Answer` is transparent: its Display and source are its inner error's.)
+        let mut cur = self.source();
+        while let Some(e) = cur {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            cur = e.source();
+        }
+        out
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -94,7 +62,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Source side: asks the destination whose libvirt host UUID is `dest_libvirt_uuid` to
-/// prove it sees this pool. `Ok(None)` never happens: no answer is an error naming why.
+/// prove it sees this pool. No answer is an error naming why.
 pub fn probe(
     identity: &Identity,
     key: &TicketKey,
@@ -103,29 +71,31 @@ pub fn probe(
     timeout: Duration,
 ) -> Result<DestinationReport, RendezvousError> {
     let dir = &identity.pool_dir;
-    let perr = |e: &dyn std::fmt::Display| RendezvousError::Pool(dir.clone(), e.to_string());
     let nonce = Nonce::random();
-    let proof = pool::write_proof(dir, &nonce).map_err(|e| perr(&e))?;
-    let req = Request {
-        v: 1,
-        nonce,
-        from_host: identity.host_id.clone(),
-        from_cloud: identity.cloud.clone(),
-        to_libvirt_uuid: dest_libvirt_uuid.to_ascii_lowercase(),
-        proof: proof.clone(),
-        pool_file: pool_file.map(String::from),
-        expires_at: now_secs() + timeout.as_secs() + 2,
-    };
-    let req_path = dir.join(format!("{nonce}{REQ_SUFFIX}"));
-    let resp_path = dir.join(format!("{nonce}{RESP_SUFFIX}"));
+    let proof =
+        pool::write_proof(dir, &nonce).map_err(|e| RendezvousError::Proof(dir.clone(), e))?;
+    let req = Request::new(
+        identity.host_id.clone(),
+        identity.cloud.clone(),
+        dest_libvirt_uuid,
+        proof.clone(),
+        pool_file,
+        now_secs() + timeout.as_secs() + 2,
+    );
+    let req_path = dir.join(rdv::request_file_name(&nonce));
+    let resp_path = dir.join(rdv::response_file_name(&nonce));
     let cleanup = || {
         let _ = fs::remove_file(&req_path);
         let _ = fs::remove_file(&resp_path);
         let _ = pool::remove_proof(dir, &proof);
     };
-    if let Err(e) = write_atomic(&req_path, &serde_json::to_vec(&req).expect("serializable")) {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RendezvousError::Io { op, path, source }
+    };
+    if let Err(e) = write_atomic(&req_path, &req.encode()) {
         cleanup();
-        return Err(perr(&e));
+        return Err(io("write", &req_path)(e));
     }
     let deadline = Instant::now() + timeout;
     let answer = loop {
@@ -134,7 +104,7 @@ pub fn probe(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 cleanup();
-                return Err(perr(&e));
+                return Err(io("read", &resp_path)(e));
             }
         }
         if Instant::now() >= deadline {
@@ -146,34 +116,13 @@ pub fn probe(
     let Some(bytes) = answer else {
         return Err(RendezvousError::NoAnswer(timeout));
     };
-    let resp: Response =
-        serde_json::from_slice(&bytes).map_err(|e| RendezvousError::Malformed(e.to_string()))?;
-    if resp.nonce != nonce {
-        return Err(RendezvousError::Malformed(
-            "answer for another request".into(),
-        ));
-    }
-    if resp.cloud == identity.cloud {
-        let mac = hex::decode(&resp.mac).unwrap_or_default();
-        if !key.verify_signature(&response_body(&resp), &mac) {
-            return Err(RendezvousError::BadMac(resp.cloud.to_string()));
-        }
-    }
-    // A destination in another cloud cannot be authenticated with our key; its report
-    // still says which cloud it is in, and the planner refuses zero-copy on that.
-    Ok(DestinationReport {
-        host_id: resp.host_id,
-        cloud: resp.cloud,
-        proof: if resp.libvirt_uuid.eq_ignore_ascii_case(dest_libvirt_uuid) {
-            resp.proof
-        } else {
-            ProofStatus::Error(format!(
-                "answered by libvirt host {} instead of {dest_libvirt_uuid}",
-                resp.libvirt_uuid
-            ))
-        },
-        pool_identity: resp.pool_identity,
-    })
+    Ok(rdv::read_answer(
+        &bytes,
+        key,
+        &nonce,
+        &identity.cloud,
+        dest_libvirt_uuid,
+    )?)
 }
 
 /// Destination side: answers every pending request addressed to this host's libvirt.
@@ -186,22 +135,20 @@ pub fn serve_once(identity: &Identity, key: &TicketKey, my_libvirt_uuid: &str) -
     let mut answered = 0;
     for e in rd.flatten() {
         let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(nonce) = name.strip_suffix(REQ_SUFFIX) else {
+        let Some(nonce) = name.to_str().and_then(rdv::parse_request_file_name) else {
             continue;
         };
-        let resp_path = dir.join(format!("{nonce}{RESP_SUFFIX}"));
+        let resp_path = dir.join(rdv::response_file_name(&nonce));
         if resp_path.exists() {
             continue;
         }
         let Ok(bytes) = fs::read(e.path()) else {
             continue;
         };
-        let Ok(req) = serde_json::from_slice::<Request>(&bytes) else {
+        let Ok(req) = Request::decode(&bytes) else {
             continue;
         };
-        if !req.to_libvirt_uuid.eq_ignore_ascii_case(my_libvirt_uuid) || req.expires_at < now_secs()
-        {
+        if req.nonce != nonce || !req.is_for(my_libvirt_uuid, now_secs()) {
             continue;
         }
         let proof = ProofStatus::from_read(&pool::read_proof(dir, &req.proof));
@@ -210,28 +157,35 @@ pub fn serve_once(identity: &Identity, key: &TicketKey, my_libvirt_uuid: &str) -
             .as_deref()
             .filter(|f| pool::is_plain_file_name(f))
             .and_then(|f| pool::file_identity(&dir.join(f)).ok());
-        let mut resp = Response {
-            v: 1,
-            nonce: req.nonce,
-            host_id: identity.host_id.clone(),
-            cloud: identity.cloud.clone(),
-            libvirt_uuid: my_libvirt_uuid.to_ascii_lowercase(),
+        let resp = Response::answer(
+            &req,
+            identity.host_id.clone(),
+            identity.cloud.clone(),
+            my_libvirt_uuid,
             proof,
             pool_identity,
-            mac: String::new(),
-        };
-        resp.mac = hex::encode(key.sign(&response_body(&resp)));
-        if write_atomic(
-            &resp_path,
-            &serde_json::to_vec(&resp).expect("serializable"),
-        )
-        .is_ok()
-        {
+            key,
+        );
+        if write_atomic(&resp_path, &resp.encode()).is_ok() {
             tracing::info!(from = %req.from_host, nonce = %req.nonce, proof = ?resp.proof, "answered a co-location request");
             answered += 1;
         }
     }
     answered
+}
+
+/// Destination side, for the daemon's lifetime: answers co-location requests addressed to
+/// this host every [`SERVE_INTERVAL`], each scan on a blocking thread.
+pub async fn serve_forever(ctx: SharedCtx) {
+    let mut tick = tokio::time::interval(SERVE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let c = ctx.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            serve_once(&c.cfg.identity, &c.key, &c.libvirt_uuid)
+        })
+        .await;
+    }
 }
 
 #[cfg(test)]
@@ -295,6 +249,9 @@ mod tests {
         });
         let e = probe(&src, &key, "uuid-b", None, Duration::from_secs(5)).unwrap_err();
         t.join().unwrap();
-        assert!(matches!(e, RendezvousError::BadMac(_)), "{e}");
+        assert!(
+            matches!(e, RendezvousError::Answer(MessageError::BadMac { .. })),
+            "{e}"
+        );
     }
 }

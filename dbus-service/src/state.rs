@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use vmbeam_core::ticket::FileReplayCache;
 use vmbeam_core::{DomainUuid, HostId, TicketKey};
@@ -57,3 +58,11 @@ pub struct Ctx {
 
 /// Shared handle.
 pub type SharedCtx = Arc<Ctx>;
+
+/// The time as Unix seconds (tickets, rendezvous requests and acceptances expire by it).
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

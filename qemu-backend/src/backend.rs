@@ -10,7 +10,7 @@ use vmbeam_core::backend::{Armed, Backend, BackendError};
 use vmbeam_core::plan::BackendCapabilities;
 use vmbeam_core::DomainFacts;
 
-use crate::caps::IgnoreSharedGuard;
+use crate::caps::{self, IgnoreSharedGuard};
 use crate::qmp::{QmpClient, QmpOptions, RunState};
 use crate::ramlink;
 
@@ -120,8 +120,10 @@ impl Backend for QemuBackend {
     ) -> Result<(), BackendError> {
         let mut q = Self::monitor(domain, Duration::from_secs(5))?;
         Self::verify_backing(&mut q, pool_file, "destination")?;
-        q.x_ignore_shared(true)
-            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        // The destination's check: QEMU >= 10 already reports `setup` here (listening).
+        caps::set_ignore_shared_incoming(&mut q, true).map_err(|e| {
+            BackendError::Failed(format!("x-ignore-shared on the destination: {e}"))
+        })?;
         info!("x-ignore-shared on (destination)");
         let name = domain.name.clone();
         std::thread::Builder::new()
@@ -171,7 +173,7 @@ fn watch_incoming(mut q: QmpClient, name: &str, on_guest_runs: Box<dyn FnOnce() 
                 .map(|m| !m.status().is_in_flight())
                 .unwrap_or(false);
             if over {
-                match crate::caps::reset_ignore_shared(&mut q) {
+                match caps::reset_ignore_shared(&mut q) {
                     Ok(o) => info!(outcome = ?o, "incoming stream over; x-ignore-shared reset"),
                     Err(e) => warn!(error = %e, "could not reset x-ignore-shared"),
                 }

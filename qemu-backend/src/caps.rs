@@ -12,6 +12,10 @@
 //!   loaded; changing it then would desynchronise the RAM section of the stream. So this
 //!   guard checks `query-migrate` (which reports the incoming status on a destination) itself
 //!   and refuses while any migration is in flight.
+//! - QEMU >= 10 reports a destination's incoming migration as `setup` as soon as it listens
+//!   (`migrate-incoming`), before any of the stream arrived; QEMU 7.2 says `none` there. The
+//!   source-side check takes `setup` for a migration in flight, so a destination waiting for
+//!   its stream is armed through [`set_ignore_shared_incoming`], which accepts it.
 //! - A destination whose incoming migration failed exits: then the reset is moot, and is
 //!   reported as [`ResetOutcome::QemuGone`], not as an error.
 
@@ -97,10 +101,23 @@ fn is_unknown_capability_error(e: &QmpError) -> bool {
     matches!(e.qmp_class(), Some((_, desc)) if desc.contains("does not accept value"))
 }
 
-/// Checks that no migration is in flight on `qmp` (outgoing or incoming).
-fn ensure_idle(qmp: &mut QmpClient, capability: &'static str) -> Result<(), CapsError> {
+/// Whether a destination QEMU's incoming migration in `status` has not started to load the
+/// stream: no migration (`none`, QEMU 7.2 while it listens), listening (`setup`, QEMU >= 10),
+/// or over (`completed`, `failed`, `cancelled`). Anything else (`active` and later, unknown
+/// states) is a stream being loaded, where a capability change would corrupt it.
+pub fn incoming_not_started(status: &MigrationStatus) -> bool {
+    !status.is_in_flight() || *status == MigrationStatus::Setup
+}
+
+/// Checks that the migration status on `qmp` (outgoing or incoming) is one `allowed` says
+/// a capability may change in.
+fn ensure_status(
+    qmp: &mut QmpClient,
+    capability: &'static str,
+    allowed: fn(&MigrationStatus) -> bool,
+) -> Result<(), CapsError> {
     let status = qmp.query_migrate()?.status();
-    if status.is_in_flight() {
+    if !allowed(&status) {
         return Err(CapsError::MigrationActive {
             socket: qmp.socket_path().to_path_buf(),
             capability,
@@ -113,8 +130,29 @@ fn ensure_idle(qmp: &mut QmpClient, capability: &'static str) -> Result<(), Caps
 /// Sets `x-ignore-shared` to `state` after checking no migration is in flight, and verifies
 /// QEMU reports the new value.
 pub fn set_ignore_shared_checked(qmp: &mut QmpClient, state: bool) -> Result<(), CapsError> {
+    set_checked(qmp, state, |s| !s.is_in_flight())
+}
+
+/// Destination: sets `x-ignore-shared` to `state` on a QEMU started with `-incoming` that
+/// waits for its stream, after checking the stream has not started to load
+/// ([`incoming_not_started`]), and verifies QEMU reports the new value.
+///
+/// Why not [`set_ignore_shared_checked`]: QEMU >= 10 reports a listening destination as
+/// `setup`, which that check (made for the source, where `setup` is an outgoing migration
+/// starting) refuses. On a destination `setup` is the pre-stream state, and QEMU itself
+/// accepts the change there (it checks only its outgoing state). `active` and later are
+/// still refused: the stream's RAM section would no longer match.
+pub fn set_ignore_shared_incoming(qmp: &mut QmpClient, state: bool) -> Result<(), CapsError> {
+    set_checked(qmp, state, incoming_not_started)
+}
+
+fn set_checked(
+    qmp: &mut QmpClient,
+    state: bool,
+    allowed: fn(&MigrationStatus) -> bool,
+) -> Result<(), CapsError> {
     let socket = qmp.socket_path().to_path_buf();
-    ensure_idle(qmp, X_IGNORE_SHARED)?;
+    ensure_status(qmp, X_IGNORE_SHARED, allowed)?;
     if let Err(e) = qmp.set_capability(X_IGNORE_SHARED, state) {
         if is_migration_active_error(&e) {
             // Lost a race with a `migrate` issued by someone else.
@@ -313,5 +351,30 @@ impl<C: BorrowMut<QmpClient>> Drop for IgnoreSharedGuard<C> {
                 "x-ignore-shared could NOT be reset on drop; it is still on"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_may_be_armed_only_before_its_stream_loads() {
+        use MigrationStatus as S;
+        for ok in [S::None, S::Setup, S::Completed, S::Failed, S::Cancelled] {
+            assert!(incoming_not_started(&ok), "{ok}");
+        }
+        for refused in [
+            S::Active,
+            S::Device,
+            S::PostcopyActive,
+            S::PreSwitchover,
+            S::Cancelling,
+            S::Other("brand-new".into()),
+        ] {
+            assert!(!incoming_not_started(&refused), "{refused}");
+        }
+        // The source-side check refuses `setup` (an outgoing migration starting).
+        assert!(S::Setup.is_in_flight());
     }
 }

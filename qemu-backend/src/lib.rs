@@ -28,4 +28,4 @@ pub use qmp::{
     MigrateInfo, MigrationStats, MigrationStatus, QmpClient, QmpError, QmpEvent, QmpOptions,
     RunState,
 };
-pub use ramlink::{link_ram_path, verify_memdev_backing, verify_same_file, FileId, RamLinkError};
+pub use ramlink::{link_ram_path, verify_memdev_backing, verify_same_file, RamLinkError};

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::caps::{IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
+use crate::caps::{set_ignore_shared_incoming, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
 use crate::launcher::{QemuProcess, QemuSpec, RamBackend, DEFAULT_QEMU_BINARY, QEMU_BINARY_ENV};
 use crate::qmp::{BackendKind, MigrationStatus, QmpClient, QmpError, RunState};
 use crate::ramlink::{
@@ -257,9 +257,9 @@ fn qmp_against_real_qemu() {
     );
     let caps = q.query_migrate_capabilities().expect("caps");
     assert_eq!(caps.get(X_IGNORE_SHARED), Some(&false), "{caps:?}");
-    q.x_ignore_shared(true).expect("on");
+    q.set_capability(X_IGNORE_SHARED, true).expect("on");
     assert!(q.migrate_capability(X_IGNORE_SHARED).expect("get"));
-    q.x_ignore_shared(false).expect("off");
+    q.set_capability(X_IGNORE_SHARED, false).expect("off");
     assert!(!q.migrate_capability(X_IGNORE_SHARED).expect("get"));
 
     // Typed QEMU errors.
@@ -429,7 +429,7 @@ fn ignore_shared_guard_resets_on_every_path() {
     assert!(!q.migrate_capability(X_IGNORE_SHARED).expect("get"));
 
     // a left-over `on` is taken over and reset too
-    q.x_ignore_shared(true).expect("on");
+    q.set_capability(X_IGNORE_SHARED, true).expect("on");
     drop(IgnoreSharedGuard::enable(&mut q).expect("enable"));
     assert!(!q.migrate_capability(X_IGNORE_SHARED).expect("get"));
 
@@ -513,6 +513,13 @@ fn ignore_shared_reset_refused_while_migrating_then_done_after() {
     println!(
         "OBSERVED destination accepts migrate-set-capabilities during incoming: {dst_accepts}"
     );
+    // The destination's own check refuses once the stream loads.
+    match set_ignore_shared_incoming(dg.client(), true) {
+        Err(CapsError::MigrationActive { status, .. }) => {
+            assert_eq!(status, MigrationStatus::Active)
+        }
+        other => panic!("destination armed mid-stream: {other:?}"),
+    }
 
     // The guard refuses on both ends and stays armed.
     for (who, r) in [("src", sg.reset()), ("dst", dg.reset())] {
@@ -786,13 +793,18 @@ fn capability_mismatch_fails_cleanly_and_source_keeps_running() {
         let (mut dq, _) = ready(&mut dst);
         let uri = format!("unix:{}", lab.path(&format!("mig{i}.sock")).display());
         // As the `started` hook does (`arm_destination`): listen first, then set the
-        // capability directly. Not through `IgnoreSharedGuard`: QEMU >= 10 reports a
-        // listening destination's incoming migration as `setup` in query-migrate, which the
-        // guard (made for the source) takes for a migration in flight; QEMU itself accepts
-        // the change there (it checks only the outgoing state).
+        // capability through the destination's check. Not through `IgnoreSharedGuard`:
+        // QEMU >= 10 reports a listening destination's incoming migration as `setup` in
+        // query-migrate, which the guard (made for the source) takes for a migration in
+        // flight; QEMU itself accepts the change there (it checks only the outgoing state).
         dq.migrate_incoming(&uri).expect("incoming");
+        println!(
+            "OBSERVED listening destination's status: {}",
+            dq.query_migrate().expect("qm").status()
+        );
         if dst_on {
-            dq.x_ignore_shared(true).expect("dst on");
+            set_ignore_shared_incoming(&mut dq, true).expect("dst on");
+            assert!(dq.migrate_capability(X_IGNORE_SHARED).expect("get"));
         }
         if src_on {
             let mut sg = IgnoreSharedGuard::enable(&mut sq).expect("src on");

@@ -1011,11 +1011,6 @@ impl QmpClient {
         Ok(())
     }
 
-    /// Sets `x-ignore-shared` (prefer [`crate::caps::IgnoreSharedGuard`], which resets it).
-    pub fn x_ignore_shared(&mut self, enabled: bool) -> Result<(), QmpError> {
-        self.set_capability(crate::caps::X_IGNORE_SHARED, enabled)
-    }
-
     /// `migrate-set-parameters` with a JSON object, e.g. `{"max-bandwidth": 1048576}`.
     pub fn set_migrate_parameters(&mut self, params: Value) -> Result<(), QmpError> {
         self.execute("migrate-set-parameters", Some(params))?;

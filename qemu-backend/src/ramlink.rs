@@ -20,11 +20,12 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{renameat2, RenameFlags};
+use vmbeam_core::FileIdentity;
 
 use crate::qmp::{BackendKind, Memdev};
 
@@ -129,11 +130,11 @@ pub enum RamLinkError {
         /// First path.
         a: PathBuf,
         /// Its identity.
-        a_id: FileId,
+        a_id: FileIdentity,
         /// Second path.
         b: PathBuf,
         /// Its identity.
-        b_id: FileId,
+        b_id: FileIdentity,
     },
     /// No memory backend with that id.
     #[error("QEMU has no memory backend {id:?} (has: {have:?})")]
@@ -189,56 +190,25 @@ pub enum RamLinkError {
         /// The pool file.
         path: PathBuf,
         /// Its identity.
-        id: FileId,
+        id: FileIdentity,
         /// True if a private (copy-on-write) mapping of it was seen.
         private_only: bool,
     },
 }
 
-/// A file's identity: device and inode numbers (`stat`, following symlinks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FileId {
-    /// `st_dev`.
-    pub dev: u64,
-    /// `st_ino`.
-    pub ino: u64,
-}
-
-impl std::fmt::Display for FileId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "dev {}:{} ino {}",
-            nix::sys::stat::major(self.dev),
-            nix::sys::stat::minor(self.dev),
-            self.ino
-        )
-    }
-}
-
-impl FileId {
-    /// The identity of what `path` refers to (symlinks followed).
-    pub fn of(path: &Path) -> Result<Self, RamLinkError> {
-        let md = fs::metadata(path).map_err(|source| RamLinkError::Io {
-            op: "stat",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(FileId::from_metadata(&md))
-    }
-
-    fn from_metadata(md: &fs::Metadata) -> Self {
-        FileId {
-            dev: md.dev(),
-            ino: md.ino(),
-        }
-    }
+/// The identity of what `path` refers to (symlinks followed).
+fn file_id(path: &Path) -> Result<FileIdentity, RamLinkError> {
+    FileIdentity::of(path).map_err(|source| RamLinkError::Io {
+        op: "stat",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Proves `a` and `b` (symlinks followed) are the same file by (dev, ino); returns its id.
-pub fn verify_same_file(a: &Path, b: &Path) -> Result<FileId, RamLinkError> {
-    let a_id = FileId::of(a)?;
-    let b_id = FileId::of(b)?;
+pub fn verify_same_file(a: &Path, b: &Path) -> Result<FileIdentity, RamLinkError> {
+    let a_id = file_id(a)?;
+    let b_id = file_id(b)?;
     if a_id != b_id {
         return Err(RamLinkError::NotSameFile {
             a: a.to_path_buf(),
@@ -258,7 +228,7 @@ pub struct RamLink {
     /// The pool file it points to.
     pub target: PathBuf,
     /// The pool file's identity.
-    pub file: FileId,
+    pub file: FileIdentity,
     /// The pool file's size when linked.
     pub size: u64,
     /// False if an identical link was already there (idempotent call).
@@ -287,7 +257,7 @@ fn kind_of(ft: &fs::FileType) -> &'static str {
 
 /// Checks that `target` is an existing regular file (symlinks followed) of at least
 /// `min_size` bytes; returns its identity and size.
-pub fn check_pool_file(target: &Path, min_size: u64) -> Result<(FileId, u64), RamLinkError> {
+pub fn check_pool_file(target: &Path, min_size: u64) -> Result<(FileIdentity, u64), RamLinkError> {
     if !target.is_absolute() {
         return Err(RamLinkError::NotAbsolute {
             what: "the pool file",
@@ -325,7 +295,7 @@ pub fn check_pool_file(target: &Path, min_size: u64) -> Result<(FileId, u64), Ra
             required: min_size,
         });
     }
-    Ok((FileId::from_metadata(&md), md.len()))
+    Ok((FileIdentity::from_metadata(&md), md.len()))
 }
 
 fn describe_existing(link: &Path) -> String {
@@ -377,9 +347,9 @@ pub fn link_ram_path(link: &Path, target: &Path, min_size: u64) -> Result<RamLin
         }
     }
 
-    let already = |file: FileId| -> Option<RamLink> {
+    let already = |file: FileIdentity| -> Option<RamLink> {
         let md = fs::symlink_metadata(link).ok()?;
-        if md.file_type().is_symlink() && FileId::of(link).ok()? == file {
+        if md.file_type().is_symlink() && file_id(link).ok()? == file {
             Some(RamLink {
                 link: link.to_path_buf(),
                 target: target.to_path_buf(),
@@ -438,7 +408,7 @@ pub fn link_ram_path(link: &Path, target: &Path, min_size: u64) -> Result<RamLin
         tracing::warn!(dir = %dir.display(), error = %source, "could not sync the RAM link directory");
     }
     // The pool file could have been replaced between the check and the link.
-    match FileId::of(link) {
+    match file_id(link) {
         Ok(id) if id == file => {}
         Ok(id) => {
             let _ = fs::remove_file(link);
@@ -506,7 +476,7 @@ pub fn verify_memdev_backing(
     memdevs: &[Memdev],
     backend_id: &str,
     pool_file: &Path,
-) -> Result<FileId, RamLinkError> {
+) -> Result<FileIdentity, RamLinkError> {
     let Some(m) = memdevs.iter().find(|m| m.id.as_deref() == Some(backend_id)) else {
         return Err(RamLinkError::MemdevMissing {
             id: backend_id.to_owned(),
@@ -555,7 +525,7 @@ pub fn verify_memdev_backing(
 /// with the file's (dev, ino) and the `s` (MAP_SHARED) flag. Returns the bytes so mapped.
 /// This sees through paths and mount namespaces: it is what QEMU really uses.
 pub fn verify_process_maps_file(pid: u32, pool_file: &Path) -> Result<u64, RamLinkError> {
-    let id = FileId::of(pool_file)?;
+    let id = file_id(pool_file)?;
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = fs::read_to_string(&maps_path).map_err(|source| RamLinkError::Io {
         op: "read",
@@ -575,9 +545,8 @@ pub fn verify_process_maps_file(pid: u32, pool_file: &Path) -> Result<u64, RamLi
 }
 
 /// Sums the bytes of shared and private mappings of file `id` in a `/proc/PID/maps` text.
-fn scan_maps(maps: &str, id: FileId) -> (u64, u64) {
-    let want_major = nix::sys::stat::major(id.dev);
-    let want_minor = nix::sys::stat::minor(id.dev);
+fn scan_maps(maps: &str, id: FileIdentity) -> (u64, u64) {
+    let (want_major, want_minor) = (id.dev_major(), id.dev_minor());
     let (mut shared, mut private) = (0u64, 0u64);
     for line in maps.lines() {
         let mut f = line.split_ascii_whitespace();
@@ -848,7 +817,7 @@ mod tests {
 
     #[test]
     fn maps_scanning() {
-        let id = FileId {
+        let id = FileIdentity {
             dev: nix::sys::stat::makedev(0xfe, 0x01),
             ino: 4242,
         };
