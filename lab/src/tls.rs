@@ -54,7 +54,8 @@ impl LabCa {
         let write = |file: &str, content: &str, private: bool| -> Result<(), LabError> {
             let p = dir.join(file);
             if private {
-                crate::cvm::write_private(&p, content)
+                crate::sys::write_private(&p, content)
+                    .map_err(|e| LabError::io(format!("write {}", p.display()), e))
             } else {
                 fs::write(&p, content)
                     .map_err(|e| LabError::io(format!("write {}", p.display()), e))
