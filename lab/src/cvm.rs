@@ -178,7 +178,7 @@ pub fn create(
         &libvirtd_conf(&addr, host_uuid),
     )?;
     write(&root.join("etc-libvirt/qemu.conf"), &qemu_conf(&addr))?;
-    // QEMU native TLS for `--tls` migrations (the encrypted baselines of `vmbeam bench`).
+    // QEMU native TLS for `--tls` migrations (the encrypted baselines of `vmbeam-lab bench`).
     let pki = root.join("etc-libvirt/pki-qemu");
     make_dir(state, &pki)?;
     ca.write_host_certs(&pki, &name, &addr)?;
@@ -322,12 +322,13 @@ pub fn spawn_in(
         .map_err(|e| LabError::io(format!("open {}", log.display()), e))?;
     let logf2 = logf.try_clone().map_err(|e| LabError::io("dup log", e))?;
     let holder = cvm.holder_pid.to_string();
-    // `vmbeam lab reap` (this binary) stays the daemon's parent and reaps what it orphans.
-    let me = std::env::current_exe().map_err(|e| LabError::io("locate the vmbeam binary", e))?;
+    // `vmbeam-lab reap` (this binary: the lab runs only inside `vmbeam-lab`) stays the
+    // daemon's parent and reaps what it orphans.
+    let me =
+        std::env::current_exe().map_err(|e| LabError::io("locate the vmbeam-lab binary", e))?;
     Command::new(me)
         .args([
-            "lab", "reap", "--", "nsenter", "-t", &holder, "-m", "-u", "-n", "--wd=/", "--",
-            program,
+            "reap", "--", "nsenter", "-t", &holder, "-m", "-u", "-n", "--wd=/", "--", program,
         ])
         .args(args)
         .stdin(Stdio::null())

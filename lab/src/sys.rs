@@ -258,7 +258,7 @@ pub fn reap_for(cmd: &[String]) -> i32 {
     let child = match std::process::Command::new(&cmd[0]).args(&cmd[1..]).spawn() {
         Ok(c) => c.id() as i32,
         Err(e) => {
-            eprintln!("vmbeam lab reap: cannot run {}: {e}", cmd[0]);
+            eprintln!("vmbeam-lab reap: cannot run {}: {e}", cmd[0]);
             return 127;
         }
     };
@@ -268,14 +268,14 @@ pub fn reap_for(cmd: &[String]) -> i32 {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => {
                 eprintln!(
-                    "vmbeam lab reap: {} (pid {child}) exited with status {code}",
+                    "vmbeam-lab reap: {} (pid {child}) exited with status {code}",
                     cmd.join(" ")
                 );
                 return code;
             }
             Ok(WaitStatus::Signaled(pid, sig, core)) if pid.as_raw() == child => {
                 eprintln!(
-                    "vmbeam lab reap: {} (pid {child}) killed by {sig}{}",
+                    "vmbeam-lab reap: {} (pid {child}) killed by {sig}{}",
                     cmd.join(" "),
                     if core { " (core dumped)" } else { "" }
                 );

@@ -1,8 +1,6 @@
 //! `vmbeam`: VMBeam's command line. `vmbeam migrate` takes virsh migrate's arguments in
-//! virsh's order; `vmbeam lab` runs a virtual IaaS cloud on one machine.
+//! virsh's order. (The lab and the bench are `vmbeam-lab`, `lab-cli/`: not part of the product.)
 
-mod bench_cmd;
-mod lab_cmd;
 mod migrate_cmd;
 
 use std::process::ExitCode;
@@ -10,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's own), 3 refused
-/// (e.g. --zero-copy impossible), 4 environment not ready (no lab, missing packages).
+/// (e.g. --zero-copy impossible), 4 environment not ready (no system bus or vmbeamd).
 pub mod exit {
     pub const FAILED: u8 = 1;
     pub const BAD_INPUT: u8 = 2;
@@ -41,13 +39,6 @@ enum Cmd {
     Status,
     /// Whether zero-copy to a destination is possible (proven through the pool)
     Colocation { desturi: String },
-    /// Reproduce the paper's experiments on a lab of its own: zero-copy vs traditional
-    Bench(vmbeam_bench::plan::Args),
-    /// The lab: a virtual IaaS cloud on one machine
-    Lab {
-        #[command(subcommand)]
-        cmd: lab_cmd::LabCmd,
-    },
 }
 
 fn main() -> ExitCode {
@@ -69,8 +60,6 @@ fn main() -> ExitCode {
         Cmd::Disable { domain } => migrate_cmd::set_enabled(&domain, false),
         Cmd::Status => migrate_cmd::status(),
         Cmd::Colocation { desturi } => migrate_cmd::colocation(&desturi),
-        Cmd::Lab { cmd } => lab_cmd::run(cmd),
-        Cmd::Bench(a) => bench_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
