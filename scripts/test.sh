@@ -61,7 +61,7 @@ summary() {
 if ! scripts/setup.sh; then
   echo "test.sh: setup failed" >&2; exit 1
 fi
-tier format bash -c 'cargo fmt --all --check && cargo fmt --manifest-path packaging/gen/Cargo.toml --check'
+tier format cargo fmt --all --check
 tier clippy cargo clippy --workspace --all-targets --quiet -- -D warnings
 if ! PROFILE=debug scripts/build.sh; then
   SUMMARY+=("  build      FAIL  (nothing else could run)"); failed=1; summary; exit 1
