@@ -120,8 +120,8 @@ vmbeamd runs as root on the system bus as \fBorg.vmbeam.VMBeam1\fR, object
 \fB/org/vmbeam/VMBeam1\fR, interfaces \fBorg.vmbeam.VMBeam1.Manager\fR,
 \fBorg.vmbeam.VMBeam1.Job\fR and \fBorg.vmbeam.VMBeam1.Hook\fR.
 It is started by systemd (\fBvmbeamd.service\fR) at boot, or on demand through D\-Bus
-activation. The libvirt hook (\fI/etc/libvirt/hooks/qemu.d/vmbeam\fR and
-\fI/etc/libvirt/hooks/libxl.d/vmbeam\fR) hands libvirt's domain events to it.
+activation. The libvirt hook (\fI/etc/libvirt/hooks/qemu.d/vmbeam\fR) hands libvirt's
+QEMU domain events to it.
 .PP
 Everyone may call the read\-only methods (ListDomains, Status, CoLocation) and read
 properties. Migrate and Job.Cancel need root or the polkit action
