@@ -69,8 +69,12 @@ if ! scripts/setup.sh; then
   echo "test.sh: setup failed" >&2; exit 1
 fi
 tier format cargo fmt --all --check
-# Every target with every feature, so the feature-gated QEMU and end-to-end tests are linted.
-tier clippy cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+# Every target with every feature, so the feature-gated QEMU and end-to-end tests are linted;
+# then unused dependencies (cargo-machete, installed into ~/.cargo/bin on first use).
+tier clippy bash -c 'cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+  a=$?
+  command -v cargo-machete >/dev/null || cargo install --quiet --locked cargo-machete --version 0.9.2
+  cargo machete; exit $((a | $?))'
 if ! PROFILE=debug scripts/build.sh; then
   SUMMARY+=("  build      FAIL  (nothing else could run)"); failed=1; summary; exit 1
 fi
