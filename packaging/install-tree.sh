@@ -22,15 +22,16 @@ done
 
 i() { install -D -m "$1" "$2" "$dest$3"; }
 
-# Programs. The hook lives in /usr/libexec and libvirt's hook directories hold symlinks to it:
-# a binary is not configuration, so it must not be a conffile.
+# Programs. The hook lives in /usr/libexec and libvirt's QEMU hook directory holds a symlink
+# to it: a binary is not configuration, so it must not be a conffile. Not libxl.d: vmbeamd
+# has only the QEMU backend, and the hook does not say which driver called it, so a libxl
+# domain would be handed to QEMU's code (xen-driver-ext/ is the placeholder). Not vmbeam-lab
+# either: the lab and the bench are development tools, not the product.
 i 0755 "$bin/vmbeamd" /usr/sbin/vmbeamd
 i 0755 "$bin/vmbeam" /usr/bin/vmbeam
 i 0755 "$bin/vmbeam-hook" /usr/libexec/vmbeam/vmbeam-hook
-for d in qemu.d libxl.d; do
-  install -d -m 0755 "$dest/etc/libvirt/hooks/$d"
-  ln -sfn "$hook" "$dest/etc/libvirt/hooks/$d/vmbeam"
-done
+install -d -m 0755 "$dest/etc/libvirt/hooks/qemu.d"
+ln -sfn "$hook" "$dest/etc/libvirt/hooks/qemu.d/vmbeam"
 
 # Configuration (conffile / %config(noreplace)). The key is not shipped: the maintainer
 # scripts generate it once, and nothing ever replaces it.

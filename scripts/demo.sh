@@ -7,25 +7,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
-V=$PWD/target/release/vmbeam
+L=$PWD/target/release/vmbeam-lab
 MEM=${VMBEAM_DEMO_MEMORY:-1024}
 RATE=${VMBEAM_DEMO_DIRTY_RATE:-5000}
-trap '$V lab down >/dev/null 2>&1 || true' EXIT
-$V lab up --cloud-vms 2
-$V lab guest create web1 --memory "$MEM" --dirty-rate "$RATE" --on cvm1
-$V lab guest check web1
+trap '$L down >/dev/null 2>&1 || true' EXIT
+$L up --cloud-vms 2
+$L guest create web1 --memory "$MEM" --dirty-rate "$RATE" --on cvm1
+$L guest check web1
 echo
 echo "== zero-copy: cvm1 -> cvm2 (vmbeam migrate --zero-copy, run on cvm1)"
-$V lab exec cvm1 vmbeam migrate --zero-copy --live --persistent --undefinesource --verbose \
+$L exec cvm1 vmbeam migrate --zero-copy --live --persistent --undefinesource --verbose \
    web1 qemu+tcp://198.18.0.12/system | tee /tmp/vmbeam-demo-zc.txt
-$V lab guest check web1
+$L guest check web1
 echo
 echo "== traditional: cvm2 -> cvm1 (vmbeam migrate --no-zero-copy, run on cvm2)"
-$V lab exec cvm2 vmbeam migrate --no-zero-copy --live --persistent --undefinesource --verbose \
+$L exec cvm2 vmbeam migrate --no-zero-copy --live --persistent --undefinesource --verbose \
    web1 qemu+tcp://198.18.0.11/system | tee /tmp/vmbeam-demo-tr.txt
-$V lab guest check web1
+$L guest check web1
 echo
-$V lab status
+$L status
 echo
 field() { grep -m1 "$1:" "$2" | sed 's/^[^:]*: *//'; }
 printf '%-16s %-14s %-14s\n' "" "zero-copy" "traditional"
@@ -36,5 +36,5 @@ done
 human() { field "bytes on wire" "$1" | sed -n 's/.*(\(.*\))/\1/p'; }
 printf '%-16s %-14s %-14s\n' "bytes on wire" "$(human /tmp/vmbeam-demo-zc.txt)" "$(human /tmp/vmbeam-demo-tr.txt)"
 rm -f /tmp/vmbeam-demo-zc.txt /tmp/vmbeam-demo-tr.txt
-$V lab down
+$L down
 trap - EXIT

@@ -51,12 +51,14 @@ fi
 for b in vmbeamd vmbeam vmbeam-hook; do
   [ -x "$bin/$b" ] || { echo "package.sh: $bin/$b is missing (run without --no-build)" >&2; exit 1; }
 done
-cargo build --release --quiet --manifest-path packaging/gen/Cargo.toml --target-dir target/pkg-gen
+# Man pages and completions from the clap commands vmbeam and vmbeamd are built from (a
+# build of its own: the tool's clap features stay out of the shipped binaries).
+cargo build --release --quiet -p vmbeam-pkg-gen
 
 work=$out/build
 rm -rf "$work"
 mkdir -p "$work"
-target/pkg-gen/release/vmbeam-pkg-gen --vmbeam "$bin/vmbeam" --vmbeamd "$bin/vmbeamd" --out "$work/gen"
+target/release/vmbeam-pkg-gen --out "$work/gen"
 
 # Replaces a script's line `MARKER fn1 fn2 ...` with those functions of
 # packaging/maint/functions.sh (each with its comment, after the file's variables), with

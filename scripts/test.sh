@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit tests, the Nova shim's tests against the real
-# nova package, and the end-to-end tiers on the real lab (libvirtd, QEMU, dbus-daemon,
-# vmbeamd, the guest agent, Nova's live-migration loop, `vmbeam bench --quick`) and the
-# packages. Needs root on Debian 12.
+# The whole test suite: formatting, lints and unused dependencies, unit tests, the QEMU
+# backend's tests against real QEMU processes, the Nova shim's tests against the real nova
+# package, and the end-to-end tiers on the real lab (libvirtd, QEMU, dbus-daemon, vmbeamd, the
+# guest agent, Nova's live-migration loop, `vmbeam-lab bench --quick`) and the packages.
+# Needs root on Debian 12.
+#
+# The tiers follow crosvm's policy: `cargo test --workspace` alone is the unit tier (no root,
+# no QEMU, no lab). The rest is behind cargo features that only the tiers below turn on:
+# vmbeam-qemu's `qemu-tests` (real QEMU processes), vmbeam-lab's and vmbeam-bench's
+# `root-tests` (unit tests that need root: the guest image's build and boot, setns), and
+# vmbeam-tests' `e2e` (the lab and the packages).
 #
 # Every tier runs even when an earlier one fails (only a failed setup or build stops the
 # rest: nothing after it could run); the script ends with one summary of every tier, its
@@ -13,7 +20,7 @@
 #                                    Debian 12's own QEMU 7.2 / libvirt 9.0 (scripts/setup.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(format clippy units nova-shim lab zero-copy nova-e2e bench packaging)
+ALL=(format clippy units qemu root-units nova-shim lab zero-copy nova-e2e bench packaging)
 want=("$@")
 ((${#want[@]})) || want=("${ALL[@]}")
 for t in "${want[@]}"; do
@@ -61,20 +68,32 @@ summary() {
 if ! scripts/setup.sh; then
   echo "test.sh: setup failed" >&2; exit 1
 fi
-tier format bash -c 'cargo fmt --all --check && cargo fmt --manifest-path packaging/gen/Cargo.toml --check'
-tier clippy cargo clippy --workspace --all-targets --quiet -- -D warnings
+tier format cargo fmt --all --check
+# Every target with every feature, so the feature-gated QEMU and end-to-end tests are linted;
+# then unused dependencies (cargo-machete, installed into ~/.cargo/bin on first use).
+tier clippy bash -c 'cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+  a=$?
+  command -v cargo-machete >/dev/null || cargo install --quiet --locked cargo-machete --version 0.9.2
+  cargo machete; exit $((a | $?))'
 if ! PROFILE=debug scripts/build.sh; then
   SUMMARY+=("  build      FAIL  (nothing else could run)"); failed=1; summary; exit 1
 fi
-# Unit tests of every crate (and the guest agent's and QEMU backend's process tests), not the
-# end-to-end tiers below.
-tier units bash -c 'cargo test --workspace --exclude vmbeam-tests --no-fail-fast -- --test-threads=1
-  a=$?; cargo test -p vmbeam-tests --lib --no-fail-fast; exit $((a | $?))'
+# Unit tests of every crate (and the guest agent's process tests): plain `cargo test`, nothing
+# needs root or starts QEMU.
+tier units cargo test --workspace --no-fail-fast -- --test-threads=1
+# The QEMU backend against real QEMU processes (a private QEMU per test in a temp directory,
+# TCG; no root, no lab).
+tier qemu cargo test -p vmbeam-qemu --features qemu-tests --no-fail-fast --test qemu -- --test-threads=1
+# Unit tests that need root but no lab: the guest image built (apt-get download into
+# /var/cache/vmbeam-lab) and booted under QEMU with the static agent, and the bench's web
+# clients entering a network namespace.
+tier root-units cargo test -p vmbeam-lab -p vmbeam-bench --features vmbeam-lab/root-tests,vmbeam-bench/root-tests \
+  --no-fail-fast --lib -- --test-threads=1 image::tests::boot webload::tests
 # The Nova shim: its venv (nova from PyPI, cached), ruff and unit tests; the venv is also what
 # the nova-e2e tier runs Nova's live-migration loop with on the lab.
 tier nova-shim scripts/test-nova.sh
 # The end-to-end tiers share one host-wide lab: one test at a time.
-e2e() { cargo test -p vmbeam-tests --no-fail-fast --test "$1" -- --test-threads=1; }
+e2e() { cargo test -p vmbeam-tests --features e2e --no-fail-fast --test "$1" -- --test-threads=1; }
 tier lab e2e lab
 tier zero-copy e2e zero_copy
 tier nova-e2e e2e nova_shim

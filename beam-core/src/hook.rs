@@ -1,5 +1,6 @@
 //! The libvirt hook's view of an event: libvirt runs `/etc/libvirt/hooks/qemu.d/vmbeam`
-//! (and `libxl.d/`) as `vmbeam DOMAIN OP SUBOP EXTRA` with the domain XML on stdin.
+//! (`libxl.d/` once a Xen backend exists) as `vmbeam DOMAIN OP SUBOP EXTRA` with the domain
+//! XML on stdin.
 //!
 //! Unknown operations and sub-operations are kept as `Other` rather than refused: a hook that
 //! fails makes libvirt fail the operation, and a newer libvirt must not break domains.

@@ -1,4 +1,4 @@
-//! `vmbeam-bench`: `vmbeam bench`, the paper's experiments (issue 4) run on the lab.
+//! `vmbeam-bench`: `vmbeam-lab bench`, the paper's experiments (issue 4) run on the lab.
 //!
 //! - [`model`]: one [`model::RunRecord`] per migration run (experiment, system, settings,
 //!   outcome, machine metadata) and its CSV/JSON writers;
@@ -8,8 +8,8 @@
 //! - [`stats`]: median, min/max, ratios;
 //! - [`plot`]: the figures (PNG and SVG) with plotters, text drawn with a TTF file;
 //! - [`report`]: the Markdown report;
-//! - [`plan`]: the `vmbeam bench` arguments and the experiment plan as pure data;
-//! - [`runner`]: `vmbeam bench` itself: the plan run on a lab it brings up and tears down;
+//! - [`plan`]: the `vmbeam-lab bench` arguments and the experiment plan as pure data;
+//! - [`runner`]: `vmbeam-lab bench` itself: the plan run on a lab it brings up and tears down;
 //! - [`webload`]: the web clients of experiment g, in the load-generator namespace.
 
 pub mod measure;

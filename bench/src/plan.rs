@@ -1,4 +1,4 @@
-//! `vmbeam bench [--quick] [--out DIR] [EXPERIMENT...]`: the arguments and the experiment
+//! `vmbeam-lab bench [--quick] [--out DIR] [EXPERIMENT...]`: the arguments and the experiment
 //! plan (which runs each experiment needs, at which sizes) as pure data. Nothing here runs.
 
 use std::collections::BTreeSet;
@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Encryption, Experiment, Settings, System};
 
-/// Arguments of `vmbeam bench`. Derives `Parser` (so also `clap::Args`): the CLI can use it
+/// Arguments of `vmbeam-lab bench`. Derives `Parser` (so also `clap::Args`): the CLI can use it
 /// as a subcommand's arguments.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
 #[command(
-    name = "vmbeam bench",
+    name = "vmbeam-lab bench",
     about = "Reproduce the paper's experiments on a lab: zero-copy vs traditional migration"
 )]
 pub struct Args {
@@ -334,7 +334,7 @@ mod tests {
         enum Cli {
             Bench(Args),
         }
-        let Cli::Bench(b) = Cli::try_parse_from(["vmbeam", "bench", "--quick", "g"]).unwrap();
+        let Cli::Bench(b) = Cli::try_parse_from(["vmbeam-lab", "bench", "--quick", "g"]).unwrap();
         assert_eq!(b.selected(), vec![Experiment::G]);
         <Args as clap::CommandFactory>::command().debug_assert();
     }

@@ -1,8 +1,8 @@
-//! `vmbeam bench`: runs the [`crate::plan::Plan`] on a lab it brings up (two cloud VMs) and
+//! `vmbeam-lab bench`: runs the [`crate::plan::Plan`] on a lab it brings up (two cloud VMs) and
 //! tears down, and writes the results, the plots and the report.
 //!
 //! Every migration goes through the product's own path: `vmbeam migrate` run inside the
-//! source cloud VM (`vmbeam lab exec`), talking to that cloud VM's vmbeamd, which drives its
+//! source cloud VM (`vmbeam-lab exec`), talking to that cloud VM's vmbeamd, which drives its
 //! libvirtd. Zero-copy is `--zero-copy`; the baselines are `--no-zero-copy`, encrypted with
 //! QEMU's native TLS (`--tls`, certificates made by the lab) where the plan says so, over the
 //! cloud network shaped with `tc` (token bucket) on both cloud VMs' links.
@@ -31,10 +31,12 @@ use crate::plot::{self, RunSeries};
 use crate::webload::WebLoad;
 use crate::{Error, Result};
 
-/// What `vmbeam bench` needs from its installation.
+/// What `vmbeam-lab bench` needs from its installation.
 #[derive(Debug, Clone)]
 pub struct Tools {
-    /// The `vmbeam` binary (run inside the cloud VMs for each migration).
+    /// The `vmbeam-lab` binary (its `exec` runs commands inside the cloud VMs).
+    pub lab: PathBuf,
+    /// The product's `vmbeam` binary (run inside the cloud VMs for each migration).
     pub vmbeam: PathBuf,
     /// The statically linked guest agent.
     pub agent_binary: PathBuf,
@@ -84,7 +86,7 @@ struct LabUp;
 impl Drop for LabUp {
     fn drop(&mut self) {
         if std::thread::panicking() || std::env::var_os("VMBEAM_BENCH_KEEP_LAB").is_some() {
-            eprintln!("bench: the lab is left up for inspection; `vmbeam lab down` removes it");
+            eprintln!("bench: the lab is left up for inspection; `vmbeam-lab down` removes it");
             return;
         }
         match vmbeam_lab::down() {
@@ -92,7 +94,7 @@ impl Drop for LabUp {
                 "bench: lab down ({} processes, {} namespaces removed)",
                 r.processes, r.namespaces
             ),
-            Err(e) => eprintln!("bench: lab down failed: {e}; run `vmbeam lab down`"),
+            Err(e) => eprintln!("bench: lab down failed: {e}; run `vmbeam-lab down`"),
         }
     }
 }
@@ -111,7 +113,7 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
     }
     if matches!(vmbeam_lab::state::LabState::load(), Ok(Some(_))) {
         return Err(Error::Lab(LabError::BadInput(
-            "a lab is already up; `vmbeam bench` makes and removes its own: run `vmbeam lab down` first"
+            "a lab is already up; `vmbeam-lab bench` makes and removes its own: run `vmbeam-lab down` first"
                 .into(),
         )));
     }
@@ -255,7 +257,7 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
 }
 
 /// Renders the plots and the report from the results in `dir` (`runs.json`, `series.json`,
-/// `run-info.json` if there): what `vmbeam bench` does at the end, and `--render-only`.
+/// `run-info.json` if there): what `vmbeam-lab bench` does at the end, and `--render-only`.
 /// Returns every file of the results, the plots last.
 pub fn render(dir: &Path) -> Result<Vec<PathBuf>> {
     let runs_path = dir.join("runs.json");
@@ -482,8 +484,8 @@ impl Ctx<'_> {
 
     /// Kills the guest's QEMU on `on` (`virsh destroy`; the definition stays).
     fn kill_guest(&self, name: &str, on: &CloudVm) -> Result<()> {
-        let o = Command::new(&self.tools.vmbeam)
-            .args(["lab", "exec", &on.name, "virsh", "-q", "destroy", name])
+        let o = Command::new(&self.tools.lab)
+            .args(["exec", &on.name, "virsh", "-q", "destroy", name])
             .output()
             .map_err(|e| run_err(format!("virsh destroy: {e}")))?;
         if !o.status.success() {
@@ -556,16 +558,21 @@ impl Ctx<'_> {
         from: &CloudVm,
         to: &CloudVm,
     ) -> Result<Migrated> {
-        let mut cmd = Command::new(&self.tools.vmbeam);
-        cmd.args([
-            "lab", "exec", &from.name, "vmbeam", "migrate", "--live", "--p2p",
-        ])
-        .args(["--persistent", "--undefinesource"])
-        .arg(if run.system == System::ZeroCopy {
-            "--zero-copy"
-        } else {
-            "--no-zero-copy"
-        });
+        let mut cmd = Command::new(&self.tools.lab);
+        cmd.args(["exec", &from.name])
+            .arg(&self.tools.vmbeam)
+            .args([
+                "migrate",
+                "--live",
+                "--p2p",
+                "--persistent",
+                "--undefinesource",
+            ])
+            .arg(if run.system == System::ZeroCopy {
+                "--zero-copy"
+            } else {
+                "--no-zero-copy"
+            });
         if run.settings.encryption == Encryption::Tls {
             cmd.arg("--tls");
         }
@@ -589,8 +596,8 @@ impl Ctx<'_> {
             }
             if !aborted && t0.elapsed() > cap {
                 aborted = true;
-                let o = Command::new(&self.tools.vmbeam)
-                    .args(["lab", "exec", &from.name, "virsh", "-q", "domjobabort", dom])
+                let o = Command::new(&self.tools.lab)
+                    .args(["exec", &from.name, "virsh", "-q", "domjobabort", dom])
                     .output()
                     .map_err(|e| run_err(format!("virsh domjobabort: {e}")))?;
                 if !o.status.success() {

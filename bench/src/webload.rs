@@ -127,7 +127,9 @@ impl WebLoad {
     }
 }
 
-#[cfg(test)]
+/// The clients enter a network namespace (`setns`, even into their own: CAP_SYS_ADMIN), so
+/// this needs root: only with the `root-tests` feature (scripts/test.sh's root-units tier).
+#[cfg(all(test, feature = "root-tests"))]
 mod tests {
     use super::*;
 

@@ -2,6 +2,7 @@
 //! hook, and drives every migration as libvirt's own job (P2P `migrateToURI3`), so
 //! `virsh domjobinfo`/`domjobabort` and libvirt's events behave as users know.
 
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod hooks;

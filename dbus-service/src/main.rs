@@ -1,7 +1,6 @@
 //! vmbeamd: VMBeam's system-bus service.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,39 +11,10 @@ use tracing::info;
 use vmbeam_bus::{BUS_NAME, MANAGER_PATH};
 use vmbeam_core::ticket::FileReplayCache;
 use vmbeam_core::Identity;
+use vmbeamd::cli::Args;
 use vmbeamd::config::DaemonConfig;
 use vmbeamd::service::{HookObj, Manager};
 use vmbeamd::state::{Ctx, Tables};
-
-#[derive(Parser)]
-#[command(
-    name = "vmbeamd",
-    version,
-    about = "VMBeam's D-Bus service (system bus)"
-)]
-struct Args {
-    /// The cloud VM's VMBeam configuration
-    #[arg(long, default_value = "/etc/vmbeam/vmbeam.conf")]
-    config: PathBuf,
-    /// The local libvirt
-    #[arg(long, default_value = "qemu:///system")]
-    libvirt_uri: String,
-    /// qemu.conf's memory_backing_dir
-    #[arg(long, default_value = "/var/lib/libvirt/qemu/ram")]
-    memory_backing_dir: PathBuf,
-    /// Directory of the private QMP sockets
-    #[arg(long, default_value = vmbeam_core::domain::DEFAULT_QMP_DIR)]
-    qmp_dir: PathBuf,
-    /// Daemon state (the ticket replay cache)
-    #[arg(long, default_value = "/run/vmbeam/state")]
-    state_dir: PathBuf,
-    /// How long to wait for a destination's answer through the pool, in ms
-    #[arg(long, default_value_t = 1500)]
-    rendezvous_timeout_ms: u64,
-    /// Bound on handling one hook event, in seconds
-    #[arg(long, default_value_t = 20)]
-    hook_timeout_secs: u64,
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -13,4 +13,4 @@ CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" 
   cargo build --release -p vmbeam-guest-agent --target x86_64-unknown-linux-gnu
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 export VMBEAM_AGENT_BINARY=${VMBEAM_AGENT_BINARY:-$target_dir/x86_64-unknown-linux-gnu/release/vmbeam-guest-agent}
-cargo test -p vmbeam-lab --lib image::tests -- --ignored --nocapture --test-threads=1
+cargo test -p vmbeam-lab --features root-tests --lib image::tests::boot -- --nocapture --test-threads=1

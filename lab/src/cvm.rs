@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::net::{cvm_addr, cvm_netns};
 use crate::state::{CloudVm, LabState, Resource, LAB_ROOT};
-use crate::sys::{process_alive, process_start_time, wait_for};
+use crate::sys::{process_alive, process_start_time, wait_for, write_private};
 use crate::{LabError, POOL_DIR};
 
 /// The directories a cloud VM has privately: (name of the backing dir, path inside the cloud VM).
@@ -112,23 +112,10 @@ fn cloud_key(state: &mut LabState, cloud: &str) -> Result<PathBuf, LabError> {
     let path = dir.join(format!("{cloud}.key"));
     if !path.exists() {
         let key: [u8; 32] = rand::random();
-        write_private(&path, &hex::encode(key))?;
+        write_private(&path, &hex::encode(key))
+            .map_err(|e| LabError::io(format!("write {}", path.display()), e))?;
     }
     Ok(path)
-}
-
-pub(crate) fn write_private(path: &Path, content: &str) -> Result<(), LabError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| LabError::io(format!("create {}", path.display()), e))?;
-    f.write_all(content.as_bytes())
-        .map_err(|e| LabError::io(format!("write {}", path.display()), e))
 }
 
 fn vmbeam_conf(host_id: &str, cloud: &str) -> String {
@@ -191,7 +178,7 @@ pub fn create(
         &libvirtd_conf(&addr, host_uuid),
     )?;
     write(&root.join("etc-libvirt/qemu.conf"), &qemu_conf(&addr))?;
-    // QEMU native TLS for `--tls` migrations (the encrypted baselines of `vmbeam bench`).
+    // QEMU native TLS for `--tls` migrations (the encrypted baselines of `vmbeam-lab bench`).
     let pki = root.join("etc-libvirt/pki-qemu");
     make_dir(state, &pki)?;
     ca.write_host_certs(&pki, &name, &addr)?;
@@ -203,7 +190,9 @@ pub fn create(
     )?;
     let key = fs::read_to_string(cloud_key(state, &spec.cloud)?)
         .map_err(|e| LabError::io("read the lab cloud key", e))?;
-    write_private(&root.join("etc-vmbeam/cloud.key"), &key)?;
+    let cloud_key = root.join("etc-vmbeam/cloud.key");
+    write_private(&cloud_key, &key)
+        .map_err(|e| LabError::io(format!("write {}", cloud_key.display()), e))?;
     let hook = spec.bin_dir.join("vmbeam-hook");
     let hook_link = root.join("etc-libvirt/hooks/qemu.d/vmbeam");
     let _ = fs::remove_file(&hook_link);
@@ -333,12 +322,13 @@ pub fn spawn_in(
         .map_err(|e| LabError::io(format!("open {}", log.display()), e))?;
     let logf2 = logf.try_clone().map_err(|e| LabError::io("dup log", e))?;
     let holder = cvm.holder_pid.to_string();
-    // `vmbeam lab reap` (this binary) stays the daemon's parent and reaps what it orphans.
-    let me = std::env::current_exe().map_err(|e| LabError::io("locate the vmbeam binary", e))?;
+    // `vmbeam-lab reap` (this binary: the lab runs only inside `vmbeam-lab`) stays the
+    // daemon's parent and reaps what it orphans.
+    let me =
+        std::env::current_exe().map_err(|e| LabError::io("locate the vmbeam-lab binary", e))?;
     Command::new(me)
         .args([
-            "lab", "reap", "--", "nsenter", "-t", &holder, "-m", "-u", "-n", "--wd=/", "--",
-            program,
+            "reap", "--", "nsenter", "-t", &holder, "-m", "-u", "-n", "--wd=/", "--", program,
         ])
         .args(args)
         .stdin(Stdio::null())

@@ -262,7 +262,7 @@ pub fn create(spec: &GuestSpec, image: &GuestImage) -> Result<GuestRecord, LabEr
     }
     if state.guest(&spec.name).is_some() {
         return Err(LabError::BadInput(format!(
-            "a lab guest named '{}' exists already: pick another name or `vmbeam lab guest destroy {}`",
+            "a lab guest named '{}' exists already: pick another name or `vmbeam-lab guest destroy {}`",
             spec.name, spec.name
         )));
     }

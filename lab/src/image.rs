@@ -1235,195 +1235,199 @@ mod tests {
         assert!(s.contains("${kv#vmbeam.ip=}"), "format! escapes kept: {s}");
     }
 
-    // -----------------------------------------------------------------------------------
-    // Building and booting for real: needs root (apt-get download, dpkg -x into the
-    // cache), the Debian mirror, qemu-system-x86_64 and the static agent built first.
-    // Run with lab/assets/image-boot-test.sh.
+    /// Building and booting for real: needs root (apt-get download, dpkg -x into the
+    /// cache), the Debian mirror, qemu-system-x86_64 and the static agent built first. Only
+    /// with the `root-tests` feature (scripts/test.sh's root-units tier, or
+    /// lab/assets/image-boot-test.sh): a plain `cargo test` needs no root and starts no QEMU.
+    #[cfg(feature = "root-tests")]
+    mod boot {
+        use super::*;
 
-    fn boot_test_spec() -> ImageSpec {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let agent = std::env::var_os("VMBEAM_AGENT_BINARY")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                root.join("target/x86_64-unknown-linux-gnu/release/vmbeam-guest-agent")
-            });
-        let cache = std::env::var_os("VMBEAM_LAB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/vmbeam-lab"));
-        ImageSpec {
-            cache_dir: cache,
-            agent_binary: agent,
-        }
-    }
-
-    struct Qemu(std::process::Child);
-
-    impl Drop for Qemu {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    /// Boots the image with `fill_mib` for the agent in `ram_mib` of guest RAM under TCG;
-    /// returns (ms to `VMBEAM-INIT`, ms to `VMBEAM-AGENT READY`, the READY line).
-    fn boot_and_check(img: &GuestImage, fill_mib: u64, ram_mib: u64) -> (u128, u128, String) {
-        use std::io::{BufRead, BufReader, Read};
-        use std::net::TcpStream;
-        use std::os::unix::net::UnixStream;
-        use std::time::{Duration, Instant};
-
-        let dir = tempfile::tempdir().unwrap();
-        let console = dir.path().join("console.log");
-        let chan = dir.path().join("chan.sock");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // User-mode networking restricted to the guest (no outside access); hostfwd
-        // lets the test reach the agent's HTTP server on loopback.
-        let netdev = format!("user,id=n0,restrict=on,net=198.18.0.0/24,host=198.18.0.2,hostfwd=tcp:127.0.0.1:{port}-198.18.0.15:80");
-        let t0 = Instant::now();
-        let _q = Qemu(
-            Command::new("qemu-system-x86_64")
-                .args([
-                    "-accel",
-                    "tcg",
-                    "-machine",
-                    "pc",
-                    "-m",
-                    &ram_mib.to_string(),
-                    "-smp",
-                    "1",
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-monitor",
-                    "none",
-                    "-no-reboot",
-                ])
-                .arg("-kernel")
-                .arg(&img.kernel)
-                .arg("-initrd")
-                .arg(&img.initrd)
-                .args([
-                    "-append",
-                    &kernel_cmdline(fill_mib, 1000, "198.18.0.15/24", Some("198.18.0.2")),
-                ])
-                .args(["-serial", &format!("file:{}", console.display())])
-                .args([
-                    "-serial",
-                    &format!("unix:{},server=on,wait=off", chan.display()),
-                ])
-                .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .expect("start qemu-system-x86_64"),
-        );
-        let deadline = t0 + Duration::from_secs(60 + fill_mib / 16);
-        let mut init_ms = None;
-        let ready = loop {
-            let log = std::fs::read_to_string(&console).unwrap_or_default();
-            if init_ms.is_none() && log.contains("VMBEAM-INIT") {
-                init_ms = Some(t0.elapsed().as_millis());
+        fn boot_test_spec() -> ImageSpec {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let agent = std::env::var_os("VMBEAM_AGENT_BINARY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    root.join("target/x86_64-unknown-linux-gnu/release/vmbeam-guest-agent")
+                });
+            let cache = std::env::var_os("VMBEAM_LAB_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/cache/vmbeam-lab"));
+            ImageSpec {
+                cache_dir: cache,
+                agent_binary: agent,
             }
-            if let Some(l) = log.lines().find(|l| l.contains("VMBEAM-AGENT READY")) {
-                break l.trim().to_string();
+        }
+
+        struct Qemu(std::process::Child);
+
+        impl Drop for Qemu {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
             }
-            assert!(
-                Instant::now() < deadline,
-                "no VMBEAM-AGENT READY; console:\n{log}"
+        }
+
+        /// Boots the image with `fill_mib` for the agent in `ram_mib` of guest RAM under TCG;
+        /// returns (ms to `VMBEAM-INIT`, ms to `VMBEAM-AGENT READY`, the READY line).
+        fn boot_and_check(img: &GuestImage, fill_mib: u64, ram_mib: u64) -> (u128, u128, String) {
+            use std::io::{BufRead, BufReader, Read};
+            use std::net::TcpStream;
+            use std::os::unix::net::UnixStream;
+            use std::time::{Duration, Instant};
+
+            let dir = tempfile::tempdir().unwrap();
+            let console = dir.path().join("console.log");
+            let chan = dir.path().join("chan.sock");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            // User-mode networking restricted to the guest (no outside access); hostfwd
+            // lets the test reach the agent's HTTP server on loopback.
+            let netdev = format!("user,id=n0,restrict=on,net=198.18.0.0/24,host=198.18.0.2,hostfwd=tcp:127.0.0.1:{port}-198.18.0.15:80");
+            let t0 = Instant::now();
+            let _q = Qemu(
+                Command::new("qemu-system-x86_64")
+                    .args([
+                        "-accel",
+                        "tcg",
+                        "-machine",
+                        "pc",
+                        "-m",
+                        &ram_mib.to_string(),
+                        "-smp",
+                        "1",
+                    ])
+                    .args([
+                        "-nodefaults",
+                        "-no-user-config",
+                        "-display",
+                        "none",
+                        "-monitor",
+                        "none",
+                        "-no-reboot",
+                    ])
+                    .arg("-kernel")
+                    .arg(&img.kernel)
+                    .arg("-initrd")
+                    .arg(&img.initrd)
+                    .args([
+                        "-append",
+                        &kernel_cmdline(fill_mib, 1000, "198.18.0.15/24", Some("198.18.0.2")),
+                    ])
+                    .args(["-serial", &format!("file:{}", console.display())])
+                    .args([
+                        "-serial",
+                        &format!("unix:{},server=on,wait=off", chan.display()),
+                    ])
+                    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start qemu-system-x86_64"),
             );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let ready_ms = t0.elapsed().as_millis();
-        let log = std::fs::read_to_string(&console).unwrap();
-        assert!(
-            log.contains("VMBEAM-INIT eth0 198.18.0.15/24"),
-            "console:\n{log}"
-        );
-        let boot_id = ready
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("boot_id="))
-            .unwrap()
-            .to_string();
-
-        let s = UnixStream::connect(&chan).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60 + fill_mib / 8)))
-            .unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut w = s;
-        let mut ask = |id: u32, cmd: &str| -> String {
-            writeln!(w, "{id} {cmd}").unwrap();
-            let mut l = String::new();
-            loop {
-                l.clear();
-                r.read_line(&mut l).unwrap();
-                if let Some(a) = l.trim_end().strip_prefix(&format!("{id} ")) {
-                    return a.to_string();
+            let deadline = t0 + Duration::from_secs(60 + fill_mib / 16);
+            let mut init_ms = None;
+            let ready = loop {
+                let log = std::fs::read_to_string(&console).unwrap_or_default();
+                if init_ms.is_none() && log.contains("VMBEAM-INIT") {
+                    init_ms = Some(t0.elapsed().as_millis());
                 }
-            }
-        };
-        let pong = ask(1, "PING");
-        assert!(
-            pong.starts_with(&format!("PONG boot_id={boot_id} ")),
-            "{pong}"
-        );
-        let t = Instant::now();
-        let check = ask(2, "CHECK");
-        let check_ms = t.elapsed().as_millis();
-        assert!(check.starts_with("CHECK PASS "), "{check}");
-        let phys = ask(3, "PHYS 0");
-        assert!(phys.starts_with("PHYS page=0 addr=0x"), "{phys}");
-        let stats = ask(4, "STATS");
-        assert!(stats.contains(&format!("boot_id={boot_id}")), "{stats}");
-        assert_eq!(ask(5, "CORRUPT 7"), "OK corrupted=7 offset=2048");
-        let fail = ask(6, "CHECK");
-        assert!(
-            fail.starts_with("CHECK FAIL ") && fail.contains("first_bad=7"),
-            "{fail}"
-        );
+                if let Some(l) = log.lines().find(|l| l.contains("VMBEAM-AGENT READY")) {
+                    break l.trim().to_string();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no VMBEAM-AGENT READY; console:\n{log}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let ready_ms = t0.elapsed().as_millis();
+            let log = std::fs::read_to_string(&console).unwrap();
+            assert!(
+                log.contains("VMBEAM-INIT eth0 198.18.0.15/24"),
+                "console:\n{log}"
+            );
+            let boot_id = ready
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("boot_id="))
+                .unwrap()
+                .to_string();
 
-        let mut http = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        http.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        write!(http, "GET /stats HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        http.read_to_string(&mut body).unwrap();
-        assert!(
-            body.contains(&format!("\"boot_id\":\"{boot_id}\"")),
-            "{body}"
-        );
+            let s = UnixStream::connect(&chan).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60 + fill_mib / 8)))
+                .unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut ask = |id: u32, cmd: &str| -> String {
+                writeln!(w, "{id} {cmd}").unwrap();
+                let mut l = String::new();
+                loop {
+                    l.clear();
+                    r.read_line(&mut l).unwrap();
+                    if let Some(a) = l.trim_end().strip_prefix(&format!("{id} ")) {
+                        return a.to_string();
+                    }
+                }
+            };
+            let pong = ask(1, "PING");
+            assert!(
+                pong.starts_with(&format!("PONG boot_id={boot_id} ")),
+                "{pong}"
+            );
+            let t = Instant::now();
+            let check = ask(2, "CHECK");
+            let check_ms = t.elapsed().as_millis();
+            assert!(check.starts_with("CHECK PASS "), "{check}");
+            let phys = ask(3, "PHYS 0");
+            assert!(phys.starts_with("PHYS page=0 addr=0x"), "{phys}");
+            let stats = ask(4, "STATS");
+            assert!(stats.contains(&format!("boot_id={boot_id}")), "{stats}");
+            assert_eq!(ask(5, "CORRUPT 7"), "OK corrupted=7 offset=2048");
+            let fail = ask(6, "CHECK");
+            assert!(
+                fail.starts_with("CHECK FAIL ") && fail.contains("first_bad=7"),
+                "{fail}"
+            );
 
-        eprintln!(
-            "boot fill_mib={fill_mib} ram_mib={ram_mib}: VMBEAM-INIT {} ms, READY {ready_ms} ms, CHECK {check_ms} ms; {ready}; {stats}",
-            init_ms.unwrap_or(0)
-        );
-        (init_ms.unwrap_or(0), ready_ms, ready)
-    }
+            let mut http = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            http.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            write!(http, "GET /stats HTTP/1.0\r\n\r\n").unwrap();
+            let mut body = String::new();
+            http.read_to_string(&mut body).unwrap();
+            assert!(
+                body.contains(&format!("\"boot_id\":\"{boot_id}\"")),
+                "{body}"
+            );
 
-    #[test]
-    fn build_is_cached_and_the_image_boots_to_a_passing_check() {
-        let spec = boot_test_spec();
-        let img = build_image(&spec).unwrap();
-        assert_eq!(
-            build_image(&spec).unwrap(),
-            img,
-            "second build reuses the cache"
-        );
-        assert_eq!(img.id.len(), 12);
-        boot_and_check(&img, 64, 256);
-    }
+            eprintln!(
+                "boot fill_mib={fill_mib} ram_mib={ram_mib}: VMBEAM-INIT {} ms, READY {ready_ms} ms, CHECK {check_ms} ms; {ready}; {stats}",
+                init_ms.unwrap_or(0)
+            );
+            (init_ms.unwrap_or(0), ready_ms, ready)
+        }
 
-    #[test]
-    fn the_image_boots_with_1024_mib_filled() {
-        let img = build_image(&boot_test_spec()).unwrap();
-        // Under 1-3 GiB of guest RAM the kernel keeps 170-220 MiB unavailable and the agent
-        // asks for 24 MiB of headroom on top (it refuses a fill that does not fit).
-        boot_and_check(&img, 1024, 1024 + 224);
+        #[test]
+        fn build_is_cached_and_the_image_boots_to_a_passing_check() {
+            let spec = boot_test_spec();
+            let img = build_image(&spec).unwrap();
+            assert_eq!(
+                build_image(&spec).unwrap(),
+                img,
+                "second build reuses the cache"
+            );
+            assert_eq!(img.id.len(), 12);
+            boot_and_check(&img, 64, 256);
+        }
+
+        #[test]
+        fn the_image_boots_with_1024_mib_filled() {
+            let img = build_image(&boot_test_spec()).unwrap();
+            // Under 1-3 GiB of guest RAM the kernel keeps 170-220 MiB unavailable and the agent
+            // asks for 24 MiB of headroom on top (it refuses a fill that does not fit).
+            boot_and_check(&img, 1024, 1024 + 224);
+        }
     }
 }

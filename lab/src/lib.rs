@@ -42,9 +42,9 @@ pub const REQUIRED_PROGRAMS: &[&str] = &[
 /// A lab operation failed. Each message says what is wrong and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error("no lab is up: run `vmbeam lab up` first")]
+    #[error("no lab is up: run `vmbeam-lab up` first")]
     NotUp,
-    #[error("a lab with {running} cloud VM(s) is already up; `vmbeam lab down` first to change it to {wanted}")]
+    #[error("a lab with {running} cloud VM(s) is already up; `vmbeam-lab down` first to change it to {wanted}")]
     AlreadyUp { running: usize, wanted: u32 },
     #[error("{0}; if it is a leftover of an earlier lab, remove it by hand (nothing was changed)")]
     Conflict(String),
@@ -349,7 +349,7 @@ fn repair(state: &mut LabState) -> Result<Vec<String>, LabError> {
         let c = &state.cloud_vms[i];
         if !sys::process_alive(c.holder_pid, c.holder_start) {
             return Err(LabError::Setup(format!(
-                "{}'s namespaces are gone: run `vmbeam lab down` and `vmbeam lab up` again",
+                "{}'s namespaces are gone: run `vmbeam-lab down` and `vmbeam-lab up` again",
                 c.name
             )));
         }

@@ -37,6 +37,20 @@ fn cmdline_of(program: &str, args: &[&OsStr]) -> String {
     s
 }
 
+/// Writes `content` to a new file at `path` readable only by its owner (mode 0600), replacing
+/// any file there: keys and certificates' private halves.
+pub fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())
+}
+
 /// Runs `program args...`, returning its stdout; a non-zero exit is an error carrying stderr.
 pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String, SysError> {
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_ref()).collect();
@@ -244,7 +258,7 @@ pub fn reap_for(cmd: &[String]) -> i32 {
     let child = match std::process::Command::new(&cmd[0]).args(&cmd[1..]).spawn() {
         Ok(c) => c.id() as i32,
         Err(e) => {
-            eprintln!("vmbeam lab reap: cannot run {}: {e}", cmd[0]);
+            eprintln!("vmbeam-lab reap: cannot run {}: {e}", cmd[0]);
             return 127;
         }
     };
@@ -254,14 +268,14 @@ pub fn reap_for(cmd: &[String]) -> i32 {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => {
                 eprintln!(
-                    "vmbeam lab reap: {} (pid {child}) exited with status {code}",
+                    "vmbeam-lab reap: {} (pid {child}) exited with status {code}",
                     cmd.join(" ")
                 );
                 return code;
             }
             Ok(WaitStatus::Signaled(pid, sig, core)) if pid.as_raw() == child => {
                 eprintln!(
-                    "vmbeam lab reap: {} (pid {child}) killed by {sig}{}",
+                    "vmbeam-lab reap: {} (pid {child}) killed by {sig}{}",
                     cmd.join(" "),
                     if core { " (core dumped)" } else { "" }
                 );
@@ -296,6 +310,19 @@ pub fn cloexec_inherited_fds() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_private_makes_an_owner_only_file_and_replaces_an_old_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key");
+        std::fs::write(&p, "old, world-readable").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&p, "secret").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "secret");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn start_time_identifies_this_process() {

@@ -1,7 +1,7 @@
 //! x509 certificates for QEMU's native TLS migration stream (`vmbeam migrate --tls`, libvirt's
 //! `VIR_MIGRATE_TLS`): one CA per lab and, per cloud VM, a server and a client certificate in
 //! the layout libvirt's `migrate_tls_x509_cert_dir` expects. The encrypted baselines of
-//! `vmbeam bench` (nested-like, blanket-like) use them.
+//! `vmbeam-lab bench` (nested-like, blanket-like) use them.
 //!
 //! Generated with `rcgen` (no `certtool`/`openssl` run): ECDSA P-256 keys, the server
 //! certificate naming the cloud VM both by host name and by its cloud-network address, since
@@ -54,7 +54,8 @@ impl LabCa {
         let write = |file: &str, content: &str, private: bool| -> Result<(), LabError> {
             let p = dir.join(file);
             if private {
-                crate::cvm::write_private(&p, content)
+                crate::sys::write_private(&p, content)
+                    .map_err(|e| LabError::io(format!("write {}", p.display()), e))
             } else {
                 fs::write(&p, content)
                     .map_err(|e| LabError::io(format!("write {}", p.display()), e))

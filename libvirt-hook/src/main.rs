@@ -1,4 +1,5 @@
-//! `vmbeam-hook`: installed as /etc/libvirt/hooks/qemu.d/vmbeam (and libxl.d/vmbeam).
+//! `vmbeam-hook`: installed as /etc/libvirt/hooks/qemu.d/vmbeam (and in libxl.d/ once a Xen
+//! backend exists).
 //!
 //! libvirt runs it as `vmbeam DOMAIN OP SUBOP EXTRA` with the domain XML on stdin. It never
 //! calls libvirt (libvirt holds the domain's lock while a hook runs). Domains without VMBeam

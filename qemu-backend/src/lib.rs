@@ -10,7 +10,9 @@
 //! - `launcher` (tests, or the `testing` feature): starting bare QEMU processes.
 //!
 //! Facts about QEMU 7.2 and libvirt 9.0 this crate relies on are documented where they are
-//! used, and each is exercised by a test against real QEMU processes.
+//! used, and each is exercised by a test against real QEMU processes: `tests/qemu.rs`, run
+//! only with the `qemu-tests` feature (`cargo test -p vmbeam-qemu --features qemu-tests`),
+//! so that a plain `cargo test` starts no QEMU.
 
 pub mod backend;
 pub mod caps;
@@ -19,9 +21,6 @@ pub mod ramlink;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod launcher;
-
-#[cfg(test)]
-mod qemu_tests;
 
 pub use caps::{CapsError, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
 pub use qmp::{

@@ -1,5 +1,6 @@
-//! Shared helpers for VMBeam's end-to-end tests: they drive the real `vmbeam` binary against
-//! a real lab (namespaces, libvirtd, QEMU, the guest agent) and clean up on every path.
+//! Shared helpers for VMBeam's end-to-end tests: they drive the real `vmbeam` binary (inside
+//! the cloud VMs) against a real lab that the `vmbeam-lab` binary runs (namespaces,
+//! libvirtd, QEMU, the guest agent), and clean up on every path.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -14,9 +15,9 @@ pub fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path to the built `vmbeam` binary.
-pub fn vmbeam_bin() -> PathBuf {
-    let p = target_dir().join("vmbeam");
+/// Path to a binary built in the target directory (`vmbeam`, `vmbeam-lab`, ...).
+fn built(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
     assert!(
         p.is_file(),
         "{} is not built: run scripts/test.sh (it builds the binaries and the static guest agent first)",
@@ -25,7 +26,17 @@ pub fn vmbeam_bin() -> PathBuf {
     p
 }
 
-/// Runs `vmbeam ARGS`, returning its output.
+/// Path to the built `vmbeam` binary (the product's command line).
+pub fn vmbeam_bin() -> PathBuf {
+    built("vmbeam")
+}
+
+/// Path to the built `vmbeam-lab` binary (the lab and the bench).
+pub fn vmbeam_lab_bin() -> PathBuf {
+    built("vmbeam-lab")
+}
+
+/// Runs `vmbeam ARGS` on the host, returning its output.
 pub fn vmbeam(args: &[&str]) -> Output {
     Command::new(vmbeam_bin())
         .args(args)
@@ -33,13 +44,20 @@ pub fn vmbeam(args: &[&str]) -> Output {
         .expect("run vmbeam")
 }
 
-/// Runs `vmbeam ARGS` and asserts success, returning stdout.
+/// Runs `vmbeam-lab ARGS`, returning its output.
+pub fn lab(args: &[&str]) -> Output {
+    Command::new(vmbeam_lab_bin())
+        .args(args)
+        .output()
+        .expect("run vmbeam-lab")
+}
+
+/// Asserts `o` (of `program ARGS`) succeeded, returning stdout.
 #[track_caller]
-pub fn vmbeam_ok(args: &[&str]) -> String {
-    let o = vmbeam(args);
+fn expect_ok(program: &str, args: &[&str], o: Output) -> String {
     assert!(
         o.status.success(),
-        "vmbeam {} failed ({}):\nstdout: {}\nstderr: {}",
+        "{program} {} failed ({}):\nstdout: {}\nstderr: {}",
         args.join(" "),
         o.status,
         String::from_utf8_lossy(&o.stdout),
@@ -48,19 +66,19 @@ pub fn vmbeam_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Runs `vmbeam ARGS` and asserts failure with a one-line message; returns (code, stderr).
+/// Asserts `o` (of `program ARGS`) failed with a one-line message `program: ...`; returns
+/// (code, stderr).
 #[track_caller]
-pub fn vmbeam_err(args: &[&str]) -> (i32, String) {
-    let o = vmbeam(args);
+fn expect_err(program: &str, args: &[&str], o: Output) -> (i32, String) {
     let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
     assert!(
         !o.status.success(),
-        "vmbeam {} should have failed; stdout: {}",
+        "{program} {} should have failed; stdout: {}",
         args.join(" "),
         String::from_utf8_lossy(&o.stdout)
     );
     assert!(
-        err.starts_with("vmbeam: "),
+        err.starts_with(&format!("{program}: ")),
         "error should be one clear line, got: {err}"
     );
     assert_eq!(
@@ -69,6 +87,30 @@ pub fn vmbeam_err(args: &[&str]) -> (i32, String) {
         "error should be one line, got: {err}"
     );
     (o.status.code().unwrap_or(-1), err)
+}
+
+/// Runs `vmbeam ARGS` and asserts success, returning stdout.
+#[track_caller]
+pub fn vmbeam_ok(args: &[&str]) -> String {
+    expect_ok("vmbeam", args, vmbeam(args))
+}
+
+/// Runs `vmbeam ARGS` and asserts failure with a one-line message; returns (code, stderr).
+#[track_caller]
+pub fn vmbeam_err(args: &[&str]) -> (i32, String) {
+    expect_err("vmbeam", args, vmbeam(args))
+}
+
+/// Runs `vmbeam-lab ARGS` and asserts success, returning stdout.
+#[track_caller]
+pub fn lab_ok(args: &[&str]) -> String {
+    expect_ok("vmbeam-lab", args, lab(args))
+}
+
+/// Runs `vmbeam-lab ARGS` and asserts failure with a one-line message; returns (code, stderr).
+#[track_caller]
+pub fn lab_err(args: &[&str]) -> (i32, String) {
+    expect_err("vmbeam-lab", args, lab(args))
 }
 
 /// A lab for one test: `up` on creation, `down` on drop (also when the test panics).
@@ -84,12 +126,12 @@ impl LabGuard {
         // Expected look-up misses are errors we handle, not output.
         virt::error::clear_error_callback();
         if std::path::Path::new("/run/vmbeam-lab/state.json").exists() {
-            let _ = vmbeam(&["lab", "down"]);
+            let _ = lab(&["down"]);
         }
         let n = n.to_string();
-        let mut args = vec!["lab", "up", "--cloud-vms", n.as_str()];
+        let mut args = vec!["up", "--cloud-vms", n.as_str()];
         args.extend_from_slice(extra);
-        vmbeam_ok(&args);
+        lab_ok(&args);
         LabGuard
     }
 }
@@ -132,7 +174,7 @@ impl Drop for LabGuard {
             // Before `down` removes them: the daemons' and QEMUs' own account of the failure.
             keep_lab_logs();
         }
-        let o = vmbeam(&["lab", "down"]);
+        let o = lab(&["down"]);
         if !o.status.success() && !std::thread::panicking() {
             panic!("lab down failed: {}", String::from_utf8_lossy(&o.stderr));
         }
@@ -225,11 +267,13 @@ impl Residue {
     }
 }
 
-/// Runs `vmbeam ARGS` inside a cloud VM (where its vmbeamd and system bus are).
+/// Runs `vmbeam ARGS` inside a cloud VM (where its vmbeamd and system bus are), through
+/// `vmbeam-lab exec`.
 pub fn vmbeam_in(cvm: &str, args: &[&str]) -> Output {
-    let mut full = vec!["lab", "exec", cvm, "vmbeam"];
+    let vm = vmbeam_bin().to_string_lossy().into_owned();
+    let mut full = vec!["exec", cvm, vm.as_str()];
     full.extend_from_slice(args);
-    vmbeam(&full)
+    lab(&full)
 }
 
 /// The libvirt URI of lab cloud VM `i`.

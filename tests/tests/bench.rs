@@ -1,4 +1,4 @@
-//! `vmbeam bench --quick`, the smoke test of the paper's experiments: on a lab of its own it
+//! `vmbeam-lab bench --quick`, the smoke test of the paper's experiments: on a lab of its own it
 //! produces every output file (raw results, plots, report) with sane values, leaves no lab
 //! behind, and refuses to run over a lab someone else brought up. It asserts behaviour (what
 //! was measured, what moved, what stayed intact), never timing: the figures are the
@@ -9,7 +9,7 @@ use std::path::Path;
 
 use vmbeam_bench::model::{Experiment, RunRecord, System, CSV_HEADER};
 use vmbeam_bench::plan::Plan;
-use vmbeam_tests::{vmbeam_err, vmbeam_ok, LabGuard};
+use vmbeam_tests::{lab_err, lab_ok, LabGuard};
 
 const MIB: u64 = 1 << 20;
 
@@ -33,15 +33,15 @@ fn assert_svg(p: &Path) {
 fn bench_refuses_to_run_over_a_lab_it_did_not_make() {
     let _lab = LabGuard::up(2, &[]);
     let out = tempfile_dir("refused");
-    let (code, err) = vmbeam_err(&["bench", "--quick", "--out", out.to_str().unwrap(), "a"]);
+    let (code, err) = lab_err(&["bench", "--quick", "--out", out.to_str().unwrap(), "a"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("a lab is already up"), "{err}");
     // Nothing was made and the lab is untouched.
     assert!(!out.join("runs.csv").exists());
-    let status = vmbeam_ok(&["lab", "status"]);
+    let status = lab_ok(&["status"]);
     assert!(status.contains("cvm2"), "{status}");
     // An unknown experiment is refused by the argument parser.
-    let o = vmbeam_tests::vmbeam(&["bench", "--quick", "h"]);
+    let o = vmbeam_tests::lab(&["bench", "--quick", "h"]);
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -55,22 +55,22 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
 fn quick_bench_writes_every_output_with_sane_values() {
     if Path::new("/run/vmbeam-lab/state.json").exists() {
         // A leftover of a failed test: the bench must start from no lab.
-        let _ = vmbeam_tests::vmbeam(&["lab", "down"]);
+        let _ = vmbeam_tests::lab(&["down"]);
     }
     let out = tempfile_dir("quick");
     // The guest is killed after the first plain run that passed its check (as a page lost
     // by a copying migration can kill it later): the bench must blame that run, reboot the
     // guest and go on, never abort.
-    let o = std::process::Command::new(vmbeam_tests::vmbeam_bin())
+    let o = std::process::Command::new(vmbeam_tests::vmbeam_lab_bin())
         .args(["bench", "--quick", "--out", out.to_str().unwrap()])
         .env(vmbeam_bench::runner::BREAK_GUEST_ENV, "plain")
         .output()
-        .expect("run vmbeam bench");
+        .expect("run vmbeam-lab bench");
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
         o.status.success(),
-        "vmbeam bench failed:\n{stdout}\n{stderr}"
+        "vmbeam-lab bench failed:\n{stdout}\n{stderr}"
     );
     assert!(
         stderr.contains("on purpose") && stderr.contains("is gone before run"),

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use vmbeam_lab::agent::AgentClient;
-use vmbeam_tests::{vmbeam, vmbeam_err, vmbeam_ok, LabGuard, Residue};
+use vmbeam_tests::{lab, lab_err, lab_ok, LabGuard, Residue};
 
 fn agent(name: &str) -> AgentClient {
     let st = vmbeam_lab::require_state().expect("lab state");
@@ -40,24 +40,24 @@ fn http_from_loadgen(ip: &str) -> String {
 fn up_down_leaves_no_residue_and_bad_input_is_refused() {
     let before = Residue::snapshot();
     // `down` with nothing up.
-    let (code, err) = vmbeam_err(&["lab", "down"]);
+    let (code, err) = lab_err(&["down"]);
     assert!(err.contains("no lab is up"), "{err}");
     assert_ne!(code, 0);
     {
         let _lab = LabGuard::up(2, &[]);
         // Idempotent up.
-        let out = vmbeam_ok(&["lab", "up", "--cloud-vms", "2"]);
+        let out = lab_ok(&["up", "--cloud-vms", "2"]);
         assert!(out.contains("already up"), "{out}");
         // Another lab (different shape) while one runs.
-        let (_, err) = vmbeam_err(&["lab", "up", "--cloud-vms", "3"]);
+        let (_, err) = lab_err(&["up", "--cloud-vms", "3"]);
         assert!(err.contains("already up"), "{err}");
-        let status = vmbeam_ok(&["lab", "status"]);
+        let status = lab_ok(&["status"]);
         assert!(status.contains("qemu+tcp://198.18.0.11/system"), "{status}");
         assert!(status.contains("qemu+tcp://198.18.0.12/system"), "{status}");
         assert!(status.contains("accelerator:"), "{status}");
         // Each cloud VM has its own hostname, host UUID and private libvirt directories.
-        let h1 = vmbeam_ok(&["lab", "exec", "cvm1", "hostname"]);
-        let h2 = vmbeam_ok(&["lab", "exec", "cvm2", "hostname"]);
+        let h1 = lab_ok(&["exec", "cvm1", "hostname"]);
+        let h2 = lab_ok(&["exec", "cvm2", "hostname"]);
         assert_eq!((h1.trim(), h2.trim()), ("cvm1", "cvm2"));
         let st = vmbeam_lab::require_state().unwrap();
         assert_ne!(st.cloud_vms[0].host_uuid, st.cloud_vms[1].host_uuid);
@@ -73,8 +73,7 @@ fn up_down_leaves_no_residue_and_bad_input_is_refused() {
         // Both see the same pool.
         let marker = st.pool.join("residue-test-marker");
         std::fs::write(&marker, b"x").unwrap();
-        vmbeam_ok(&[
-            "lab",
+        lab_ok(&[
             "exec",
             "cvm2",
             "test",
@@ -82,17 +81,15 @@ fn up_down_leaves_no_residue_and_bad_input_is_refused() {
             &format!("{}/residue-test-marker", vmbeam_lab::POOL_DIR),
         ]);
         // Bad input: unknown cloud VM and guest names.
-        let (code, err) = vmbeam_err(&[
-            "lab", "guest", "create", "g", "--memory", "128", "--on", "cvm9",
-        ]);
+        let (code, err) = lab_err(&["guest", "create", "g", "--memory", "128", "--on", "cvm9"]);
         assert!(
             err.contains("unknown cloud VM 'cvm9'") && err.contains("cvm1"),
             "{err}"
         );
         assert_eq!(code, 2);
-        let (_, err) = vmbeam_err(&["lab", "guest", "check", "nosuch"]);
+        let (_, err) = lab_err(&["guest", "check", "nosuch"]);
         assert!(err.contains("unknown lab guest 'nosuch'"), "{err}");
-        let (_, err) = vmbeam_err(&["lab", "exec", "cvm7", "true"]);
+        let (_, err) = lab_err(&["exec", "cvm7", "true"]);
         assert!(err.contains("unknown cloud VM"), "{err}");
     }
     let after = Residue::snapshot();
@@ -123,10 +120,8 @@ fn shaped_lab_limits_the_cloud_link() {
 fn guests_boot_on_every_cloud_vm_and_serve_http() {
     let _lab = LabGuard::up(2, &[]);
     for (name, cvm) in [("g1", "cvm1"), ("g2", "cvm2")] {
-        vmbeam_ok(&[
-            "lab", "guest", "create", name, "--memory", "160", "--on", cvm,
-        ]);
-        let out = vmbeam_ok(&["lab", "guest", "check", name]);
+        lab_ok(&["guest", "create", name, "--memory", "160", "--on", cvm]);
+        let out = lab_ok(&["guest", "check", name]);
         assert!(out.starts_with(&format!("PASS {name} on {cvm}")), "{out}");
     }
     let st = vmbeam_lab::require_state().unwrap();
@@ -137,25 +132,23 @@ fn guests_boot_on_every_cloud_vm_and_serve_http() {
         "HTTP from the load generator: {body}"
     );
     // A duplicate name is refused and changes nothing.
-    let (_, err) = vmbeam_err(&[
-        "lab", "guest", "create", "g1", "--memory", "160", "--on", "cvm2",
-    ]);
+    let (_, err) = lab_err(&["guest", "create", "g1", "--memory", "160", "--on", "cvm2"]);
     assert!(err.contains("exists already"), "{err}");
-    vmbeam_ok(&["lab", "guest", "check", "g1"]);
+    lab_ok(&["guest", "check", "g1"]);
 }
 
 #[test]
 fn checker_catches_a_corrupted_page() {
     let _lab = LabGuard::up(1, &[]);
-    vmbeam_ok(&[
-        "lab", "guest", "create", "victim", "--memory", "160", "--on", "cvm1",
+    lab_ok(&[
+        "guest", "create", "victim", "--memory", "160", "--on", "cvm1",
     ]);
-    vmbeam_ok(&["lab", "guest", "check", "victim"]);
+    lab_ok(&["guest", "check", "victim"]);
     let answer = agent("victim")
         .request("CORRUPT 17", Duration::from_secs(10))
         .unwrap();
     assert!(answer.starts_with("OK"), "{answer}");
-    let o = vmbeam(&["lab", "guest", "check", "victim"]);
+    let o = lab(&["guest", "check", "victim"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         !o.status.success(),
@@ -171,8 +164,7 @@ fn checker_catches_a_corrupted_page() {
 #[test]
 fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
     let _lab = LabGuard::up(2, &[]);
-    vmbeam_ok(&[
-        "lab",
+    lab_ok(&[
         "guest",
         "create",
         "mover",
@@ -204,7 +196,7 @@ fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
         bytes > 100 << 20,
         "a copying migration sends the filled memory: {bytes}"
     );
-    let check = vmbeam_ok(&["lab", "guest", "check", "mover"]);
+    let check = lab_ok(&["guest", "check", "mover"]);
     assert!(check.starts_with("PASS mover on cvm2"), "{check}");
     let boot_after = agent("mover").ping(Duration::from_secs(10)).unwrap();
     assert_eq!(
@@ -224,7 +216,7 @@ fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
         http_from_loadgen(&ip).contains("200"),
         "guest reachable after migration"
     );
-    let status = vmbeam_ok(&["lab", "status"]);
+    let status = lab_ok(&["status"]);
     let cvm1_block: String = status
         .lines()
         .skip_while(|l| !l.starts_with("cvm1"))
@@ -236,7 +228,7 @@ fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
     // certificates the lab made for each cloud VM; the memory arrives intact.
     let o = vmbeam_tests::migrate(2, 1, "mover", &["--no-zero-copy", "--tls"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let check = vmbeam_ok(&["lab", "guest", "check", "mover"]);
+    let check = lab_ok(&["guest", "check", "mover"]);
     assert!(check.starts_with("PASS mover on cvm1"), "{check}");
     // `--tls` really makes QEMU use TLS (libvirt adds the credentials at run time): without
     // the destination's server certificate the same migration fails cleanly, and the guest
@@ -251,6 +243,6 @@ fn traditional_live_migration_of_a_dirtying_guest_keeps_memory_intact() {
         !o.status.success(),
         "a TLS migration without the destination's certificate"
     );
-    let check = vmbeam_ok(&["lab", "guest", "check", "mover"]);
+    let check = lab_ok(&["guest", "check", "mover"]);
     assert!(check.starts_with("PASS mover on cvm1"), "{check}");
 }

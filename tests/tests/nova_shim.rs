@@ -56,8 +56,7 @@ fn run_harness(venv: &Path, name: &str, expect: &str) -> serde_json::Value {
     // The shim from this checkout (first on the path), Nova and the rest from the venv.
     let pythonpath = format!("PYTHONPATH={}", repo().join("openstack-shim/src").display());
     let source = cvm_uri(1);
-    let o = vmbeam(&[
-        "lab",
+    let o = lab(&[
         "exec",
         "cvm1",
         "env",
@@ -102,7 +101,7 @@ fn run_harness(venv: &Path, name: &str, expect: &str) -> serde_json::Value {
 #[track_caller]
 fn on_cvm2_and_intact(name: &str) {
     // The guest agent verifies every page it wrote, now on cloud VM 2.
-    let out = vmbeam_ok(&["lab", "guest", "check", name]);
+    let out = lab_ok(&["guest", "check", name]);
     assert!(out.starts_with(&format!("PASS {name} on cvm2")), "{out}");
     assert_eq!(qemu_pids("cvm1").len(), 0, "QEMU left on cvm1");
     assert_eq!(qemu_pids("cvm2").len(), 1, "QEMU on cvm2");
@@ -112,8 +111,8 @@ fn on_cvm2_and_intact(name: &str) {
 fn nova_live_migration_through_the_shim_is_zero_copy() {
     let venv = nova_venv();
     let _lab = LabGuard::up(2, &[]);
-    vmbeam_ok(&[
-        "lab", "guest", "create", "nova1", "--memory", "256", "--on", "cvm1",
+    lab_ok(&[
+        "guest", "create", "nova1", "--memory", "256", "--on", "cvm1",
     ]);
     let r = run_harness(&venv, "nova1", "zero-copy");
     assert_eq!(r["job"]["Mode"], "zero-copy", "{r:#}");

@@ -28,7 +28,7 @@ fn uuid_of(name: &str) -> String {
 
 #[track_caller]
 fn check_on(name: &str, cvm: &str) {
-    let out = vmbeam_ok(&["lab", "guest", "check", name]);
+    let out = lab_ok(&["guest", "check", name]);
     assert!(out.starts_with(&format!("PASS {name} on {cvm}")), "{out}");
 }
 
@@ -55,7 +55,6 @@ fn virsh(uri: &str, args: &[&str]) -> Output {
 
 fn create(name: &str, mem: &str, rate: &str, on: &str, extra: &[&str]) {
     let mut a = vec![
-        "lab",
         "guest",
         "create",
         name,
@@ -67,7 +66,7 @@ fn create(name: &str, mem: &str, rate: &str, on: &str, extra: &[&str]) {
         on,
     ];
     a.extend_from_slice(extra);
-    vmbeam_ok(&a);
+    lab_ok(&a);
 }
 
 /// Asserts `vmbeam migrate`'s summary names `mode` (`zero-copy`, `traditional`).
@@ -524,7 +523,6 @@ fn plain_memory_is_refused_for_zero_copy_until_enabled() {
     let vm = vmbeam_bin();
     let nobody = |args: &[&str]| {
         let mut full = vec![
-            "lab",
             "exec",
             "cvm1",
             "setpriv",
@@ -535,7 +533,7 @@ fn plain_memory_is_refused_for_zero_copy_until_enabled() {
         let vm = vm.to_string_lossy().into_owned();
         full.push(&vm);
         full.extend_from_slice(args);
-        vmbeam(&full)
+        lab(&full)
     };
     let o = nobody(&["status"]);
     assert!(
@@ -575,7 +573,7 @@ fn a_missing_or_hung_destination_daemon_fails_the_migration_cleanly() {
     let boot = boot_id("lonely");
     let st = vmbeam_lab::require_state().unwrap();
     let dest = st.cloud_vm("cvm2").unwrap().clone();
-    // The lab records each daemon's reaper (`vmbeam lab reap`); vmbeamd is its child.
+    // The lab records each daemon's reaper (`vmbeam-lab reap`); vmbeamd is its child.
     let children =
         std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", dest.vmbeamd_pid)).unwrap();
     let vmbeamd: u32 = children
@@ -640,7 +638,7 @@ fn a_missing_or_hung_destination_daemon_fails_the_migration_cleanly() {
     settled_on("lonely", "cvm1", 2);
     assert_pool_clean(1);
     // `lab up` repairs the cloud VM; zero-copy works again.
-    let out = vmbeam_ok(&["lab", "up", "--cloud-vms", "2"]);
+    let out = lab_ok(&["up", "--cloud-vms", "2"]);
     assert!(out.contains("restarted vmbeamd"), "{out}");
     let out = ok(&migrate(1, 2, "lonely", &["--zero-copy"]));
     assert_mode(&out, "zero-copy");

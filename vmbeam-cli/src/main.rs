@@ -1,53 +1,20 @@
-//! `vmbeam`: VMBeam's command line. `vmbeam migrate` takes virsh migrate's arguments in
-//! virsh's order; `vmbeam lab` runs a virtual IaaS cloud on one machine.
+//! `vmbeam`: VMBeam's command line. Its arguments are defined in the library (`src/lib.rs`,
+//! also what the man pages and completions are made from); this runs them.
 
-mod bench_cmd;
-mod lab_cmd;
 mod migrate_cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use vmbeam_cli::{Cli, Cmd};
 
 /// Exit codes: 0 success, 1 operation failed, 2 bad usage or input (clap's own), 3 refused
-/// (e.g. --zero-copy impossible), 4 environment not ready (no lab, missing packages).
+/// (e.g. --zero-copy impossible), 4 environment not ready (no system bus or vmbeamd).
 pub mod exit {
     pub const FAILED: u8 = 1;
     pub const BAD_INPUT: u8 = 2;
     pub const REFUSED: u8 = 3;
     pub const NOT_READY: u8 = 4;
-}
-
-#[derive(Parser)]
-#[command(
-    name = "vmbeam",
-    version,
-    about = "Zero-copy live migration for libvirt-managed virtual IaaS clouds"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Live-migrate a domain (virsh migrate's options and order); zero-copy when co-located
-    Migrate(migrate_cmd::MigrateArgs),
-    /// Make a domain beam-enabled (shared memory in the pool, private QMP, VMBeam metadata)
-    Enable { domain: String },
-    /// Revert `enable`
-    Disable { domain: String },
-    /// Beam domains, pool files and their owners, running jobs
-    Status,
-    /// Whether zero-copy to a destination is possible (proven through the pool)
-    Colocation { desturi: String },
-    /// Reproduce the paper's experiments on a lab of its own: zero-copy vs traditional
-    Bench(vmbeam_bench::plan::Args),
-    /// The lab: a virtual IaaS cloud on one machine
-    Lab {
-        #[command(subcommand)]
-        cmd: lab_cmd::LabCmd,
-    },
 }
 
 fn main() -> ExitCode {
@@ -69,8 +36,6 @@ fn main() -> ExitCode {
         Cmd::Disable { domain } => migrate_cmd::set_enabled(&domain, false),
         Cmd::Status => migrate_cmd::status(),
         Cmd::Colocation { desturi } => migrate_cmd::colocation(&desturi),
-        Cmd::Lab { cmd } => lab_cmd::run(cmd),
-        Cmd::Bench(a) => bench_cmd::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

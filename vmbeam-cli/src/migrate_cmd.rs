@@ -7,48 +7,11 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use clap::Args;
 use vmbeam_bus::{BeamError, JobProxyBlocking, ManagerProxyBlocking};
+use vmbeam_cli::MigrateArgs;
 use zbus::zvariant::{OwnedValue, Value};
 
 use crate::{exit, Coded};
-
-#[derive(Args, Debug)]
-pub struct MigrateArgs {
-    /// Require zero-copy migration; fail if the destination is not co-located and proven
-    #[arg(long, conflicts_with = "no_zero_copy")]
-    pub zero_copy: bool,
-    /// Force a traditional (copying) migration
-    #[arg(long)]
-    pub no_zero_copy: bool,
-    /// Live migration
-    #[arg(long)]
-    pub live: bool,
-    /// Peer-to-peer migration (VMBeam always migrates P2P; accepted for virsh compatibility)
-    #[arg(long)]
-    pub p2p: bool,
-    /// Persist the domain on the destination
-    #[arg(long)]
-    pub persistent: bool,
-    /// Undefine the domain on the source
-    #[arg(long)]
-    pub undefinesource: bool,
-    /// Print progress
-    #[arg(long)]
-    pub verbose: bool,
-    /// Encrypt the migration stream with QEMU's native TLS (libvirt's migrate_tls_x509_cert_dir)
-    #[arg(long)]
-    pub tls: bool,
-    /// Suspend the guest after S seconds of live migration (virsh --timeout)
-    #[arg(long, value_name = "S")]
-    pub timeout: Option<u32>,
-    /// Domain name
-    pub domain: String,
-    /// Destination libvirt URI, e.g. qemu+tcp://cvm2/system
-    pub desturi: String,
-    /// Migration data URI, e.g. tcp://198.18.0.12
-    pub migrateuri: Option<String>,
-}
 
 /// Connects to vmbeamd on the system bus.
 pub fn bus() -> anyhow::Result<zbus::blocking::Connection> {

@@ -5,8 +5,9 @@
 //! reaped on drop, even when the test fails) and removes everything on exit. The tests run
 //! one at a time (a global lock) so the timings they print are not distorted by each other.
 //!
-//! Measurements are printed on lines starting with `MEASURE`; see them with
-//! `cargo test -p vmbeam-qemu -- --nocapture`.
+//! Run with `cargo test -p vmbeam-qemu --features qemu-tests --test qemu` (scripts/test.sh's
+//! qemu tier); a plain `cargo test` leaves them out. No root needed. Measurements are printed
+//! on lines starting with `MEASURE`; add `-- --nocapture` to see them.
 //!
 //! If QEMU is missing the tests fail, unless `VMBEAM_SKIP_QEMU_TESTS=1` is set.
 
@@ -16,14 +17,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::caps::{set_ignore_shared_incoming, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
-use crate::launcher::{QemuProcess, QemuSpec, RamBackend, DEFAULT_QEMU_BINARY, QEMU_BINARY_ENV};
-use crate::qmp::{BackendKind, MigrationStatus, QmpClient, QmpError, RunState};
-use crate::ramlink::{
+use vmbeam_qemu::caps::{set_ignore_shared_incoming, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
+use vmbeam_qemu::launcher::{
+    QemuProcess, QemuSpec, RamBackend, DEFAULT_QEMU_BINARY, QEMU_BINARY_ENV,
+};
+use vmbeam_qemu::qmp::{BackendKind, MigrationStatus, QmpClient, QmpError, RunState};
+use vmbeam_qemu::ramlink::{
     link_ram_path, verify_memdev_backing, verify_process_maps_file, RamLinkError,
     LIBVIRT_DEFAULT_RAM_FILE,
 };
-use crate::CapsError;
+use vmbeam_qemu::CapsError;
 
 const MIB: u64 = 1 << 20;
 const PAGE: usize = 4096;

@@ -1,15 +1,16 @@
-//! `vmbeam bench`: the paper's experiments on a lab the command brings up and tears down.
+//! `vmbeam-lab bench`: the paper's experiments on a lab the command brings up and tears down.
 
 use anyhow::Context;
 use vmbeam_bench::plan::Args;
 use vmbeam_bench::runner::{self, Tools};
 
-use crate::lab_cmd::{agent_binary, bin_dir, lab};
+use crate::lab_cmd::{agent_binary, bin_dir, lab, vmbeam_binary};
 use crate::{exit, Coded};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let tools = Tools {
-        vmbeam: std::env::current_exe().context("locate the vmbeam binary")?,
+        lab: std::env::current_exe().context("locate the vmbeam-lab binary")?,
+        vmbeam: vmbeam_binary()?,
         agent_binary: agent_binary()?,
         bin_dir: bin_dir()?,
     };

@@ -1,4 +1,4 @@
-//! `vmbeam lab ...`: the one-machine virtual IaaS cloud.
+//! `vmbeam-lab up|status|down|exec|guest ...`: the one-machine virtual IaaS cloud.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -109,14 +109,20 @@ pub fn lab<T>(r: Result<T, LabError>) -> anyhow::Result<T> {
     })
 }
 
+/// The directory of this binary: the build's target directory (`target/<profile>`), where
+/// `vmbeam`, `vmbeamd` and `vmbeam-hook` are built beside it.
+fn own_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the vmbeam-lab binary")?;
+    Ok(exe.parent().map(PathBuf::from).unwrap_or_default())
+}
+
 /// Finds the statically linked guest agent: $VMBEAM_GUEST_AGENT, next to this binary, or
 /// in the workspace's static-target directory.
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("VMBEAM_GUEST_AGENT") {
         return Ok(p.into());
     }
-    let exe = std::env::current_exe().context("locate the vmbeam binary")?;
-    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let dir = own_dir()?;
     let profile = dir.file_name().map(|s| s.to_owned()).unwrap_or_default();
     // The static build (scripts/build.sh) first: the workspace's own build of the agent,
     // next to this binary, is dynamically linked. An installed layout has only the sibling.
@@ -137,17 +143,26 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
 
 /// Where vmbeamd and vmbeam-hook are: next to this binary.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locate the vmbeam binary")?;
-    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let dir = own_dir()?;
     for b in ["vmbeamd", "vmbeam-hook"] {
-        if !dir.join(b).is_file() {
-            return Err(
-                anyhow!("{} is missing: run scripts/build.sh", dir.join(b).display())
-                    .context(Coded(exit::NOT_READY)),
-            );
-        }
+        sibling(&dir, b)?;
     }
     Ok(dir)
+}
+
+/// The product's `vmbeam` binary, next to this one: what runs inside the cloud VMs.
+pub fn vmbeam_binary() -> anyhow::Result<PathBuf> {
+    sibling(&own_dir()?, "vmbeam")
+}
+
+fn sibling(dir: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(anyhow!("{} is missing: run scripts/build.sh", p.display())
+            .context(Coded(exit::NOT_READY)))
+    }
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -220,7 +235,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                     if c.healthy {
                         "up"
                     } else {
-                        "DEGRADED (run `vmbeam lab up` to repair)"
+                        "DEGRADED (run `vmbeam-lab up` to repair)"
                     }
                 );
                 if let Some(e) = &c.error {
@@ -274,10 +289,10 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                     name: cvm.clone(),
                     known: st.cloud_vms.iter().map(|c| c.name.clone()).collect(),
                 }))?;
-            // `vmbeam` inside a cloud VM is this very binary.
+            // `vmbeam` inside a cloud VM is the product's binary built beside this one.
             let mut command = command;
             if command[0] == "vmbeam" {
-                command[0] = std::env::current_exe()?.to_string_lossy().into_owned();
+                command[0] = vmbeam_binary()?.to_string_lossy().into_owned();
             }
             let holder = c.holder_pid.to_string();
             let status = std::process::Command::new("nsenter")

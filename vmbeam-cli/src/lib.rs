@@ -1,0 +1,141 @@
+//! The definition of `vmbeam`'s command line (clap), and nothing else: the binary
+//! (`src/main.rs`) runs the commands, and `packaging/gen` renders the man pages and the shell
+//! completions from [`command()`], so that they cannot drift from what `vmbeam` accepts.
+//!
+//! `vmbeam migrate` takes virsh migrate's arguments in virsh's order. (The lab and the bench
+//! are `vmbeam-lab`, `lab-cli/`: not part of the product.)
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueHint};
+
+/// `vmbeam`'s arguments.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmbeam",
+    version,
+    about = "Zero-copy live migration for libvirt-managed virtual IaaS clouds"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// `vmbeam`'s subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Live-migrate a domain (virsh migrate's options and order); zero-copy when co-located
+    Migrate(MigrateArgs),
+    /// Make a domain beam-enabled (shared memory in the pool, private QMP, VMBeam metadata)
+    Enable { domain: String },
+    /// Revert `enable`
+    Disable { domain: String },
+    /// Beam domains, pool files and their owners, running jobs
+    Status,
+    /// Whether zero-copy to a destination is possible (proven through the pool)
+    Colocation {
+        #[arg(value_hint = ValueHint::Url)]
+        desturi: String,
+    },
+}
+
+/// `vmbeam migrate`'s arguments: virsh migrate's, in virsh's order.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Require zero-copy migration; fail if the destination is not co-located and proven
+    #[arg(long, conflicts_with = "no_zero_copy")]
+    pub zero_copy: bool,
+    /// Force a traditional (copying) migration
+    #[arg(long)]
+    pub no_zero_copy: bool,
+    /// Live migration
+    #[arg(long)]
+    pub live: bool,
+    /// Peer-to-peer migration (VMBeam always migrates P2P; accepted for virsh compatibility)
+    #[arg(long)]
+    pub p2p: bool,
+    /// Persist the domain on the destination
+    #[arg(long)]
+    pub persistent: bool,
+    /// Undefine the domain on the source
+    #[arg(long)]
+    pub undefinesource: bool,
+    /// Print progress
+    #[arg(long)]
+    pub verbose: bool,
+    /// Encrypt the migration stream with QEMU's native TLS (libvirt's migrate_tls_x509_cert_dir)
+    #[arg(long)]
+    pub tls: bool,
+    /// Suspend the guest after S seconds of live migration (virsh --timeout)
+    #[arg(long, value_name = "S")]
+    pub timeout: Option<u32>,
+    /// Domain name
+    pub domain: String,
+    /// Destination libvirt URI, e.g. qemu+tcp://cvm2/system
+    #[arg(value_hint = ValueHint::Url)]
+    pub desturi: String,
+    /// Migration data URI, e.g. tcp://198.18.0.12
+    #[arg(value_hint = ValueHint::Url)]
+    pub migrateuri: Option<String>,
+}
+
+/// The whole command tree of `vmbeam`, as clap builds it (for man pages and completions).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_holds_only_the_product() {
+        command().debug_assert();
+        let cmd = command();
+        let names: Vec<&str> = cmd.get_subcommands().map(|s| s.get_name()).collect();
+        assert_eq!(
+            names,
+            ["migrate", "enable", "disable", "status", "colocation"]
+        );
+    }
+
+    #[test]
+    fn migrate_takes_virsh_arguments_in_virsh_order() {
+        let cli = Cli::try_parse_from([
+            "vmbeam",
+            "migrate",
+            "--zero-copy",
+            "--live",
+            "--p2p",
+            "--persistent",
+            "--undefinesource",
+            "--timeout",
+            "30",
+            "web1",
+            "qemu+tcp://cvm2/system",
+            "tcp://198.18.0.12",
+        ])
+        .unwrap();
+        let Cmd::Migrate(a) = cli.cmd else {
+            panic!("migrate");
+        };
+        assert!(a.zero_copy && a.live && a.p2p && a.persistent && a.undefinesource);
+        assert!(!a.no_zero_copy && !a.tls && !a.verbose);
+        assert_eq!(a.timeout, Some(30));
+        assert_eq!(
+            (
+                a.domain.as_str(),
+                a.desturi.as_str(),
+                a.migrateuri.as_deref()
+            ),
+            ("web1", "qemu+tcp://cvm2/system", Some("tcp://198.18.0.12"))
+        );
+        assert!(Cli::try_parse_from([
+            "vmbeam",
+            "migrate",
+            "--zero-copy",
+            "--no-zero-copy",
+            "web1",
+            "qemu+tcp://cvm2/system"
+        ])
+        .is_err());
+    }
+}
