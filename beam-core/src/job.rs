@@ -140,6 +140,20 @@ impl Phase {
     }
 }
 
+impl std::str::FromStr for Phase {
+    type Err = crate::plan::UnknownName;
+
+    /// The inverse of [`Phase::as_str`] (what the Job's `Phase` property carries).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                crate::plan::UnknownName::new("phase", s, "a job phase (queued ... cancelled)")
+            })
+    }
+}
+
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -255,15 +269,14 @@ pub struct JobStats {
     pub reason: Option<Reason>,
 }
 
-/// Options of a migration, named after `virsh migrate`'s.
+/// Options of a migration, named after `virsh migrate`'s. VMBeam always migrates
+/// peer-to-peer (libvirt's own job), so there is no `p2p`; `--verbose` is the client's.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateOptions {
     /// `--zero-copy` / `--no-zero-copy` / automatic.
     pub mode: RequestedMode,
     /// `--live`.
     pub live: bool,
-    /// `--p2p`.
-    pub p2p: bool,
     /// `--persistent`.
     pub persistent: bool,
     /// `--undefinesource`.
@@ -273,23 +286,22 @@ pub struct MigrateOptions {
     /// `--tls`: the migration stream goes through QEMU's native TLS (libvirt's
     /// `migrate_tls_x509_cert_dir` certificates on both hosts).
     pub tls: bool,
-    /// `--verbose`.
-    pub verbose: bool,
+    /// virsh's `migrateuri`: where QEMU's stream goes, e.g. `tcp://198.18.0.2`; default:
+    /// libvirt's choice.
+    pub migrate_uri: Option<String>,
 }
 
 /// A request, whatever front end it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "operation")]
 pub enum Operation {
-    /// Migrate `domain` to the libvirt at `dest_uri`, the stream going to `migrate_uri`.
+    /// Migrate `domain` to the libvirt at `dest_uri`.
     Migrate {
         /// Domain name, id or UUID (as virsh accepts).
         domain: String,
         /// The destination libvirt URI, e.g. `qemu+tcp://cvm2/system`.
         dest_uri: String,
-        /// The migration stream URI, e.g. `tcp://198.18.0.2`.
-        migrate_uri: Option<String>,
-        /// Options.
+        /// Options (the stream's URI among them).
         options: MigrateOptions,
     },
     /// Prepare a domain for zero-copy migration.
@@ -352,12 +364,11 @@ impl Operation {
             Self::Migrate {
                 domain,
                 dest_uri,
-                migrate_uri,
                 options,
             } => {
                 check_text("domain", domain)?;
                 check_uri("destination URI", dest_uri)?;
-                if let Some(uri) = migrate_uri {
+                if let Some(uri) = &options.migrate_uri {
                     check_uri("migration URI", uri)?;
                 }
                 match options.timeout_secs {
@@ -488,8 +499,10 @@ mod tests {
         Operation::Migrate {
             domain: "web1".into(),
             dest_uri: "qemu+tcp://198.18.0.2/system".into(),
-            migrate_uri: Some("tcp://198.18.0.2".into()),
-            options,
+            options: MigrateOptions {
+                migrate_uri: Some("tcp://198.18.0.2".into()),
+                ..options
+            },
         }
     }
 
@@ -521,20 +534,20 @@ mod tests {
             Operation::Migrate {
                 domain: " ".into(),
                 dest_uri: "qemu:///system".into(),
-                migrate_uri: None,
                 options: MigrateOptions::default(),
             },
             Operation::Migrate {
                 domain: "web1".into(),
                 dest_uri: "cvm2".into(),
-                migrate_uri: None,
                 options: MigrateOptions::default(),
             },
             Operation::Migrate {
                 domain: "web1".into(),
                 dest_uri: "qemu+tcp://cvm2/system".into(),
-                migrate_uri: Some("tcp:// x".into()),
-                options: MigrateOptions::default(),
+                options: MigrateOptions {
+                    migrate_uri: Some("tcp:// x".into()),
+                    ..MigrateOptions::default()
+                },
             },
             Operation::Enable {
                 domain: "we\nb1".into(),
@@ -569,13 +582,35 @@ mod tests {
         let op = migrate(MigrateOptions {
             mode: RequestedMode::RequireZeroCopy,
             live: true,
-            p2p: true,
             ..MigrateOptions::default()
         });
         assert_eq!(op.name(), "migrate");
         for op in [op, hook, Operation::Status] {
             let json = serde_json::to_string(&op).unwrap();
             assert_eq!(serde_json::from_str::<Operation>(&json).unwrap(), op);
+        }
+    }
+
+    #[test]
+    fn wire_names_parse_back() {
+        for p in Phase::ALL {
+            assert_eq!(p.as_str().parse::<Phase>().unwrap(), p);
+        }
+        assert!("done".parse::<Phase>().is_err());
+        for m in [
+            RequestedMode::Auto,
+            RequestedMode::RequireZeroCopy,
+            RequestedMode::ForceTraditional,
+        ] {
+            assert_eq!(m.as_str().parse::<RequestedMode>().unwrap(), m);
+        }
+        let e = "fast".parse::<RequestedMode>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mode 'fast' is not one of: auto, zero-copy, traditional"
+        );
+        for m in [MigrationMode::ZeroCopy, MigrationMode::Traditional] {
+            assert_eq!(m.to_string().parse::<MigrationMode>().unwrap(), m);
         }
     }
 

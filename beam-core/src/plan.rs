@@ -32,6 +32,49 @@ pub enum RequestedMode {
     ForceTraditional,
 }
 
+impl RequestedMode {
+    /// The wire name (D-Bus option `mode`, Nova's configuration): `auto`, `zero-copy`,
+    /// `traditional`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::RequireZeroCopy => "zero-copy",
+            Self::ForceTraditional => "traditional",
+        }
+    }
+}
+
+impl std::str::FromStr for RequestedMode {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        [Self::Auto, Self::RequireZeroCopy, Self::ForceTraditional]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownName::new("mode", s, "auto, zero-copy, traditional"))
+    }
+}
+
+/// A name that is not one of a closed set (a mode or phase read from the wire).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} '{got}' is not one of: {known}")]
+pub struct UnknownName {
+    what: &'static str,
+    got: String,
+    known: &'static str,
+}
+
+impl UnknownName {
+    /// `got` is not a valid `what` (one of `known`).
+    pub fn new(what: &'static str, got: &str, known: &'static str) -> Self {
+        Self {
+            what,
+            got: got.to_owned(),
+            known,
+        }
+    }
+}
+
 /// How a migration will move the guest's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -49,6 +92,23 @@ impl fmt::Display for MigrationMode {
             Self::ZeroCopy => "zero-copy",
             Self::Traditional => "traditional",
         })
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = UnknownName;
+
+    /// The inverse of `Display` (what the Job's `Mode` property carries).
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "zero-copy" => Ok(Self::ZeroCopy),
+            "traditional" => Ok(Self::Traditional),
+            _ => Err(UnknownName::new(
+                "migration mode",
+                s,
+                "zero-copy, traditional",
+            )),
+        }
     }
 }
 

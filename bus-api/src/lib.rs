@@ -1,10 +1,24 @@
 //! VMBeam's D-Bus contract, shared by vmbeamd (the server), `vmbeam` and the libvirt hook
 //! (clients). Modelled on UDisks2: a versioned well-known name, a manager object, one
 //! object per job with properties that emit PropertiesChanged, `Cancel` and `Completed`.
+//!
+//! The machine-readable contract is `org.vmbeam.VMBeam1.xml` beside this crate (D-Bus
+//! introspection; a vmbeamd unit test holds the server to it, and the Nova shim's tests
+//! hold its client to it). Front ends translate into `vmbeam_core`'s operation model
+//! ([`vmbeam_core::job::MigrateOptions`]) and cross the bus in the typed shapes here:
+//! [`MigrateOptionsDict`] in, [`JobStatus`] and [`DaemonStatus`] out, [`BeamError`] with its
+//! [`ExitClass`] for failures.
 
 use std::collections::HashMap;
 
-use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use serde::{Deserialize, Serialize};
+use vmbeam_core::job::{MigrateOptions, Phase};
+use vmbeam_core::plan::{MigrationMode, RequestedMode};
+use zbus::zvariant::{as_value, OwnedObjectPath, OwnedValue, Type};
+
+/// The introspection XML of every interface vmbeamd serves (the contract other languages
+/// read).
+pub const INTROSPECTION_XML: &str = include_str!("../org.vmbeam.VMBeam1.xml");
 
 /// The well-known bus name (versioned).
 pub const BUS_NAME: &str = "org.vmbeam.VMBeam1";
@@ -52,6 +66,263 @@ pub enum BeamError {
     Failed(String),
 }
 
+/// What kind of failure an error is, for exit codes and for "fall back or give up".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitClass {
+    /// VMBeam said no (zero-copy impossible, ticket refused, not authorized).
+    Refused,
+    /// The request was wrong (no such domain, bad options, busy).
+    BadInput,
+    /// Nothing to ask: no system bus or no vmbeamd on it.
+    NotReady,
+    /// It was tried and failed.
+    Failed,
+}
+
+/// Bus errors that mean "no vmbeamd here" rather than "vmbeamd said no".
+const UNAVAILABLE: &[&str] = &[
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoServer",
+    "org.freedesktop.DBus.Error.Disconnected",
+];
+
+impl BeamError {
+    /// The error's kind.
+    pub fn class(&self) -> ExitClass {
+        match self {
+            Self::ZeroCopyRefused(_) | Self::TicketRefused(_) | Self::NotAuthorized(_) => {
+                ExitClass::Refused
+            }
+            Self::NoSuchDomain(_)
+            | Self::InvalidArgs(_)
+            | Self::NotBeamEnabled(_)
+            | Self::CannotEnable(_)
+            | Self::Busy(_)
+            | Self::NoSuchJob(_) => ExitClass::BadInput,
+            Self::ZBus(zbus::Error::MethodError(name, _, _)) => {
+                if UNAVAILABLE.contains(&name.as_str()) {
+                    ExitClass::NotReady
+                } else if name.as_str() == "org.freedesktop.DBus.Error.InvalidArgs" {
+                    // zbus's own answer to arguments that do not deserialize (an unknown
+                    // option, a wrong type).
+                    ExitClass::BadInput
+                } else {
+                    ExitClass::Failed
+                }
+            }
+            Self::ZBus(zbus::Error::InputOutput(_) | zbus::Error::Address(_)) => {
+                ExitClass::NotReady
+            }
+            Self::ZBus(_) | Self::Libvirt(_) | Self::MigrationFailed(_) | Self::Failed(_) => {
+                ExitClass::Failed
+            }
+        }
+    }
+
+    /// The message alone, without the D-Bus error name.
+    pub fn text(&self) -> String {
+        match self {
+            Self::ZBus(zbus::Error::MethodError(_, Some(text), _)) => text.clone(),
+            Self::ZBus(z) => z.to_string(),
+            Self::NoSuchDomain(s)
+            | Self::NotBeamEnabled(s)
+            | Self::CannotEnable(s)
+            | Self::ZeroCopyRefused(s)
+            | Self::TicketRefused(s)
+            | Self::InvalidArgs(s)
+            | Self::NotAuthorized(s)
+            | Self::Busy(s)
+            | Self::Libvirt(s)
+            | Self::MigrationFailed(s)
+            | Self::NoSuchJob(s)
+            | Self::Failed(s) => s.clone(),
+        }
+    }
+
+    /// Rebuilds a typed error from its D-Bus name and text (a Job's `ErrorName` and
+    /// `Error`); an unknown name is `Failed`.
+    pub fn from_name(name: &str, text: String) -> Self {
+        let short = name.strip_prefix("org.vmbeam.VMBeam1.Error.").unwrap_or("");
+        match short {
+            "NoSuchDomain" => Self::NoSuchDomain(text),
+            "NotBeamEnabled" => Self::NotBeamEnabled(text),
+            "CannotEnable" => Self::CannotEnable(text),
+            "ZeroCopyRefused" => Self::ZeroCopyRefused(text),
+            "TicketRefused" => Self::TicketRefused(text),
+            "InvalidArgs" => Self::InvalidArgs(text),
+            "NotAuthorized" => Self::NotAuthorized(text),
+            "Busy" => Self::Busy(text),
+            "Libvirt" => Self::Libvirt(text),
+            "MigrationFailed" => Self::MigrationFailed(text),
+            "NoSuchJob" => Self::NoSuchJob(text),
+            _ => Self::Failed(text),
+        }
+    }
+}
+
+/// `Migrate`'s options on the wire (`a{sv}`; every key optional, unknown keys refused by
+/// the daemon with `org.freedesktop.DBus.Error.InvalidArgs`). Keys: `mode` (s: `auto`,
+/// `zero-copy`, `traditional`), `live`, `persistent`, `undefine-source`, `tls` (b),
+/// `migrate-uri` (s), `timeout` (u: seconds before the guest is suspended).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Type)]
+#[zvariant(signature = "a{sv}")]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MigrateOptionsDict {
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub live: Option<bool>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub undefine_source: Option<bool>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub migrate_uri: Option<String>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u32>,
+}
+
+impl From<&MigrateOptions> for MigrateOptionsDict {
+    fn from(o: &MigrateOptions) -> Self {
+        Self {
+            mode: Some(o.mode.as_str().to_owned()),
+            live: Some(o.live),
+            persistent: Some(o.persistent),
+            undefine_source: Some(o.undefine_source),
+            tls: Some(o.tls),
+            migrate_uri: o.migrate_uri.clone(),
+            timeout: o.timeout_secs.map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
+impl TryFrom<MigrateOptionsDict> for MigrateOptions {
+    type Error = BeamError;
+
+    fn try_from(d: MigrateOptionsDict) -> Result<Self, BeamError> {
+        let mode = match d.mode.as_deref() {
+            None => RequestedMode::Auto,
+            Some(m) => m.parse().map_err(|e: vmbeam_core::plan::UnknownName| {
+                BeamError::InvalidArgs(e.to_string())
+            })?,
+        };
+        Ok(Self {
+            mode,
+            live: d.live.unwrap_or(false),
+            persistent: d.persistent.unwrap_or(false),
+            undefine_source: d.undefine_source.unwrap_or(false),
+            tls: d.tls.unwrap_or(false),
+            migrate_uri: d.migrate_uri,
+            timeout_secs: d.timeout.map(u64::from),
+        })
+    }
+}
+
+/// One pool file as `Status` reports it: (file name, size in bytes or -1 when missing,
+/// owner record in words).
+pub type PoolFileRow = (String, i64, String);
+
+/// One job as `Status` reports it: (object path, domain, destination, phase, progress,
+/// mode).
+pub type JobRow = (String, String, String, String, u32, String);
+
+/// The daemon's view, as `Status` returns it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Type)]
+pub struct DaemonStatus {
+    pub host: String,
+    pub cloud: String,
+    pub pool: String,
+    pub libvirt_host_uuid: String,
+    pub pool_files: Vec<PoolFileRow>,
+    pub jobs: Vec<JobRow>,
+}
+
+/// A job's properties, typed: what the CLI (and, by the same names, the Nova shim) reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    pub domain: String,
+    pub destination: String,
+    pub phase: Phase,
+    /// 0..=100, never decreasing.
+    pub progress: u32,
+    pub bytes_transferred: u64,
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    /// Once planned.
+    pub mode: Option<MigrationMode>,
+    pub mode_reason: String,
+    /// When it failed or was cancelled.
+    pub error: Option<BeamError>,
+    pub timeline: Vec<(String, u64)>,
+}
+
+impl JobStatus {
+    /// Parses a job's `GetAll` answer.
+    pub fn from_properties(p: &HashMap<String, OwnedValue>) -> Result<Self, BeamError> {
+        fn get<T>(p: &HashMap<String, OwnedValue>, k: &str) -> Result<T, BeamError>
+        where
+            T: TryFrom<OwnedValue>,
+        {
+            let v = p
+                .get(k)
+                .ok_or_else(|| BeamError::Failed(format!("the job has no property {k}")))?;
+            T::try_from(
+                v.try_clone()
+                    .map_err(|e| BeamError::Failed(e.to_string()))?,
+            )
+            .map_err(|_| BeamError::Failed(format!("the job's property {k} has a wrong type")))
+        }
+        let bad = |e: vmbeam_core::plan::UnknownName| BeamError::Failed(format!("the job's {e}"));
+        let phase: Phase = get::<String>(p, "Phase")?.parse().map_err(bad)?;
+        let mode = match get::<String>(p, "Mode")?.as_str() {
+            "" => None,
+            m => Some(m.parse().map_err(bad)?),
+        };
+        let error_name: String = get(p, "ErrorName")?;
+        let error_text: String = get(p, "Error")?;
+        let error = (!error_name.is_empty() || !error_text.is_empty())
+            .then(|| BeamError::from_name(&error_name, error_text));
+        Ok(Self {
+            domain: get(p, "Domain")?,
+            destination: get(p, "Destination")?,
+            phase,
+            progress: get(p, "Progress")?,
+            bytes_transferred: get(p, "BytesTransferred")?,
+            downtime_ms: get(p, "Downtime")?,
+            total_ms: get(p, "TotalTime")?,
+            mode,
+            mode_reason: get(p, "ModeReason")?,
+            error,
+            timeline: get::<Vec<(String, u64)>>(p, "Timeline")?,
+        })
+    }
+
+    /// Reads every property of the job at `path` in one call (no cache: a job that ended
+    /// before a client subscribed is still seen to end).
+    pub fn read(
+        conn: &zbus::blocking::Connection,
+        path: &OwnedObjectPath,
+    ) -> Result<Self, BeamError> {
+        let props = zbus::blocking::fdo::PropertiesProxy::builder(conn)
+            .destination(BUS_NAME)
+            .map_err(BeamError::ZBus)?
+            .path(path.clone())
+            .map_err(BeamError::ZBus)?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .map_err(BeamError::ZBus)?;
+        let iface = zbus::names::InterfaceName::try_from(JOB_IFACE)
+            .map_err(|e| BeamError::ZBus(e.into()))?;
+        let all = props
+            .get_all(iface)
+            .map_err(|e| BeamError::ZBus(e.into()))?;
+        Self::from_properties(&all)
+    }
+}
+
 /// One beam-enabled domain as `ListDomains` reports it:
 /// (name, uuid, state, owner host, pool file, generation).
 pub type DomainRow = (String, String, String, String, String, u64);
@@ -63,14 +334,12 @@ pub type DomainRow = (String, String, String, String, String, u64);
     default_path = "/org/vmbeam/VMBeam1"
 )]
 pub trait Manager {
-    /// Starts a migration; returns the job object. Options (all optional): `mode` (s:
-    /// "auto", "zero-copy", "traditional"), `live`, `persistent`, `undefine-source` (b),
-    /// `migrate-uri` (s), `timeout` (u: seconds before the guest is suspended).
+    /// Starts a migration; returns the job object. Options: [`MigrateOptionsDict`].
     fn migrate(
         &self,
         domain: &str,
         dest_uri: &str,
-        options: HashMap<String, OwnedValue>,
+        options: MigrateOptionsDict,
     ) -> Result<OwnedObjectPath, BeamError>;
 
     /// Makes a domain beam-enabled (persistent definition; applies at its next start).
@@ -87,8 +356,8 @@ pub trait Manager {
     /// (co-located, destination host id, reason).
     fn co_location(&self, dest_uri: &str) -> Result<(bool, String, String), BeamError>;
 
-    /// The daemon's view as key/value lines: identity, pool files, running jobs.
-    fn status(&self) -> Result<Vec<(String, String)>, BeamError>;
+    /// The daemon's view: identity, pool files, jobs.
+    fn status(&self) -> Result<DaemonStatus, BeamError>;
 
     /// Paths of the jobs this daemon knows.
     #[zbus(property)]
@@ -101,6 +370,10 @@ pub trait Manager {
     /// Its virtual IaaS cloud.
     #[zbus(property)]
     fn cloud(&self) -> zbus::Result<String>;
+
+    /// The beam pool directory, as this cloud VM sees it.
+    #[zbus(property)]
+    fn pool_dir(&self) -> zbus::Result<String>;
 }
 
 /// One migration job.

@@ -201,7 +201,6 @@ pub fn run(
     job: &Arc<JobHandle>,
     domain: &str,
     dest_uri: &str,
-    migrate_uri: Option<&str>,
     opts: &MigrateOptions,
 ) -> Result<String, BeamError> {
     let span = info_span!("migration", job = job.id, domain = %domain, dest = %dest_uri);
@@ -229,7 +228,7 @@ pub fn run(
         src_uri: ctx.cfg.libvirt_uri.clone(),
         domain: domain.into(),
         dest_uri: dest_uri.into(),
-        migrate_uri: migrate_uri.map(String::from),
+        migrate_uri: opts.migrate_uri.clone(),
         flags,
         dest_xml: None,
         persist_xml: None,

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod hooks;
 pub mod libvirt_conn;
 pub mod libvirt_job;
+pub mod ops;
 pub mod rendezvous;
 pub mod service;
 pub mod state;

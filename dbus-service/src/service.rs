@@ -2,28 +2,24 @@
 //! hook entry point. Every method translates into the operation model and runs libvirt or
 //! pool work on blocking threads, never on the dispatch thread.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::libvirt_conn::Conn;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
-use virt::domain::Domain;
-use virt::sys;
-use vmbeam_bus::{BeamError, DomainRow, JOBS_PATH};
+use tracing::info;
+use vmbeam_bus::{BeamError, DaemonStatus, DomainRow, MigrateOptionsDict, JOBS_PATH};
 use vmbeam_core::job::MigrateOptions;
-use vmbeam_core::plan::RequestedMode;
-use vmbeam_core::pool::{BeamPool, RecordStatus};
-use vmbeam_core::{BeamMetadata, DomainFacts, Phase};
+use vmbeam_core::{Operation, Phase};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::zvariant::OwnedObjectPath;
 use zbus::{interface, Connection, ObjectServer};
 
 use crate::engine::{self, JobHandle, JobView};
 use crate::hooks;
+use crate::ops::{self, OpError};
 use crate::state::SharedCtx;
 
 /// The caller's Unix user id (the message's sender, never the daemon's own).
@@ -111,79 +107,48 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| BeamError::Failed(format!("worker: {e}")))?
 }
 
-fn lv(e: virt::error::Error) -> BeamError {
-    BeamError::Libvirt(e.message().to_string())
-}
-
-fn opt_bool(o: &HashMap<String, OwnedValue>, k: &str) -> Result<bool, BeamError> {
-    match o.get(k) {
-        None => Ok(false),
-        Some(v) => bool::try_from(v)
-            .map_err(|_| BeamError::InvalidArgs(format!("option {k} must be a boolean"))),
-    }
-}
-
-fn opt_str(o: &HashMap<String, OwnedValue>, k: &str) -> Result<Option<String>, BeamError> {
-    match o.get(k) {
-        None => Ok(None),
-        Some(v) => <&str>::try_from(v)
-            .map(|s| Some(s.to_string()))
-            .map_err(|_| BeamError::InvalidArgs(format!("option {k} must be a string"))),
-    }
-}
-
-/// Translates D-Bus options into the operation model.
-pub fn parse_options(
-    o: &HashMap<String, OwnedValue>,
-) -> Result<(MigrateOptions, Option<String>), BeamError> {
-    const KNOWN: &[&str] = &[
-        "mode",
-        "live",
-        "persistent",
-        "undefine-source",
-        "migrate-uri",
-        "timeout",
-        "verbose",
-        "p2p",
-        "tls",
-    ];
-    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(BeamError::InvalidArgs(format!(
-            "unknown option '{k}' (known: {})",
-            KNOWN.join(", ")
-        )));
-    }
-    let mode = match opt_str(o, "mode")?.as_deref() {
-        None | Some("auto") => RequestedMode::Auto,
-        Some("zero-copy") => RequestedMode::RequireZeroCopy,
-        Some("traditional") => RequestedMode::ForceTraditional,
-        Some(other) => {
-            return Err(BeamError::InvalidArgs(format!(
-                "mode '{other}': use auto, zero-copy or traditional"
-            )))
+/// The one conversion of the daemon's operation errors to the wire.
+impl From<OpError> for BeamError {
+    fn from(e: OpError) -> Self {
+        let text = e.to_string();
+        match e {
+            OpError::Invalid(_) | OpError::Transient(_) | OpError::Metadata { .. } => {
+                BeamError::InvalidArgs(text)
+            }
+            OpError::NoSuchDomain(_) => BeamError::NoSuchDomain(text),
+            OpError::CannotEnable(_) => BeamError::CannotEnable(text),
+            OpError::Libvirt { .. } => BeamError::Libvirt(text),
+            OpError::Pool(_) => BeamError::Failed(text),
+            OpError::Engine(b) => b,
         }
-    };
-    let timeout_secs = match o.get("timeout") {
-        None => None,
-        Some(v) => Some(
-            u32::try_from(v)
-                .map_err(|_| BeamError::InvalidArgs("option timeout must be u (seconds)".into()))?
-                as u64,
-        ),
-    };
-    Ok((
-        MigrateOptions {
-            mode,
-            live: opt_bool(o, "live")?,
-            p2p: true,
-            persistent: opt_bool(o, "persistent")?,
-            undefine_source: opt_bool(o, "undefine-source")?,
-            timeout_secs,
-            verbose: opt_bool(o, "verbose")?,
-            tls: opt_bool(o, "tls")?,
-        },
-        opt_str(o, "migrate-uri")?,
-    ))
+    }
+}
+
+/// Validates an operation against the model, as every front end's request must pass.
+fn checked(op: Operation) -> Result<Operation, BeamError> {
+    op.validate().map_err(OpError::from)?;
+    Ok(op)
+}
+
+/// Translates `Migrate`'s arguments into the operation model and validates it.
+pub fn migrate_operation(
+    domain: String,
+    dest_uri: String,
+    options: MigrateOptionsDict,
+) -> Result<(String, String, MigrateOptions), BeamError> {
+    let options = MigrateOptions::try_from(options)?;
+    match checked(Operation::Migrate {
+        domain,
+        dest_uri,
+        options,
+    })? {
+        Operation::Migrate {
+            domain,
+            dest_uri,
+            options,
+        } => Ok((domain, dest_uri, options)),
+        _ => unreachable!("checked returns the operation it was given"),
+    }
 }
 
 /// The daemon's jobs by id: (object path, handle).
@@ -206,15 +171,10 @@ impl Manager {
         #[zbus(object_server)] server: &ObjectServer,
         domain: String,
         dest_uri: String,
-        options: HashMap<String, OwnedValue>,
+        options: MigrateOptionsDict,
     ) -> Result<OwnedObjectPath, BeamError> {
         authorize(&hdr, conn, ACTION_MIGRATE).await?;
-        let (opts, migrate_uri) = parse_options(&options)?;
-        if domain.is_empty() || dest_uri.is_empty() {
-            return Err(BeamError::InvalidArgs(
-                "domain and destination URI are required".into(),
-            ));
-        }
+        let (domain, dest_uri, opts) = migrate_operation(domain, dest_uri, options)?;
         let id = self.next_job.fetch_add(1, Ordering::SeqCst);
         let path = OwnedObjectPath::try_from(format!("{JOBS_PATH}/{id}"))
             .map_err(|e| BeamError::Failed(e.to_string()))?;
@@ -271,17 +231,13 @@ impl Manager {
         tokio::spawn(async move {
             let h3 = h2.clone();
             let outcome = tokio::task::spawn_blocking(move || {
-                engine::run(&ctx, &h3, &domain, &dest_uri, migrate_uri.as_deref(), &opts)
+                engine::run(&ctx, &h3, &domain, &dest_uri, &opts)
             })
             .await
             .unwrap_or_else(|e| Err(BeamError::Failed(format!("job thread: {e}"))));
             let (success, message, name) = match &outcome {
                 Ok(m) => (true, m.clone(), String::new()),
-                Err(e) => (
-                    false,
-                    beam_error_text(e),
-                    zbus::DBusError::name(e).to_string(),
-                ),
+                Err(e) => (false, e.text(), zbus::DBusError::name(e).to_string()),
             };
             {
                 let mut v = h2.view.lock().expect("lock");
@@ -317,8 +273,11 @@ impl Manager {
         domain: String,
     ) -> Result<Vec<String>, BeamError> {
         authorize(&hdr, conn, ACTION_ENABLE).await?;
+        checked(Operation::Enable {
+            domain: domain.clone(),
+        })?;
         let ctx = self.ctx.clone();
-        blocking(move || set_enabled(&ctx, &domain, true)).await
+        blocking(move || Ok(ops::set_enabled(&ctx, &domain, true)?)).await
     }
 
     /// Reverts `enable`.
@@ -329,50 +288,31 @@ impl Manager {
         domain: String,
     ) -> Result<Vec<String>, BeamError> {
         authorize(&hdr, conn, ACTION_ENABLE).await?;
+        checked(Operation::Disable {
+            domain: domain.clone(),
+        })?;
         let ctx = self.ctx.clone();
-        blocking(move || set_enabled(&ctx, &domain, false)).await
+        blocking(move || Ok(ops::set_enabled(&ctx, &domain, false)?)).await
     }
 
     /// The beam-enabled domains of this host.
     async fn list_domains(&self) -> Result<Vec<DomainRow>, BeamError> {
         let ctx = self.ctx.clone();
-        blocking(move || list_domains(&ctx)).await
+        blocking(move || Ok(ops::list_domains(&ctx)?)).await
     }
 
     /// Whether zero-copy to `dest_uri` is possible (proven through the pool).
     async fn co_location(&self, dest_uri: String) -> Result<(bool, String, String), BeamError> {
+        checked(Operation::CoLocation {
+            dest_uri: dest_uri.clone(),
+        })?;
         let ctx = self.ctx.clone();
-        blocking(move || {
-            let c = engine::probe_destination(&ctx, &dest_uri, None)?;
-            let id = &ctx.cfg.identity;
-            Ok(match (c.report, c.detail) {
-                (Some(r), _) => {
-                    let ok =
-                        r.cloud == id.cloud && r.proof == vmbeam_core::plan::ProofStatus::Proven;
-                    let why = if r.cloud != id.cloud {
-                        format!(
-                            "{} is in virtual IaaS cloud '{}', not '{}'",
-                            r.host_id, r.cloud, id.cloud
-                        )
-                    } else if ok {
-                        format!("{} shares the beam pool (proven)", r.host_id)
-                    } else {
-                        format!("{} answered but the proof failed: {:?}", r.host_id, r.proof)
-                    };
-                    (ok, r.host_id.to_string(), why)
-                }
-                (None, d) => (
-                    false,
-                    String::new(),
-                    d.unwrap_or_else(|| "no answer".into()),
-                ),
-            })
-        })
-        .await
+        let c = blocking(move || Ok(ops::co_location(&ctx, &dest_uri)?)).await?;
+        Ok((c.co_located, c.host, c.reason))
     }
 
     /// The daemon's view: identity, pool files, jobs.
-    async fn status(&self) -> Result<Vec<(String, String)>, BeamError> {
+    async fn status(&self) -> Result<DaemonStatus, BeamError> {
         let ctx = self.ctx.clone();
         let jobs: Vec<(String, JobView)> = self
             .jobs
@@ -381,56 +321,7 @@ impl Manager {
             .values()
             .map(|(p, h)| (p.clone(), h.view.lock().expect("lock").clone()))
             .collect();
-        blocking(move || {
-            let id = &ctx.cfg.identity;
-            let mut out = vec![
-                ("host".to_string(), id.host_id.to_string()),
-                ("cloud".to_string(), id.cloud.to_string()),
-                ("pool".to_string(), id.pool_dir.display().to_string()),
-                ("libvirt-host-uuid".to_string(), ctx.libvirt_uuid.clone()),
-            ];
-            let pool = BeamPool::new(&id.pool_dir);
-            for e in pool.list().map_err(|e| BeamError::Failed(e.to_string()))? {
-                let rec = match &e.record {
-                    RecordStatus::Valid(r) => format!(
-                        "owner={} state={}{}",
-                        r.owner,
-                        r.state,
-                        r.handing_over_to
-                            .as_ref()
-                            .map(|t| format!(" to={t}"))
-                            .unwrap_or_default()
-                    ),
-                    RecordStatus::Missing => "no owner record".into(),
-                    RecordStatus::Corrupt(c) => format!("corrupt record: {c}"),
-                };
-                out.push((
-                    "pool-file".into(),
-                    format!(
-                        "{} size={} {rec}",
-                        e.file_name,
-                        e.size
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| "missing".into())
-                    ),
-                ));
-            }
-            for (p, v) in jobs {
-                out.push((
-                    "job".into(),
-                    format!(
-                        "{p} {} -> {} phase={} progress={}% mode={}",
-                        v.domain,
-                        v.destination,
-                        v.phase.as_str(),
-                        v.progress,
-                        v.mode
-                    ),
-                ));
-            }
-            Ok(out)
-        })
-        .await
+        blocking(move || Ok(ops::status(&ctx, jobs)?)).await
     }
 
     /// Paths of the jobs this daemon knows.
@@ -454,6 +345,12 @@ impl Manager {
     #[zbus(property)]
     async fn cloud(&self) -> String {
         self.ctx.cfg.identity.cloud.to_string()
+    }
+
+    /// The beam pool directory, as this cloud VM sees it.
+    #[zbus(property)]
+    async fn pool_dir(&self) -> String {
+        self.ctx.cfg.identity.pool_dir.display().to_string()
     }
 }
 
@@ -496,25 +393,6 @@ fn expire_jobs(jobs: &mut BTreeMap<u64, (String, Arc<JobHandle>)>) -> Vec<String
         .collect()
 }
 
-/// The text of a typed error (without the D-Bus name).
-pub fn beam_error_text(e: &BeamError) -> String {
-    match e {
-        BeamError::ZBus(z) => z.to_string(),
-        BeamError::NoSuchDomain(s)
-        | BeamError::NotBeamEnabled(s)
-        | BeamError::CannotEnable(s)
-        | BeamError::ZeroCopyRefused(s)
-        | BeamError::TicketRefused(s)
-        | BeamError::InvalidArgs(s)
-        | BeamError::NotAuthorized(s)
-        | BeamError::Busy(s)
-        | BeamError::Libvirt(s)
-        | BeamError::MigrationFailed(s)
-        | BeamError::NoSuchJob(s)
-        | BeamError::Failed(s) => s.clone(),
-    }
-}
-
 async fn emit_changes(iref: &zbus::object_server::InterfaceRef<JobObj>, a: &JobView, b: &JobView) {
     let em = iref.signal_emitter();
     let obj = iref.get().await;
@@ -546,96 +424,6 @@ async fn emit_changes(iref: &zbus::object_server::InterfaceRef<JobObj>, a: &JobV
         let _ = obj.error_changed(em).await;
         let _ = obj.error_name_changed(em).await;
     }
-}
-
-fn set_enabled(ctx: &SharedCtx, domain: &str, enable: bool) -> Result<Vec<String>, BeamError> {
-    let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
-    let dom = Domain::lookup_by_name(&conn, domain)
-        .map_err(|_| BeamError::NoSuchDomain(domain.into()))?;
-    if !dom.is_persistent().map_err(lv)? {
-        return Err(BeamError::InvalidArgs(format!(
-            "{domain} is transient: define it first (virsh define)"
-        )));
-    }
-    let xml = dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(lv)?;
-    let id = &ctx.cfg.identity;
-    let rewrite = if enable {
-        let existing = BeamMetadata::from_domain_xml(&xml)
-            .map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
-        let meta = BeamMetadata {
-            cloud: id.cloud.clone(),
-            pool: id.pool_dir.clone(),
-            owner: id.host_id.clone(),
-            generation: existing.map(|m| m.generation).unwrap_or(0),
-            pool_file: None,
-        };
-        vmbeam_core::transform::enable(&xml, &meta, &ctx.cfg.qmp_dir)
-    } else {
-        vmbeam_core::transform::disable(&xml)
-    }
-    .map_err(|e| BeamError::CannotEnable(e.to_string()))?;
-    if rewrite.changes.is_empty() {
-        return Ok(vec![format!(
-            "{domain} is already {}",
-            if enable {
-                "beam-enabled"
-            } else {
-                "not beam-enabled"
-            }
-        )]);
-    }
-    Domain::define_xml(&conn, &rewrite.xml).map_err(lv)?;
-    let mut out: Vec<String> = rewrite.changes.iter().map(|c| c.to_string()).collect();
-    if dom.is_active().unwrap_or(false) {
-        out.push(format!(
-            "{domain} is running: the change applies at its next start"
-        ));
-    }
-    Ok(out)
-}
-
-fn list_domains(ctx: &SharedCtx) -> Result<Vec<DomainRow>, BeamError> {
-    let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
-    let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
-    let mut rows = Vec::new();
-    let mut live = HashSet::new();
-    for d in conn.list_all_domains(0).map_err(lv)? {
-        let Ok(xml) = d.get_xml_desc(0) else { continue };
-        let Ok(Some(meta)) = BeamMetadata::from_domain_xml(&xml) else {
-            continue;
-        };
-        let Ok(facts) = DomainFacts::from_xml(&xml) else {
-            continue;
-        };
-        live.insert(facts.uuid.clone());
-        let state = if d.is_active().unwrap_or(false) {
-            "running"
-        } else {
-            "shut off"
-        };
-        let file = engine::current_pool_file(ctx, &facts).unwrap_or_default();
-        let owner = if file.is_empty() {
-            meta.owner.to_string()
-        } else {
-            match pool.read_owner(&file) {
-                Ok(Some(r)) => r.owner.to_string(),
-                _ => meta.owner.to_string(),
-            }
-        };
-        rows.push((
-            facts.name,
-            facts.uuid.to_string(),
-            state.into(),
-            owner,
-            file,
-            meta.generation,
-        ));
-    }
-    let orphans = hooks::orphan_report(ctx, &live);
-    if !orphans.is_empty() {
-        warn!(?orphans, "pool files owned here whose domain is gone");
-    }
-    Ok(rows)
 }
 
 /// One migration job.
@@ -765,26 +553,169 @@ impl HookObj {
 mod tests {
     use super::*;
 
+    fn dict(live: bool, mode: &str) -> MigrateOptionsDict {
+        MigrateOptionsDict {
+            mode: Some(mode.into()),
+            live: Some(live),
+            timeout: Some(30),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn options_translate_into_the_operation_model() {
-        let ov = |v: zbus::zvariant::Value<'_>| OwnedValue::try_from(v).unwrap();
-        let mut o = HashMap::new();
-        o.insert("mode".to_string(), ov("zero-copy".into()));
-        o.insert("live".to_string(), ov(true.into()));
-        o.insert("timeout".to_string(), ov(30u32.into()));
-        let (m, uri) = parse_options(&o).unwrap();
-        assert_eq!(m.mode, RequestedMode::RequireZeroCopy);
+        let (d, u, m) = migrate_operation(
+            "web1".into(),
+            "qemu+tcp://cvm2/system".into(),
+            dict(true, "zero-copy"),
+        )
+        .unwrap();
+        assert_eq!((d.as_str(), u.as_str()), ("web1", "qemu+tcp://cvm2/system"));
+        assert_eq!(m.mode, vmbeam_core::plan::RequestedMode::RequireZeroCopy);
         assert!(m.live && !m.persistent);
         assert_eq!(m.timeout_secs, Some(30));
-        assert_eq!(uri, None);
-        o.insert("bogus".to_string(), ov(true.into()));
-        assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
-        let mut o = HashMap::new();
-        o.insert("mode".to_string(), ov("fast".into()));
-        assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
-        let mut o = HashMap::new();
-        o.insert("live".to_string(), ov("yes".into()));
-        assert!(matches!(parse_options(&o), Err(BeamError::InvalidArgs(_))));
+        assert_eq!(m.migrate_uri, None);
+        let bad = [
+            (
+                "web1",
+                "qemu+tcp://cvm2/system",
+                dict(true, "fast"),
+                "mode 'fast'",
+            ),
+            (
+                "web1",
+                "qemu+tcp://cvm2/system",
+                dict(false, "auto"),
+                "requires a live",
+            ),
+            (
+                "",
+                "qemu+tcp://cvm2/system",
+                dict(true, "auto"),
+                "domain must not be empty",
+            ),
+            ("web1", "cvm2", dict(true, "auto"), "is not a URI"),
+        ];
+        for (d, u, o, want) in bad {
+            match migrate_operation(d.into(), u.into(), o) {
+                Err(BeamError::InvalidArgs(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("{d} {u}: {other:?}"),
+            }
+        }
+    }
+
+    /// What the Nova shim (and any other client) sends as a plain `a{sv}`: the known keys
+    /// arrive typed; an unknown key or a wrong type does not deserialize (zbus answers
+    /// org.freedesktop.DBus.Error.InvalidArgs and the daemon does nothing).
+    #[test]
+    fn options_dictionary_on_the_wire() {
+        use zbus::zvariant::{serialized::Context, to_bytes, Value, LE};
+        let ctxt = Context::new_dbus(LE, 0);
+        let encode = |pairs: Vec<(&str, Value<'static>)>| {
+            let m: HashMap<String, Value<'static>> =
+                pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            to_bytes(ctxt, &m).unwrap()
+        };
+        let nova = encode(vec![
+            ("mode", Value::from("zero-copy")),
+            ("live", Value::from(true)),
+            ("persistent", Value::from(true)),
+            ("undefine-source", Value::from(true)),
+            ("tls", Value::from(false)),
+            ("migrate-uri", Value::from("tcp://198.18.0.12")),
+        ]);
+        let (d, _): (MigrateOptionsDict, _) = nova.deserialize().unwrap();
+        let o = MigrateOptions::try_from(d).unwrap();
+        assert!(o.live && o.persistent && o.undefine_source && !o.tls);
+        assert_eq!(o.migrate_uri.as_deref(), Some("tcp://198.18.0.12"));
+        for bad in [
+            vec![("bogus", Value::from(true))],
+            vec![("live", Value::from("yes"))],
+            vec![("timeout", Value::from("30"))],
+        ] {
+            let b = encode(bad);
+            assert!(b.deserialize::<MigrateOptionsDict>().is_err());
+        }
+        // And the CLI's typed options survive the round trip.
+        let cli = MigrateOptions {
+            mode: vmbeam_core::plan::RequestedMode::ForceTraditional,
+            live: true,
+            timeout_secs: Some(5),
+            migrate_uri: Some("tcp://198.18.0.13".into()),
+            ..Default::default()
+        };
+        let b = to_bytes(ctxt, &MigrateOptionsDict::from(&cli)).unwrap();
+        let (back, _): (MigrateOptionsDict, _) = b.deserialize().unwrap();
+        assert_eq!(MigrateOptions::try_from(back).unwrap(), cli);
+    }
+
+    /// The checked-in introspection XML (`bus-api/org.vmbeam.VMBeam1.xml`, the contract the
+    /// Nova shim reads) is what the server serves. `VMBEAM_BLESS=1` rewrites it.
+    #[test]
+    fn server_matches_the_checked_in_introspection() {
+        use zbus::object_server::Interface;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        let conf = dir.path().join("vmbeam.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "host_id = \"cvm1\"\ncloud = \"c\"\npool_dir = \"{}\"\nkey_file = \"{}\"\n",
+                dir.path().display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let identity = vmbeam_core::Identity::load(&conf).unwrap();
+        let cfg = crate::config::DaemonConfig {
+            identity,
+            libvirt_uri: "test:///default".into(),
+            memory_backing_dir: dir.path().into(),
+            qmp_dir: dir.path().into(),
+            state_dir: dir.path().into(),
+            rendezvous_timeout: Duration::from_millis(10),
+            hook_timeout: Duration::from_secs(1),
+        };
+        let ctx = Arc::new(crate::state::Ctx {
+            key: vmbeam_core::TicketKey::from_bytes(vec![7; 32]).unwrap(),
+            replay: Mutex::new(
+                vmbeam_core::ticket::FileReplayCache::open(dir.path().join("t")).unwrap(),
+            ),
+            cfg,
+            tables: Mutex::new(Default::default()),
+            libvirt_uuid: "u".into(),
+            backend: Box::new(vmbeam_qemu::backend::QemuBackend::new(
+                dir.path().to_path_buf(),
+            )),
+        });
+        let mut xml = String::from(
+            "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+        );
+        let manager = Manager {
+            ctx: ctx.clone(),
+            jobs: Arc::new(Mutex::new(BTreeMap::new())),
+            next_job: AtomicU64::new(1),
+        };
+        manager.introspect_to_writer(&mut xml, 1);
+        HookObj { ctx: ctx.clone() }.introspect_to_writer(&mut xml, 1);
+        let job = JobObj {
+            handle: Arc::new(JobHandle::new(1, "d", "u", Box::new(|| {}))),
+            ctx,
+        };
+        job.introspect_to_writer(&mut xml, 1);
+        xml.push_str("</node>\n");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../bus-api/org.vmbeam.VMBeam1.xml"
+        );
+        if std::env::var_os("VMBEAM_BLESS").is_some() {
+            std::fs::write(path, &xml).unwrap();
+        }
+        assert_eq!(
+            vmbeam_bus::INTROSPECTION_XML, xml,
+            "the D-Bus interface changed: review it, then VMBEAM_BLESS=1 cargo test -p vmbeamd server_matches"
+        );
     }
 
     #[test]

@@ -6,16 +6,17 @@
 //! metadata pass straight through, with no daemon involved. For beam-enabled domains it asks
 //! vmbeamd on the system bus, with a bound on the time; if the daemon does not answer, the
 //! hook fails and libvirt fails the operation cleanly (the source keeps running) rather
-//! than hang. Only for `migrate` does it print anything: the XML, and nothing else.
+//! than hang. Only where libvirt reads the hook's output as the new domain XML (`migrate
+//! begin`, `restore begin`) does it print anything: the XML, and nothing else.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vmbeam_bus::HookProxyBlocking;
-
+use vmbeam_bus::{ExitClass, HookProxyBlocking};
+use vmbeam_core::hook::HookEvent;
 /// The namespace of VMBeam's metadata element (a domain without it is none of our business).
-const VMBEAM_NS: &str = "https://vmbeam.dev/xmlns/vmbeam/1";
+use vmbeam_core::metadata::NAMESPACE as VMBEAM_NS;
 /// How long the whole exchange with the daemon may take.
 const TIMEOUT: Duration = Duration::from_secs(25);
 
@@ -26,7 +27,9 @@ fn main() -> ExitCode {
         eprintln!("vmbeam-hook: cannot read the domain XML from stdin: {e}");
         return ExitCode::FAILURE;
     }
-    let prints_xml = args.get(1).map(|op| op == "migrate").unwrap_or(false);
+    let prints_xml = HookEvent::from_args(&args)
+        .map(|ev| ev.output_replaces_xml())
+        .unwrap_or(false);
     if !xml.contains(VMBEAM_NS) {
         if prints_xml {
             print!("{xml}");
@@ -68,22 +71,13 @@ fn ask_daemon(args: &[String], xml: &str) -> Result<String, String> {
                     format!("vmbeamd is not reachable on the system bus ({e}); is vmbeamd running?")
                 })?;
             let proxy = HookProxyBlocking::new(&conn).map_err(|e| e.to_string())?;
-            proxy.hook_event(args, &xml).map_err(|e| match e {
-                vmbeam_bus::BeamError::ZBus(zbus::Error::MethodError(name, _, _))
-                    if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown" =>
-                {
-                    "vmbeamd is not running (org.vmbeam.VMBeam1 is not on the system bus)"
-                        .to_string()
-                }
-                // Typed errors print as `org.vmbeam.VMBeam1.Error.Name: text`; libvirt shows
-                // the text to the user, so give the text.
-                other => {
-                    let s = other.to_string();
-                    match s.split_once(": ") {
-                        Some((name, text)) if name.starts_with("org.vmbeam.") => text.to_string(),
-                        _ => s,
-                    }
-                }
+            // libvirt shows the text to the user: the text, without the D-Bus name.
+            proxy.hook_event(args, &xml).map_err(|e| match e.class() {
+                ExitClass::NotReady => format!(
+                    "vmbeamd is not running (org.vmbeam.VMBeam1 is not on the system bus): {}",
+                    e.text()
+                ),
+                _ => e.text(),
             })
         })();
         let _ = tx.send(r);

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmbeam_qemu::caps::{set_ignore_shared_incoming, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
+use vmbeam_qemu::caps::{
+    set_ignore_shared_incoming, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED,
+};
 use vmbeam_qemu::launcher::{
     QemuProcess, QemuSpec, RamBackend, DEFAULT_QEMU_BINARY, QEMU_BINARY_ENV,
 };

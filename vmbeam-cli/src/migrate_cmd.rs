@@ -2,14 +2,14 @@
 //! vmbeamd: `enable`, `disable`, `status`, `colocation`. The CLI is a thin D-Bus client; the
 //! daemon does the work and owns the state.
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use vmbeam_bus::{BeamError, JobProxyBlocking, ManagerProxyBlocking};
+use vmbeam_bus::{BeamError, ExitClass, JobStatus, ManagerProxyBlocking, MigrateOptionsDict};
 use vmbeam_cli::MigrateArgs;
-use zbus::zvariant::{OwnedValue, Value};
+use vmbeam_core::job::{MigrateOptions, Phase};
+use vmbeam_core::plan::RequestedMode;
 
 use crate::{exit, Coded};
 
@@ -20,47 +20,46 @@ pub fn bus() -> anyhow::Result<zbus::blocking::Connection> {
         .context(Coded(exit::NOT_READY))
 }
 
-/// Maps a typed D-Bus error to an exit code and a clear message.
-pub fn daemon_err(e: BeamError) -> anyhow::Error {
-    let code = match &e {
-        BeamError::ZeroCopyRefused(_)
-        | BeamError::TicketRefused(_)
-        | BeamError::NotAuthorized(_) => exit::REFUSED,
-        BeamError::NoSuchDomain(_)
-        | BeamError::InvalidArgs(_)
-        | BeamError::NotBeamEnabled(_)
-        | BeamError::Busy(_) => exit::BAD_INPUT,
-        BeamError::ZBus(zbus::Error::MethodError(name, _, _))
-            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown" =>
-        {
-            return anyhow!(
-                "vmbeamd is not running on this host (org.vmbeam.VMBeam1 is not on the system bus)"
-            )
-            .context(Coded(exit::NOT_READY));
-        }
-        _ => exit::FAILED,
-    };
-    let text = match &e {
-        BeamError::ZBus(z) => z.to_string(),
-        other => format!("{other}"),
-    };
-    anyhow!(strip_name(&text)).context(Coded(code))
-}
-
-/// The exit code for a typed VMBeam error name.
-fn code_for_name(name: &str) -> u8 {
-    match name.rsplit('.').next().unwrap_or("") {
-        "ZeroCopyRefused" | "TicketRefused" | "NotAuthorized" => exit::REFUSED,
-        "NoSuchDomain" | "InvalidArgs" | "NotBeamEnabled" | "Busy" => exit::BAD_INPUT,
-        _ => exit::FAILED,
+/// The exit code for a kind of error.
+fn code_of(class: ExitClass) -> u8 {
+    match class {
+        ExitClass::Refused => exit::REFUSED,
+        ExitClass::BadInput => exit::BAD_INPUT,
+        ExitClass::NotReady => exit::NOT_READY,
+        ExitClass::Failed => exit::FAILED,
     }
 }
 
-/// zbus prints typed errors as `Name: text`; users want the text.
-fn strip_name(s: &str) -> String {
-    s.split_once(": ")
-        .map(|(_, t)| t.to_string())
-        .unwrap_or_else(|| s.to_string())
+/// Maps a typed D-Bus error to an exit code and a clear message.
+pub fn daemon_err(e: BeamError) -> anyhow::Error {
+    let code = code_of(e.class());
+    if code == exit::NOT_READY {
+        return anyhow!(
+            "vmbeamd is not running on this host (org.vmbeam.VMBeam1 is not on the system bus): {}",
+            e.text()
+        )
+        .context(Coded(code));
+    }
+    anyhow!(e.text()).context(Coded(code))
+}
+
+/// virsh's arguments in the operation model.
+fn options_of(a: &MigrateArgs) -> MigrateOptions {
+    MigrateOptions {
+        mode: if a.zero_copy {
+            RequestedMode::RequireZeroCopy
+        } else if a.no_zero_copy {
+            RequestedMode::ForceTraditional
+        } else {
+            RequestedMode::Auto
+        },
+        live: a.live,
+        persistent: a.persistent,
+        undefine_source: a.undefinesource,
+        timeout_secs: a.timeout.map(u64::from),
+        tls: a.tls,
+        migrate_uri: a.migrateuri.clone(),
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -76,36 +75,11 @@ fn human_bytes(b: u64) -> String {
 pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     let conn = bus()?;
     let mgr = ManagerProxyBlocking::new(&conn)?;
-    let mut opts: HashMap<String, OwnedValue> = HashMap::new();
-    let mode = if a.zero_copy {
-        "zero-copy"
-    } else if a.no_zero_copy {
-        "traditional"
-    } else {
-        "auto"
-    };
-    let ov = |v: Value<'_>| OwnedValue::try_from(v).expect("plain values convert");
-    opts.insert("mode".into(), ov(Value::from(mode)));
-    opts.insert("live".into(), ov(Value::from(a.live)));
-    opts.insert("persistent".into(), ov(Value::from(a.persistent)));
-    opts.insert("undefine-source".into(), ov(Value::from(a.undefinesource)));
-    opts.insert("tls".into(), ov(Value::from(a.tls)));
-    if let Some(u) = &a.migrateuri {
-        opts.insert("migrate-uri".into(), ov(Value::from(u.as_str())));
-    }
-    if let Some(t) = a.timeout {
-        opts.insert("timeout".into(), ov(Value::from(t)));
-    }
+    let opts = MigrateOptionsDict::from(&options_of(&a));
     let started = Instant::now();
     let path = mgr
         .migrate(&a.domain, &a.desturi, opts)
         .map_err(daemon_err)?;
-    // Uncached: every read is a real Get, so a job that ends before the proxy has subscribed
-    // to its PropertiesChanged is still seen to end.
-    let job = JobProxyBlocking::builder(&conn)
-        .path(path.clone())?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()?;
     let tty = std::io::stderr().is_terminal();
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(100);
@@ -116,36 +90,41 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
         );
         b
     });
-    let mut last_phase = String::new();
+    let mut last_phase = None;
     let mut last_line = Instant::now();
     let mut shown = 0u32;
-    let phase = loop {
-        let phase = job
-            .phase()
-            .map_err(|e| anyhow!("lost contact with vmbeamd while following {path}: {e}"))?;
+    let job = loop {
+        // Every read is a real GetAll: a job that ends before a client could subscribe to
+        // its PropertiesChanged is still seen to end.
+        let job = JobStatus::read(&conn, &path).map_err(|e| {
+            anyhow!(
+                "lost contact with vmbeamd while following {path}: {}",
+                e.text()
+            )
+        })?;
+        let phase = job.phase;
         // The daemon's progress never goes backwards; the display keeps that promise too.
-        shown = shown.max(job.progress().unwrap_or(0));
+        shown = shown.max(job.progress);
         if let Some(b) = &bar {
-            b.set_message(phase.clone());
+            b.set_message(phase.to_string());
             b.set_position(shown as u64);
         } else if a.verbose
-            && (phase != last_phase || last_line.elapsed() >= Duration::from_secs(1))
+            && (Some(phase) != last_phase || last_line.elapsed() >= Duration::from_secs(1))
         {
             eprintln!("{phase}: {shown}%");
             last_line = Instant::now();
         }
-        if phase != last_phase && phase == "migrating" && a.verbose {
-            let m = job.mode().unwrap_or_default();
-            let r = job.mode_reason().unwrap_or_default();
-            if let Some(b) = &bar {
-                b.println(format!("mode: {m} ({r})"));
-            } else {
-                eprintln!("mode: {m} ({r})");
+        if Some(phase) != last_phase && phase == Phase::Migrating && a.verbose {
+            let m = job.mode.map(|m| m.to_string()).unwrap_or_default();
+            let line = format!("mode: {m} ({})", job.mode_reason);
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
             }
         }
-        last_phase = phase.clone();
-        if matches!(phase.as_str(), "completed" | "failed" | "cancelled") {
-            break phase;
+        last_phase = Some(phase);
+        if phase.is_terminal() {
+            break job;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -153,29 +132,27 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
         b.finish_and_clear();
     }
     let total = started.elapsed().as_millis();
-    if phase != "completed" {
+    if job.phase != Phase::Completed {
         let err = job
-            .error()
-            .unwrap_or_else(|e| format!("(cannot read the job's error: {e})"));
-        let code = code_for_name(&job.error_name().unwrap_or_default());
-        return Err(anyhow!("migration of {} {phase}: {err}", a.domain).context(Coded(code)));
+            .error
+            .unwrap_or_else(|| BeamError::Failed("(the job gave no error)".into()));
+        return Err(
+            anyhow!("migration of {} {}: {}", a.domain, job.phase, err.text())
+                .context(Coded(code_of(err.class()))),
+        );
     }
-    let mode = job.mode().unwrap_or_default();
+    let mode = job.mode.map(|m| m.to_string()).unwrap_or_default();
     println!("Migration: {} -> {} completed", a.domain, a.desturi);
-    println!(
-        "  mode:           {mode} ({})",
-        job.mode_reason().unwrap_or_default()
-    );
+    println!("  mode:           {mode} ({})", job.mode_reason);
     println!("  total time:     {total} ms");
-    println!("  downtime:       {} ms", job.downtime().unwrap_or(0));
-    let bytes = job.bytes_transferred().unwrap_or(0);
+    println!("  downtime:       {} ms", job.downtime_ms);
+    let bytes = job.bytes_transferred;
     println!("  bytes on wire:  {bytes} ({})", human_bytes(bytes));
     println!("  job:            {path}");
     if a.verbose {
         let steps: Vec<String> = job
-            .timeline()
-            .unwrap_or_default()
-            .into_iter()
+            .timeline
+            .iter()
             .map(|(s, ms)| format!("{s}@{ms}"))
             .collect();
         println!("  timeline (ms):  {}", steps.join(" "));
@@ -223,7 +200,12 @@ pub fn status() -> anyhow::Result<()> {
     let conn = bus()?;
     let mgr = ManagerProxyBlocking::new(&conn)?;
     let st = mgr.status().map_err(daemon_err)?;
-    for (k, v) in st.iter().filter(|(k, _)| k != "pool-file" && k != "job") {
+    for (k, v) in [
+        ("host", &st.host),
+        ("cloud", &st.cloud),
+        ("pool", &st.pool),
+        ("libvirt-host-uuid", &st.libvirt_host_uuid),
+    ] {
         println!("{k:<18} {v}");
     }
     let doms = mgr.list_domains().map_err(daemon_err)?;
@@ -235,20 +217,23 @@ pub fn status() -> anyhow::Result<()> {
         println!("  {name:<16} {state:<9} owner={owner} gen={generation} file={file} uuid={uuid}");
     }
     println!("pool files:");
-    let files: Vec<_> = st.iter().filter(|(k, _)| k == "pool-file").collect();
-    if files.is_empty() {
+    if st.pool_files.is_empty() {
         println!("  (none)");
     }
-    for (_, v) in files {
-        println!("  {v}");
+    for (file, size, record) in &st.pool_files {
+        let size = if *size < 0 {
+            "missing".to_string()
+        } else {
+            size.to_string()
+        };
+        println!("  {file} size={size} {record}");
     }
     println!("jobs:");
-    let jobs: Vec<_> = st.iter().filter(|(k, _)| k == "job").collect();
-    if jobs.is_empty() {
+    if st.jobs.is_empty() {
         println!("  (none)");
     }
-    for (_, v) in jobs {
-        println!("  {v}");
+    for (path, domain, dest, phase, progress, mode) in &st.jobs {
+        println!("  {path} {domain} -> {dest} phase={phase} progress={progress}% mode={mode}");
     }
     Ok(())
 }

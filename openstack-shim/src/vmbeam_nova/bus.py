@@ -7,11 +7,16 @@ the other green threads; in Nova's native-threading mode they are ordinary
 blocking calls in the migration's own thread. One connection per operation:
 a jeepney connection is not shared between threads.
 
-The contract is bus-api/src/lib.rs: ``Manager`` (Migrate, CoLocation, Status,
-HostId, Cloud) and one ``Job`` object per migration (Phase, Progress, Mode,
+The contract is the introspection XML vmbeamd is held to,
+bus-api/org.vmbeam.VMBeam1.xml (the unit tests hold this client and the fake
+daemon to it): ``Manager`` (Migrate, CoLocation, Status, HostId, Cloud,
+PoolDir) and one ``Job`` object per migration (Phase, Progress, Mode,
 ModeReason, Error, ErrorName, ..., Cancel). Errors arrive typed as
-``org.vmbeam.VMBeam1.Error.*``.
+``org.vmbeam.VMBeam1.Error.*``; phases and modes are parsed into the enums
+below, not compared as free text.
 """
+
+import enum
 
 from jeepney import DBusAddress, HeaderFields, MessageType, new_method_call
 from jeepney.io.blocking import open_dbus_connection
@@ -24,8 +29,41 @@ JOB_IFACE = "org.vmbeam.VMBeam1.Job"
 ERROR_PREFIX = "org.vmbeam.VMBeam1.Error."
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 
+
+
+class _WireEnum(str, enum.Enum):
+    """An enum whose members are their wire names (and print as them)."""
+
+    def __str__(self):
+        return self.value
+
+
+class Phase(_WireEnum):
+    """A job's phase (vmbeam_core::job::Phase), in the order a job goes."""
+
+    QUEUED = "queued"
+    PLANNING = "planning"
+    PROVING_COLOCATION = "proving-colocation"
+    ISSUING_TICKET = "issuing-ticket"
+    PREPARING = "preparing"
+    MIGRATING = "migrating"
+    SWITCHING = "switching"
+    CONFIRMING = "confirming"
+    CLEANING_UP = "cleaning-up"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Mode(_WireEnum):
+    """How vmbeamd moves the memory (vmbeam_core::plan::MigrationMode)."""
+
+    ZERO_COPY = "zero-copy"
+    TRADITIONAL = "traditional"
+
+
 #: Job phases after which nothing changes any more.
-FINAL_PHASES = ("completed", "failed", "cancelled")
+FINAL_PHASES = (Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED)
 
 #: Bus errors that mean "no vmbeamd here" rather than "vmbeamd said no".
 _UNAVAILABLE = (
@@ -158,9 +196,13 @@ class VMBeamClient:
         return path
 
     def status(self):
-        """``Status``: the daemon's key/value lines."""
-        (rows,) = self._call(MANAGER_PATH, MANAGER_IFACE, "Status")
-        return list(rows)
+        """``Status``: the daemon's view as a dict (host, cloud, pool,
+        libvirt_host_uuid, pool_files, jobs)."""
+        ((host, cloud, pool, uuid, files, jobs),) = self._call(
+            MANAGER_PATH, MANAGER_IFACE, "Status")
+        return {"host": host, "cloud": cloud, "pool": pool,
+                "libvirt_host_uuid": uuid, "pool_files": list(files),
+                "jobs": list(jobs)}
 
     def manager_property(self, name):
         (v,) = self._call(
@@ -172,17 +214,25 @@ class VMBeamClient:
         """(host id, cloud, pool directory) as this host's vmbeamd knows them."""
         host = self.manager_property("HostId")
         cloud = self.manager_property("Cloud")
-        pool = dict(self.status()).get("pool")
-        if not pool:
-            raise VMBeamError(ERROR_PREFIX + "Failed", "Status has no pool line")
+        pool = self.manager_property("PoolDir")
         return host, cloud, pool
 
     # Jobs.
 
     def job(self, path):
-        """All properties of a job, read fresh (no cache), as a dict."""
+        """All properties of a job, read fresh (no cache), as a dict; ``Phase``
+        is a :class:`Phase` and ``Mode`` a :class:`Mode` (or None)."""
         (props,) = self._call(path, PROPS_IFACE, "GetAll", "s", (JOB_IFACE,))
-        return {k: _unvariant(v) for k, v in props.items()}
+        props = {k: _unvariant(v) for k, v in props.items()}
+        try:
+            if "Phase" in props:
+                props["Phase"] = Phase(props["Phase"])
+            if "Mode" in props:
+                props["Mode"] = Mode(props["Mode"]) if props["Mode"] else None
+        except ValueError as e:
+            raise VMBeamError(ERROR_PREFIX + "Failed",
+                              "job %s: %s (a newer vmbeamd?)" % (path, e)) from e
+        return props
 
     def cancel(self, path):
         """``Job.Cancel``: libvirt's job abort; the guest stays on the source."""

@@ -17,6 +17,8 @@ from jeepney.io.blocking import open_dbus_connection
 
 from vmbeam_nova import bus
 
+from . import contract
+
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC
  "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -220,11 +222,14 @@ class FakeVMBeamd(fixtures.Fixture):
         member = f.get(HeaderFields.member)
         body = msg.body
         self.calls.append((member, path, body))
+        # Held to vmbeamd's contract: a call the real daemon would not accept fails here.
+        contract.check_call(iface, member, f.get(HeaderFields.signature, ""))
         if path == bus.MANAGER_PATH and iface == bus.MANAGER_IFACE:
             return self._manager(msg, member, body)
         if path == bus.MANAGER_PATH and iface == bus.PROPS_IFACE and member == "Get":
-            _, prop = body
-            value = {"HostId": self.host_id, "Cloud": self.cloud}.get(prop)
+            piface, prop = body
+            contract.check_property(piface, prop)
+            value = {"HostId": self.host_id, "Cloud": self.cloud, "PoolDir": self.pool}.get(prop)
             if value is None:
                 raise _Err("org.freedesktop.DBus.Error.UnknownProperty", prop)
             return new_method_return(msg, "v", (("s", value),))
@@ -263,8 +268,8 @@ class FakeVMBeamd(fixtures.Fixture):
             )
             return new_method_return(msg, "bss", (ok, host, why))
         if member == "Status":
-            rows = [("host", self.host_id), ("cloud", self.cloud), ("pool", self.pool)]
-            return new_method_return(msg, "a(ss)", (rows,))
+            st = (self.host_id, self.cloud, self.pool, "uuid", [], [])
+            return new_method_return(msg, "(ssssa(sxs)a(ssssus))", (st,))
         if member == "Migrate":
             domain, dest, options = body
             if self.migrate_error is not None:

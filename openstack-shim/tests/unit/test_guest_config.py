@@ -50,7 +50,8 @@ class GuestConfigTest(base.DriverTestCase):
         self.assertIn("guest is beam-enabled (flavor m1.small has vmbeam:enabled=true; this host from vmbeamd)", self.log())
         self.assertIn("private QMP monitor added at /run/vmbeam/qmp/%s.sock" % inst.uuid, self.log())
         # The identity came from vmbeamd over the bus.
-        self.assertTrue(self.vmbeamd.methods("Status"))
+        asked = [c[2][1] for c in self.vmbeamd.methods("Get")]
+        self.assertEqual(["HostId", "Cloud", "PoolDir"], asked)
 
     def test_plain_flavor_gives_a_plain_guest(self):
         inst = base.make_instance()
