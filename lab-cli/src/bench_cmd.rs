@@ -5,7 +5,7 @@ use vmbeam_bench::plan::Args;
 use vmbeam_bench::runner::{self, Tools};
 
 use crate::lab_cmd::{agent_binary, bin_dir, lab, vmbeam_binary};
-use crate::{exit, Coded};
+use vmbeam_cli::{exit, Coded};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let tools = Tools {

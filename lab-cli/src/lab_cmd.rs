@@ -8,7 +8,7 @@ use clap::Subcommand;
 use vmbeam_lab::state::Shaping;
 use vmbeam_lab::{guest, LabError, UpOptions, UpOutcome};
 
-use crate::{exit, Coded};
+use vmbeam_cli::{exit, Coded};
 
 #[derive(Subcommand, Debug)]
 pub enum LabCmd {

@@ -13,14 +13,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Exit codes, the same as `vmbeam`'s: 0 success, 1 operation failed, 2 bad usage or input
-/// (clap's own), 3 refused, 4 environment not ready (no lab, missing packages or binaries).
-pub mod exit {
-    pub const FAILED: u8 = 1;
-    pub const BAD_INPUT: u8 = 2;
-    pub const NOT_READY: u8 = 4;
-}
-
 #[derive(Parser)]
 #[command(
     name = "vmbeam-lab",
@@ -57,38 +49,7 @@ fn main() -> ExitCode {
         Cmd::Lab(cmd) => lab_cmd::run(cmd),
         Cmd::Bench(a) => bench_cmd::run(a),
     };
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let code = e
-                .downcast_ref::<Coded>()
-                .map(|c| c.0)
-                .unwrap_or(exit::FAILED);
-            eprintln!("vmbeam-lab: {}", chain(&e, code));
-            ExitCode::from(code)
-        }
-    }
-}
-
-/// An exit code attached to an error as context.
-#[derive(Debug)]
-pub struct Coded(pub u8);
-
-impl std::fmt::Display for Coded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit code {}", self.0)
-    }
-}
-impl std::error::Error for Coded {}
-
-/// The whole error chain on one line, skipping the exit-code marker.
-fn chain(e: &anyhow::Error, code: u8) -> String {
-    let marker = Coded(code).to_string();
-    e.chain()
-        .filter(|c| c.to_string() != marker)
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    vmbeam_cli::finish("vmbeam-lab", r)
 }
 
 #[cfg(test)]

@@ -463,6 +463,30 @@ fn killed_destination_and_domjobabort_leave_the_guest_on_the_source() {
     check_on("victim", "cvm2");
 }
 
+/// Two `Migrate` calls for one domain on the bus (the second while the first is mid-flight):
+/// the second is refused as busy and changes nothing; the first completes zero-copy and the
+/// guest is intact, with no split brain.
+#[test]
+fn a_second_migrate_of_a_migrating_domain_is_busy_and_changes_nothing() {
+    let _lab = LabGuard::up(2, &[]);
+    create("victim", "256", "1000", "cvm1", &[]);
+    let boot = boot_id("victim");
+    let watch = SplitBrainWatch::start("victim", 2);
+    let first = held_migration(3000);
+    wait_dest_qemu();
+    let second = migrate(1, 2, "victim", &["--zero-copy"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains("already running"), "{err}");
+    release_hold();
+    let out = ok(&first.join().unwrap());
+    assert_mode(&out, "zero-copy");
+    watch.finish();
+    check_on("victim", "cvm2");
+    assert_eq!(boot_id("victim"), boot);
+    settled_on("victim", "cvm2", 1);
+}
+
 #[test]
 fn destination_start_does_not_write_the_shared_ram() {
     use std::io::Read;

@@ -139,3 +139,44 @@ mod tests {
         .is_err());
     }
 }
+
+/// Exit codes, shared by `vmbeam` and `vmbeam-lab`: 0 success, 1 operation failed, 2 bad
+/// usage or input (clap's own), 3 refused (e.g. --zero-copy impossible), 4 environment not
+/// ready (no system bus or vmbeamd; no lab, missing packages or binaries).
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const REFUSED: u8 = 3;
+    pub const NOT_READY: u8 = 4;
+}
+
+/// An exit code attached to an error as context.
+#[derive(Debug)]
+pub struct Coded(pub u8);
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+impl std::error::Error for Coded {}
+
+/// Ends a command: success, or the whole error chain on one line (`PROG: ...`, without the
+/// exit-code marker) and the exit code attached to it ([`exit::FAILED`] when none is).
+pub fn finish(prog: &str, r: anyhow::Result<()>) -> std::process::ExitCode {
+    let Err(e) = r else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    let code = e
+        .downcast_ref::<Coded>()
+        .map(|c| c.0)
+        .unwrap_or(exit::FAILED);
+    let marker = Coded(code).to_string();
+    let chain: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string())
+        .filter(|c| *c != marker)
+        .collect();
+    eprintln!("{prog}: {}", chain.join(": "));
+    std::process::ExitCode::from(code)
+}

@@ -11,7 +11,7 @@ use vmbeam_cli::MigrateArgs;
 use vmbeam_core::job::{MigrateOptions, Phase};
 use vmbeam_core::plan::RequestedMode;
 
-use crate::{exit, Coded};
+use vmbeam_cli::{exit, Coded};
 
 /// Connects to vmbeamd on the system bus.
 pub fn bus() -> anyhow::Result<zbus::blocking::Connection> {
