@@ -2,14 +2,14 @@
 //!
 //! Every request, whatever its transport, becomes an [`Operation`]. A migration runs as a
 //! job moving through [`Phase`]s in order; its [`Progress`] never goes backwards, whatever
-//! libvirt's own counters do; its outcome is summarised in [`JobStats`].
+//! libvirt's own counters do.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::hook::HookEvent;
-use crate::plan::{MigrationMode, Reason, RequestedMode};
+use crate::plan::RequestedMode;
 
 /// Why a job transition or an operation is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -254,21 +254,6 @@ impl Progress {
     }
 }
 
-/// The numbers a finished (or running) job reports.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobStats {
-    /// Bytes the migration stream carried.
-    pub bytes_transferred: u64,
-    /// Guest downtime, when known.
-    pub downtime_ms: Option<u64>,
-    /// Whole job duration, when finished.
-    pub total_ms: Option<u64>,
-    /// The mode chosen, once planned.
-    pub mode: Option<MigrationMode>,
-    /// Why that mode, once planned.
-    pub reason: Option<Reason>,
-}
-
 /// Options of a migration, named after `virsh migrate`'s. VMBeam always migrates
 /// peer-to-peer (libvirt's own job), so there is no `p2p`; `--verbose` is the client's.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +401,7 @@ fn check_uri(field: &'static str, value: &str) -> Result<(), JobError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::MigrationMode;
 
     #[test]
     fn phases_are_ordered() {
@@ -612,12 +598,5 @@ mod tests {
         for m in [MigrationMode::ZeroCopy, MigrationMode::Traditional] {
             assert_eq!(m.to_string().parse::<MigrationMode>().unwrap(), m);
         }
-    }
-
-    #[test]
-    fn stats_default() {
-        let s = JobStats::default();
-        assert_eq!(s.bytes_transferred, 0);
-        assert_eq!(s.mode, None);
     }
 }

@@ -37,7 +37,7 @@ pub use domain::DomainFacts;
 pub use hook::HookEvent;
 pub use identity::Identity;
 pub use ids::{CloudId, DomainUuid, FileIdentity, HostId, Nonce};
-pub use job::{JobStats, Operation, Phase, Progress};
+pub use job::{Operation, Phase, Progress};
 pub use metadata::BeamMetadata;
 pub use plan::{MigrationMode, Plan, Reason, RequestedMode};
 pub use pool::{BeamPool, ProofToken};
