@@ -370,7 +370,7 @@ impl fmt::Display for Reason {
                 capability: Capability::PrivateMonitor,
             } => write!(f, "the domain's VMBeam QMP monitor does not answer"),
             Self::DestinationUnknown => {
-                write!(f, "no VMBeam daemon answered at the destination")
+                write!(f, "no verified answer from a VMBeam daemon at the destination")
             }
             Self::SameHost { host } => write!(f, "destination {host} is this host"),
             Self::OtherCloud {
@@ -487,6 +487,11 @@ fn zero_copy_check(input: &PlanInput<'_>) -> Result<HostId, Reason> {
     if input.domain.private_qmp.is_none() {
         return Err(Reason::NoPrivateMonitor);
     }
+    // Then whether the destination answered at all: without an answer the backend is not
+    // asked (its capabilities are all false), and "no x-ignore-shared" would hide why.
+    let Some(dest) = input.destination else {
+        return Err(Reason::DestinationUnknown);
+    };
     // Then the backend.
     if !input.backend.ignore_shared {
         return Err(Reason::BackendLacks {
@@ -498,10 +503,7 @@ fn zero_copy_check(input: &PlanInput<'_>) -> Result<HostId, Reason> {
             capability: Capability::PrivateMonitor,
         });
     }
-    // Then the destination.
-    let Some(dest) = input.destination else {
-        return Err(Reason::DestinationUnknown);
-    };
+    // Then the rest of the destination's answer.
     if dest.host_id == local.host_id {
         return Err(Reason::SameHost {
             host: dest.host_id.clone(),
@@ -739,7 +741,18 @@ mod tests {
         case(
             &|w| w.destination = None,
             Reason::DestinationUnknown,
-            "no VMBeam daemon answered at the destination",
+            "no verified answer from a VMBeam daemon at the destination",
+        );
+        // Without an answer the engine does not ask the backend (all capabilities false):
+        // the refusal names the missing answer, not the hypervisor (an unauthenticated
+        // answer was once reported as "the hypervisor does not support x-ignore-shared").
+        case(
+            &|w| {
+                w.destination = None;
+                w.backend = BackendCapabilities::default();
+            },
+            Reason::DestinationUnknown,
+            "no verified answer from a VMBeam daemon at the destination",
         );
         case(
             &|w| w.destination.as_mut().unwrap().host_id = host("cvm1"),
