@@ -538,6 +538,17 @@ fn arm_zero_copy<'a>(
             zc.pool_file
         )));
     }
+    // A marker left by an earlier job whose daemon died before settling would fence this
+    // job's failure although its destination never ran the guest. No destination can run
+    // it before libvirt's job starts, so any marker now is stale: clear it, or do not go on.
+    if let Err(e) = bpool.clear_ran(&zc.pool_file) {
+        let _ = bpool.abort_hand_over(&zc.pool_file, &id.host_id);
+        drop(entry);
+        return Err(BeamError::Failed(format!(
+            "a stale ran marker of {} cannot be cleared: {e}",
+            zc.pool_file
+        )));
+    }
     match ctx
         .backend
         .arm_source(&zc.facts, &id.pool_dir.join(&zc.pool_file))
@@ -779,6 +790,23 @@ mod tests {
             [format!("arm_source {file}"), "disarm 10s".into()]
         );
         assert_eq!(outgoing_job(&src), None);
+    }
+
+    #[test]
+    fn a_stale_ran_marker_does_not_fence_a_later_job_whose_destination_never_ran() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let pool = BeamPool::new(cloud.pool_dir());
+        // Left by an earlier job whose daemon died before it settled.
+        pool.mark_ran(&file).unwrap();
+        let (out, fenced) = arm_and_settle(&src, &zc, 1, || {}, libvirt_failed());
+        assert!(!fenced, "a stale marker must not destroy the source");
+        let Err(BeamError::MigrationFailed(m)) = out else {
+            panic!("{out:?}")
+        };
+        assert!(m.contains("keeps running on the source"), "{m}");
+        assert_eq!(record(&cloud, &file).state, OwnerState::Active);
     }
 
     #[test]
