@@ -740,7 +740,7 @@ impl BeamPool {
             let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o644)
+                .mode(0o600)
                 .open(&tmp)
                 .map_err(io_err("create", &tmp))?;
             f.write_all(&json)
@@ -976,6 +976,9 @@ mod tests {
         let r = pool.claim(&name, &uuid(), 1, &a).unwrap();
         assert_eq!(r.state, OwnerState::Active);
         assert_eq!(pool.read_owner(&name).unwrap(), Some(r));
+        // Owner records are the owner's alone, like the pool files (the pool is shared).
+        let rec = fs::metadata(pool.record_path(&name).unwrap()).unwrap();
+        assert_eq!(rec.permissions().mode() & 0o777, 0o600);
         assert!(matches!(
             pool.claim(&name, &uuid(), 1, &b),
             Err(PoolError::Exists(_))
