@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::error::DaemonError;
 use crate::libvirt_conn::{self, Conn};
 use tracing::{error, info, info_span, warn};
 use virt::domain::Domain;
 use virt::sys;
-use vmbeam_bus::BeamError;
-use vmbeam_core::backend::{Armed, BackendError};
+use vmbeam_core::backend::Armed;
 use vmbeam_core::carrier;
 use vmbeam_core::job::MigrateOptions;
 use vmbeam_core::plan::{self, BackendCapabilities, MigrationMode, PlanInput, RequestedMode};
@@ -133,8 +133,8 @@ impl JobHandle {
     }
 }
 
-fn lv(e: virt::error::Error) -> BeamError {
-    BeamError::Libvirt(e.message().to_string())
+fn lv(e: virt::error::Error) -> DaemonError {
+    DaemonError::libvirt(e)
 }
 
 /// The pool file this host's domain runs on: the running table, else the pool's records.
@@ -163,14 +163,16 @@ pub fn probe_destination(
     ctx: &SharedCtx,
     dest_uri: &str,
     pool_file: Option<&str>,
-) -> Result<Colocation, BeamError> {
+) -> Result<Colocation, DaemonError> {
     let dest_uuid = {
-        let dconn = Conn::open(dest_uri)
-            .map_err(|e| BeamError::Libvirt(format!("connect to {dest_uri}: {}", e.message())))?;
+        let dconn = Conn::open(dest_uri).map_err(|source| DaemonError::Libvirt {
+            context: format!("connect to {dest_uri}: "),
+            source,
+        })?;
         libvirt_conn::host_uuid(&dconn)?
     };
     if dest_uuid == ctx.libvirt_uuid {
-        return Err(BeamError::InvalidArgs(format!("{dest_uri} is this host")));
+        return Err(DaemonError::InvalidArgs(format!("{dest_uri} is this host")));
     }
     match rendezvous::probe(
         &ctx.cfg.identity,
@@ -202,16 +204,16 @@ pub fn run(
     domain: &str,
     dest_uri: &str,
     opts: &MigrateOptions,
-) -> Result<String, BeamError> {
+) -> Result<String, DaemonError> {
     let span = info_span!("migration", job = job.id, domain = %domain, dest = %dest_uri);
     let _g = span.enter();
     let started = Instant::now();
     job.phase(Phase::Planning);
     let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
     let dom = Domain::lookup_by_name(&conn, domain)
-        .map_err(|_| BeamError::NoSuchDomain(domain.into()))?;
+        .map_err(|_| DaemonError::NoSuchDomain(domain.into()))?;
     if !dom.is_active().map_err(lv)? {
-        return Err(BeamError::InvalidArgs(format!(
+        return Err(DaemonError::InvalidArgs(format!(
             "domain {domain} is not running"
         )));
     }
@@ -238,7 +240,7 @@ pub fn run(
     let Some(zc) = planned else {
         job.phase(Phase::Migrating);
         let done = libvirt_job::migrate(&req, Duration::from_millis(200), progress)
-            .map_err(|e| BeamError::MigrationFailed(e.to_string()))?;
+            .map_err(DaemonError::Job)?;
         job.mark("libvirt-returned");
         return Ok(finish(job, &done, started, "traditional"));
     };
@@ -304,11 +306,11 @@ fn plan_migration(
     xml: &str,
     dest_uri: &str,
     opts: &MigrateOptions,
-) -> Result<Option<ZeroCopyPlan>, BeamError> {
+) -> Result<Option<ZeroCopyPlan>, DaemonError> {
     let id = &ctx.cfg.identity;
-    let facts = DomainFacts::from_xml(xml).map_err(|e| BeamError::Failed(e.to_string()))?;
+    let facts = DomainFacts::from_xml(xml).map_err(|e| DaemonError::Failed(e.to_string()))?;
     let mut meta =
-        BeamMetadata::from_domain_xml(xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+        BeamMetadata::from_domain_xml(xml).map_err(|e| DaemonError::InvalidArgs(e.to_string()))?;
     let pool_file = meta.as_ref().and_then(|_| current_pool_file(ctx, &facts));
     // The metadata's owner is a claim; the pool's owner record is the truth. A domain whose
     // pool file this host owns is this host's, whatever a stale definition says.
@@ -350,7 +352,7 @@ fn plan_migration(
     let planned = match planned {
         Ok(p) => p,
         Err(plan::PlanError::ZeroCopyRefused(r)) => {
-            return Err(BeamError::ZeroCopyRefused(with_detail(r.to_string())));
+            return Err(DaemonError::ZeroCopyRefused(with_detail(r.to_string())));
         }
     };
     let reason = with_detail(planned.reason.to_string());
@@ -375,7 +377,7 @@ fn plan_migration(
             pool_file,
             dest: report.host_id,
         })),
-        _ => Err(BeamError::Failed(
+        _ => Err(DaemonError::Failed(
             "zero-copy planned without a destination report or pool file".into(),
         )),
     }
@@ -400,10 +402,10 @@ fn zero_copy_xml(
     zc: &ZeroCopyPlan,
     migratable: &str,
     inactive: Option<&str>,
-) -> Result<ZeroCopyXml, BeamError> {
+) -> Result<ZeroCopyXml, DaemonError> {
     let id = &ctx.cfg.identity;
     let pool_path = id.pool_dir.join(&zc.pool_file);
-    let identity = pool::file_identity(&pool_path).map_err(|e| BeamError::Failed(e.to_string()))?;
+    let identity = pool::file_identity(&pool_path).map_err(|e| DaemonError::pool("", e))?;
     let ticket = Ticket::issue(
         &ctx.key,
         TicketFields {
@@ -419,21 +421,21 @@ fn zero_copy_xml(
         now_secs(),
     )
     .and_then(|t| t.encode())
-    .map_err(|e| BeamError::Failed(e.to_string()))?;
+    .map_err(|e| DaemonError::Failed(e.to_string()))?;
     let dest_xml = carrier::insert_ticket(migratable, &ticket)
-        .map_err(|e| BeamError::Failed(e.to_string()))?;
+        .map_err(|e| DaemonError::Failed(e.to_string()))?;
     // The record once the destination has it: the persistent definition there says so, and
     // the pool's owner record gets the same generation when libvirt reports success.
     let moved = BeamMetadata {
         pool_file: Some(zc.pool_file.clone()),
         ..zc.meta
             .handed_to(zc.dest.clone())
-            .map_err(|e| BeamError::Failed(format!("VMBeam metadata: {e}")))?
+            .map_err(|e| DaemonError::Failed(format!("VMBeam metadata: {e}")))?
     };
     let persist_xml = match inactive {
         Some(inactive) => Some(
             vmbeam_core::transform::enable(inactive, &moved, &ctx.cfg.qmp_dir)
-                .map_err(|e| BeamError::Failed(e.to_string()))?
+                .map_err(|e| DaemonError::Failed(e.to_string()))?
                 .xml,
         ),
         None => None,
@@ -460,10 +462,10 @@ pub(crate) struct OutgoingEntry<'a> {
 impl<'a> OutgoingEntry<'a> {
     /// Enters `out` for `uuid`. Refused (and nothing changed) while another job's entry is
     /// there.
-    pub fn register(ctx: &'a Ctx, uuid: &DomainUuid, out: Outgoing) -> Result<Self, BeamError> {
+    pub fn register(ctx: &'a Ctx, uuid: &DomainUuid, out: Outgoing) -> Result<Self, DaemonError> {
         let mut t = ctx.tables.lock().expect("lock");
         if let Some(other) = t.outgoing.get(uuid).filter(|o| o.job != out.job) {
-            return Err(BeamError::Busy(format!(
+            return Err(DaemonError::Busy(format!(
                 "job {} is migrating this domain (pool file {})",
                 other.job, other.pool_file
             )));
@@ -519,7 +521,7 @@ fn arm_zero_copy<'a>(
     ctx: &'a Ctx,
     job_id: u64,
     zc: &ZeroCopyPlan,
-) -> Result<InFlight<'a>, BeamError> {
+) -> Result<InFlight<'a>, DaemonError> {
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
     let entry = OutgoingEntry::register(
@@ -533,10 +535,10 @@ fn arm_zero_copy<'a>(
     )?;
     if let Err(e) = bpool.begin_hand_over(&zc.pool_file, &id.host_id, &zc.dest) {
         drop(entry);
-        return Err(BeamError::Failed(format!(
-            "hand-over of {}: {e}",
-            zc.pool_file
-        )));
+        return Err(DaemonError::pool(
+            format!("hand-over of {}: ", zc.pool_file),
+            e,
+        ));
     }
     // A marker left by an earlier job whose daemon died before settling would fence this
     // job's failure although its destination never ran the guest. No destination can run
@@ -544,10 +546,10 @@ fn arm_zero_copy<'a>(
     if let Err(e) = bpool.clear_ran(&zc.pool_file) {
         let _ = bpool.abort_hand_over(&zc.pool_file, &id.host_id);
         drop(entry);
-        return Err(BeamError::Failed(format!(
-            "a stale ran marker of {} cannot be cleared: {e}",
-            zc.pool_file
-        )));
+        return Err(DaemonError::pool(
+            format!("a stale ran marker of {} cannot be cleared: ", zc.pool_file),
+            e,
+        ));
     }
     match ctx
         .backend
@@ -557,10 +559,7 @@ fn arm_zero_copy<'a>(
         Err(e) => {
             let _ = bpool.abort_hand_over(&zc.pool_file, &id.host_id);
             drop(entry);
-            Err(match e {
-                BackendError::Refused(m) => BeamError::ZeroCopyRefused(m),
-                BackendError::Failed(m) => BeamError::Failed(m),
-            })
+            Err(DaemonError::Backend(e))
         }
     }
 }
@@ -585,7 +584,7 @@ fn settle_outcome(
     result: Result<libvirt_job::Completed, libvirt_job::JobError>,
     started: Instant,
     fence_source: impl FnOnce(),
-) -> Result<String, BeamError> {
+) -> Result<String, DaemonError> {
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
     let InFlight { entry, mut armed } = flight;
@@ -632,7 +631,7 @@ fn settle_outcome(
             } else {
                 e.to_string()
             };
-            Err(BeamError::MigrationFailed(if ran {
+            Err(DaemonError::MigrationFailed(if ran {
                 format!("{what}; the guest had already run on the destination, so the source was destroyed (fenced), not resumed")
             } else {
                 format!("{what}; the guest keeps running on the source")
@@ -725,7 +724,7 @@ mod tests {
         id: u64,
         before_settle: impl FnOnce(),
         result: Result<Completed, JobError>,
-    ) -> (Result<String, BeamError>, bool) {
+    ) -> (Result<String, DaemonError>, bool) {
         let job = job(id);
         let flight = arm_zero_copy(&h.ctx, id, zc).unwrap();
         assert_eq!(outgoing_job(h), Some(id));
@@ -751,7 +750,7 @@ mod tests {
             libvirt_failed(),
         );
         assert!(fenced, "the source must be destroyed, never resumed");
-        let Err(BeamError::MigrationFailed(m)) = out else {
+        let Err(DaemonError::MigrationFailed(m)) = out else {
             panic!("{out:?}")
         };
         assert!(m.contains("boom") && m.contains("fenced"), "{m}");
@@ -776,7 +775,7 @@ mod tests {
         let zc = plan_to_cvm2(&file);
         let (out, fenced) = arm_and_settle(&src, &zc, 1, || {}, libvirt_failed());
         assert!(!fenced);
-        let Err(BeamError::MigrationFailed(m)) = out else {
+        let Err(DaemonError::MigrationFailed(m)) = out else {
             panic!("{out:?}")
         };
         assert!(m.contains("keeps running on the source"), "{m}");
@@ -802,7 +801,7 @@ mod tests {
         pool.mark_ran(&file).unwrap();
         let (out, fenced) = arm_and_settle(&src, &zc, 1, || {}, libvirt_failed());
         assert!(!fenced, "a stale marker must not destroy the source");
-        let Err(BeamError::MigrationFailed(m)) = out else {
+        let Err(DaemonError::MigrationFailed(m)) = out else {
             panic!("{out:?}")
         };
         assert!(m.contains("keeps running on the source"), "{m}");
@@ -828,7 +827,7 @@ mod tests {
             || panic!("fenced"),
         );
         assert!(
-            matches!(&out, Err(BeamError::MigrationFailed(m)) if m.starts_with("cancelled: ")),
+            matches!(&out, Err(DaemonError::MigrationFailed(m)) if m.starts_with("cancelled: ")),
             "{out:?}"
         );
         assert_eq!(record(&cloud, &file).state, OwnerState::Active);
@@ -876,7 +875,7 @@ mod tests {
         // its failure path removed the first job's entry and marker and so disarmed the fence).
         let second = arm_zero_copy(&src.ctx, 2, &zc);
         assert!(
-            matches!(second, Err(BeamError::Busy(_))),
+            matches!(second, Err(DaemonError::Busy(_))),
             "{:?}",
             second.err()
         );
@@ -937,7 +936,12 @@ mod tests {
         src.fake.refuse_arm_source.store(true, Ordering::SeqCst);
         let r = arm_zero_copy(&src.ctx, 1, &plan_to_cvm2(&file));
         assert!(
-            matches!(r, Err(BeamError::ZeroCopyRefused(_))),
+            matches!(
+                r,
+                Err(DaemonError::Backend(
+                    vmbeam_core::backend::BackendError::Refused(_)
+                ))
+            ),
             "{:?}",
             r.err()
         );
@@ -961,7 +965,7 @@ mod tests {
         let before = record(&cloud, &file);
         let r = arm_zero_copy(&src.ctx, 1, &plan_to_cvm2(&file));
         assert!(
-            matches!(&r, Err(BeamError::Failed(m)) if m.contains("hand-over")),
+            matches!(&r, Err(e @ DaemonError::Pool { .. }) if e.to_string().contains("hand-over")),
             "{:?}",
             r.err()
         );

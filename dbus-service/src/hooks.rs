@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use crate::error::DaemonError;
 use tracing::{error, info, info_span, warn};
-use vmbeam_bus::BeamError;
 use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
 use vmbeam_core::hook::{HookOp, HookSubOp};
@@ -21,13 +21,13 @@ use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
 
 use crate::state::{now_secs, Incoming, Running, SharedCtx};
 
-fn failed(e: impl std::fmt::Display) -> BeamError {
-    BeamError::Failed(e.to_string())
+fn failed(e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Failed(e.to_string())
 }
 
 /// Handles one hook invocation; returns what the hook prints (the XML for `migrate`).
-pub fn handle(ctx: &SharedCtx, args: &[String], xml: &str) -> Result<String, BeamError> {
-    let ev = HookEvent::from_args(args).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+pub fn handle(ctx: &SharedCtx, args: &[String], xml: &str) -> Result<String, DaemonError> {
+    let ev = HookEvent::from_args(args).map_err(|e| DaemonError::bad_input("", e))?;
     let passthrough = if ev.output_replaces_xml() {
         xml.to_string()
     } else {
@@ -36,9 +36,9 @@ pub fn handle(ctx: &SharedCtx, args: &[String], xml: &str) -> Result<String, Bea
     let meta = match BeamMetadata::from_domain_xml(xml) {
         Ok(Some(m)) => m,
         Ok(None) => return Ok(passthrough),
-        Err(e) => return Err(BeamError::InvalidArgs(format!("VMBeam metadata: {e}"))),
+        Err(e) => return Err(DaemonError::bad_input("VMBeam metadata: ", e)),
     };
-    let facts = DomainFacts::from_xml(xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+    let facts = DomainFacts::from_xml(xml).map_err(|e| DaemonError::bad_input("", e))?;
     let span =
         info_span!("hook", domain = %facts.name, op = %ev.op.as_str(), sub = %ev.sub_op.as_str());
     let _g = span.enter();
@@ -60,9 +60,9 @@ fn migrate_begin(
     xml: &str,
     facts: &DomainFacts,
     meta: &BeamMetadata,
-) -> Result<String, BeamError> {
+) -> Result<String, DaemonError> {
     let (clean, ticket) =
-        carrier::extract_ticket(xml).map_err(|e| BeamError::InvalidArgs(e.to_string()))?;
+        carrier::extract_ticket(xml).map_err(|e| DaemonError::bad_input("", e))?;
     let id = &ctx.cfg.identity;
     let Some(encoded) = ticket else {
         info!("incoming copying migration: the domain gets a fresh pool file here");
@@ -73,14 +73,14 @@ fn migrate_begin(
             .remove(&facts.uuid);
         return owned_here(ctx, &clean, meta, None);
     };
-    let ticket = Ticket::decode(&encoded).map_err(|e| BeamError::TicketRefused(e.to_string()))?;
+    let ticket = Ticket::decode(&encoded).map_err(DaemonError::Ticket)?;
     let pool = BeamPool::new(&id.pool_dir);
     // The pool file must be in our own view of the pool, and be the very file the source
     // named (device and inode), before the ticket counts.
     let identity = pool
         .check_file(&ticket.pool_file, facts.memory_bytes().map_err(failed)?)
         .map_err(|e| {
-            BeamError::TicketRefused(format!(
+            DaemonError::TicketRefused(format!(
                 "pool file {} in this host's pool: {e}",
                 ticket.pool_file
             ))
@@ -98,7 +98,7 @@ fn migrate_begin(
             .verify(&ctx.key, &expectations, now_secs(), &mut *replay)
             .map_err(|e| {
                 warn!(error = %e, "ticket refused");
-                BeamError::TicketRefused(e.to_string())
+                DaemonError::Ticket(e)
             })?;
     }
     info!(source = %ticket.source_host, pool_file = %ticket.pool_file, "ticket accepted: incoming zero-copy migration");
@@ -120,7 +120,7 @@ fn owned_here(
     xml: &str,
     meta: &BeamMetadata,
     pool_file: Option<String>,
-) -> Result<String, BeamError> {
+) -> Result<String, DaemonError> {
     let id = &ctx.cfg.identity;
     let moved = BeamMetadata {
         cloud: id.cloud.clone(),
@@ -128,11 +128,11 @@ fn owned_here(
         pool_file,
         ..meta
             .handed_to(id.host_id.clone())
-            .map_err(|e| BeamError::InvalidArgs(format!("VMBeam metadata: {e}")))?
+            .map_err(|e| DaemonError::bad_input("VMBeam metadata: ", e))?
     };
     vmbeam_core::transform::enable(xml, &moved, &ctx.cfg.qmp_dir)
         .map(|r| r.xml)
-        .map_err(|e| BeamError::InvalidArgs(format!("incoming domain XML: {e}")))
+        .map_err(|e| DaemonError::bad_input("incoming domain XML: ", e))
 }
 
 /// Fault injection for tests: if `/run/vmbeam/fault-delay-<point>-ms` exists, the hook
@@ -149,20 +149,17 @@ fn fault_delay(point: &str) {
     }
 }
 
-fn backend_err(e: BackendError) -> BeamError {
-    match e {
-        BackendError::Refused(m) => BeamError::ZeroCopyRefused(m),
-        BackendError::Failed(m) => BeamError::Failed(m),
-    }
+fn backend_err(e: BackendError) -> DaemonError {
+    DaemonError::Backend(e)
 }
 
 /// Any start: link libvirt's RAM path to a pool file that exists with the full size.
-fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
+fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError> {
     let id = &ctx.cfg.identity;
     let pool = BeamPool::new(&id.pool_dir);
     let size = facts.memory_bytes().map_err(failed)?;
     if facts.numa_cells > 0 {
-        return Err(BeamError::CannotEnable(
+        return Err(DaemonError::CannotEnable(
             "guest NUMA cells are not supported by VMBeam".into(),
         ));
     }
@@ -177,10 +174,10 @@ fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
         None => {
             let generation = next_generation(&pool, &facts.uuid)?;
             pool.create_file(&facts.uuid, generation, size, None)
-                .map_err(failed)?;
+                .map_err(|e| DaemonError::pool("", e))?;
             let name = vmbeam_core::pool::pool_file_name(&facts.uuid, generation);
             pool.claim(&name, &facts.uuid, generation, &id.host_id)
-                .map_err(failed)?;
+                .map_err(|e| DaemonError::pool("", e))?;
             (name, false)
         }
     };
@@ -202,10 +199,10 @@ fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
     Ok(())
 }
 
-fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, BeamError> {
+fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, DaemonError> {
     let max = pool
         .list()
-        .map_err(failed)?
+        .map_err(|e| DaemonError::pool("", e))?
         .into_iter()
         .filter(|e| &e.domain_uuid == uuid)
         .map(|e| e.generation)
@@ -216,7 +213,7 @@ fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, BeamError>
 
 /// QEMU is up and waiting for the stream. For zero-copy: `x-ignore-shared` on, then a watcher
 /// that resets it when the incoming migration is over.
-fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), BeamError> {
+fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError> {
     fault_delay("started");
     let zero_copy = ctx
         .tables
@@ -491,7 +488,10 @@ mod tests {
                 &with_ticket(&cloud, issue),
             );
             assert!(
-                matches!(r, Err(BeamError::TicketRefused(_))),
+                matches!(
+                    r,
+                    Err(DaemonError::TicketRefused(_) | DaemonError::Ticket(_))
+                ),
                 "{what}: {r:?}"
             );
             assert_eq!(snapshot(&cloud, &dst), before, "{what}");
@@ -509,12 +509,24 @@ mod tests {
             &args("migrate", "begin"),
             &with_ticket(&cloud, wrong),
         );
-        assert!(matches!(r, Err(BeamError::TicketRefused(_))), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(DaemonError::TicketRefused(_) | DaemonError::Ticket(_))
+            ),
+            "{r:?}"
+        );
         assert_eq!(snapshot(&cloud, &dst), before);
         // A garbled ticket.
         let garbled = carrier::insert_ticket(&domain_xml("cvm1"), "vmbt1.AAAA").unwrap();
         let r = handle(&dst.ctx, &args("migrate", "begin"), &garbled);
-        assert!(matches!(r, Err(BeamError::TicketRefused(_))), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(DaemonError::TicketRefused(_) | DaemonError::Ticket(_))
+            ),
+            "{r:?}"
+        );
         assert_eq!(snapshot(&cloud, &dst), before);
 
         // A replayed ticket: accepted once, refused the second time, nothing recorded then.
@@ -524,7 +536,7 @@ mod tests {
         let before = snapshot(&cloud, &dst);
         let r = handle(&dst.ctx, &args("migrate", "begin"), &xml);
         assert!(
-            matches!(&r, Err(BeamError::TicketRefused(m)) if m.contains("already used")),
+            matches!(&r, Err(e @ DaemonError::Ticket(_)) if e.to_string().contains("already used")),
             "{r:?}"
         );
         assert_eq!(snapshot(&cloud, &dst), before);

@@ -7,8 +7,8 @@
 
 use std::ops::Deref;
 
+use crate::error::DaemonError;
 use virt::connect::Connect;
-use vmbeam_bus::BeamError;
 
 /// An open libvirt connection; closed on drop (after the domains looked up through it, which
 /// are declared later and so dropped first).
@@ -37,9 +37,8 @@ impl Drop for Conn {
 }
 
 /// The libvirt host UUID `conn` reports (`<host><uuid>` of its capabilities), lowercase.
-pub fn host_uuid(conn: &Connect) -> Result<String, BeamError> {
-    let caps = conn
-        .get_capabilities()
-        .map_err(|e| BeamError::Libvirt(e.message().to_string()))?;
-    vmbeam_core::host::host_uuid(&caps).map_err(|e| BeamError::Libvirt(e.to_string()))
+pub fn host_uuid(conn: &Connect) -> Result<String, DaemonError> {
+    let caps = conn.get_capabilities().map_err(DaemonError::libvirt)?;
+    vmbeam_core::host::host_uuid(&caps)
+        .map_err(|e| DaemonError::Failed(format!("libvirt's host capabilities: {e}")))
 }

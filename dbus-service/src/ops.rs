@@ -53,9 +53,9 @@ pub enum OpError {
     /// The pool could not be read.
     #[error("beam pool: {0}")]
     Pool(#[from] PoolError),
-    /// Probing the destination failed (already a wire error: the engine's own).
+    /// Probing the destination failed.
     #[error(transparent)]
-    Engine(vmbeam_bus::BeamError),
+    Engine(#[from] crate::error::DaemonError),
 }
 
 fn libvirt(what: &'static str) -> impl FnOnce(virt::error::Error) -> OpError {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 use vmbeam_bus::{BeamError, DaemonStatus, DomainRow, MigrateOptionsDict, JOBS_PATH};
 use vmbeam_core::job::MigrateOptions;
 use vmbeam_core::{Operation, Phase};
@@ -18,6 +18,7 @@ use zbus::zvariant::OwnedObjectPath;
 use zbus::{interface, Connection, ObjectServer};
 
 use crate::engine::{self, JobHandle, JobView};
+use crate::error::DaemonError;
 use crate::hooks;
 use crate::ops::{self, OpError};
 use crate::state::SharedCtx;
@@ -119,9 +120,54 @@ impl From<OpError> for BeamError {
             OpError::CannotEnable(_) => BeamError::CannotEnable(text),
             OpError::Libvirt { .. } => BeamError::Libvirt(text),
             OpError::Pool(_) => BeamError::Failed(text),
-            OpError::Engine(b) => b,
+            OpError::Engine(d) => d.into(),
         }
     }
+}
+
+/// The one conversion of migration and hook errors to the wire: the kind picks the D-Bus
+/// error name, the text is the error's own (its causes stay in the daemon's log).
+impl From<DaemonError> for BeamError {
+    fn from(e: DaemonError) -> Self {
+        let text = e.to_string();
+        match e {
+            DaemonError::NoSuchDomain(_) => BeamError::NoSuchDomain(text),
+            DaemonError::InvalidArgs(_) | DaemonError::BadInput { .. } => {
+                BeamError::InvalidArgs(text)
+            }
+            DaemonError::CannotEnable(_) => BeamError::CannotEnable(text),
+            DaemonError::ZeroCopyRefused(_)
+            | DaemonError::Backend(vmbeam_core::backend::BackendError::Refused(_)) => {
+                BeamError::ZeroCopyRefused(text)
+            }
+            DaemonError::TicketRefused(_) | DaemonError::Ticket(_) => {
+                BeamError::TicketRefused(text)
+            }
+            DaemonError::Busy(_) => BeamError::Busy(text),
+            DaemonError::Libvirt { .. } => BeamError::Libvirt(text),
+            DaemonError::Job(_) | DaemonError::MigrationFailed(_) => {
+                BeamError::MigrationFailed(text)
+            }
+            DaemonError::Pool { .. }
+            | DaemonError::Backend(vmbeam_core::backend::BackendError::Failed(_))
+            | DaemonError::Failed(_) => BeamError::Failed(text),
+        }
+    }
+}
+
+/// The error and its causes on one line, for the log.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.ends_with(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// Validates an operation against the model, as every front end's request must pass.
@@ -234,10 +280,14 @@ impl Manager {
                 engine::run(&ctx, &h3, &domain, &dest_uri, &opts)
             })
             .await
-            .unwrap_or_else(|e| Err(BeamError::Failed(format!("job thread: {e}"))));
-            let (success, message, name) = match &outcome {
-                Ok(m) => (true, m.clone(), String::new()),
-                Err(e) => (false, e.text(), zbus::DBusError::name(e).to_string()),
+            .unwrap_or_else(|e| Err(DaemonError::Failed(format!("job thread: {e}"))));
+            let (success, message, name) = match outcome {
+                Ok(m) => (true, m, String::new()),
+                Err(e) => {
+                    warn!(job = id, error = %chain(&e), "migration failed");
+                    let wire = BeamError::from(e);
+                    (false, wire.text(), zbus::DBusError::name(&wire).to_string())
+                }
             };
             {
                 let mut v = h2.view.lock().expect("lock");
@@ -539,8 +589,13 @@ impl HookObj {
         require_root(&hdr, conn, "HookEvent").await?;
         let ctx = self.ctx.clone();
         let limit = ctx.cfg.hook_timeout;
-        match tokio::time::timeout(limit, blocking(move || hooks::handle(&ctx, &args, &xml))).await
-        {
+        let handled = blocking(move || {
+            hooks::handle(&ctx, &args, &xml).map_err(|e| {
+                warn!(error = %chain(&e), "hook event refused");
+                BeamError::from(e)
+            })
+        });
+        match tokio::time::timeout(limit, handled).await {
             Ok(r) => r,
             Err(_) => Err(BeamError::Failed(format!(
                 "hook event not handled within {limit:?}"
