@@ -37,7 +37,8 @@ pub struct JobView {
     pub bytes_transferred: u64,
     pub downtime_ms: u64,
     pub total_ms: u64,
-    pub mode: String,
+    /// Once planned.
+    pub mode: Option<MigrationMode>,
     pub mode_reason: String,
     pub error: String,
     pub error_name: String,
@@ -56,7 +57,7 @@ impl Default for JobView {
             bytes_transferred: 0,
             downtime_ms: 0,
             total_ms: 0,
-            mode: String::new(),
+            mode: None,
             mode_reason: String::new(),
             error: String::new(),
             error_name: String::new(),
@@ -357,14 +358,9 @@ fn plan_migration(
     };
     let reason = with_detail(planned.reason.to_string());
     let zero_copy = planned.mode == MigrationMode::ZeroCopy;
-    info!(mode = if zero_copy { "zero-copy" } else { "traditional" }, %reason, "planned");
+    info!(mode = %planned.mode, %reason, "planned");
     job.update(|v| {
-        v.mode = if zero_copy {
-            "zero-copy"
-        } else {
-            "traditional"
-        }
-        .into();
+        v.mode = Some(planned.mode);
         v.mode_reason = reason.clone();
     });
     if !zero_copy {

@@ -231,7 +231,7 @@ pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonSta
                 v.destination,
                 v.phase.as_str().to_owned(),
                 v.progress,
-                v.mode,
+                v.mode.map(|m| m.to_string()).unwrap_or_default(),
             )
         })
         .collect();

@@ -550,7 +550,8 @@ impl JobObj {
     }
     #[zbus(property)]
     async fn mode(&self) -> String {
-        self.handle.view.lock().expect("lock").mode.clone()
+        let mode = self.handle.view.lock().expect("lock").mode;
+        mode.map(|m| m.to_string()).unwrap_or_default()
     }
     #[zbus(property)]
     async fn mode_reason(&self) -> String {
