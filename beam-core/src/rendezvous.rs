@@ -479,7 +479,7 @@ mod prop_tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::test_support::proptest_config;
+    use crate::test_support::{mutate, proptest_config};
 
     fn key() -> TicketKey {
         TicketKey::from_bytes(vec![5u8; 32]).unwrap()
@@ -539,19 +539,6 @@ mod prop_tests {
                 &key(),
             )
         }
-    }
-
-    /// `bytes` with one byte replaced, cut short or extended, as `mode` picks.
-    fn mutate(mut bytes: Vec<u8>, mode: u8, pos: prop::sample::Index, b: u8) -> Vec<u8> {
-        let i = pos
-            .index(bytes.len().max(1))
-            .min(bytes.len().saturating_sub(1));
-        match mode % 3 {
-            0 if !bytes.is_empty() => bytes[i] ^= b.max(1),
-            1 => bytes.truncate(i),
-            _ => bytes.push(b),
-        }
-        bytes
     }
 
     proptest! {
