@@ -617,3 +617,55 @@ pub(crate) mod tests {
         assert_eq!(private_qmp_path("tcp:localhost:4444", &uuid), None);
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_support::{mutate_text, proptest_config};
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_domain_arbitrary_text_never_panics(s in any::<String>()) {
+            let _ = DomainFacts::from_xml(&s);
+        }
+
+        #[test]
+        fn prop_domain_xmlish_text_never_panics(s in "[<>/=a-z:'\" \n&;!?-]{0,200}") {
+            let _ = DomainFacts::from_xml(&s);
+        }
+
+        #[test]
+        fn prop_domain_mutated_xml_never_panics(
+            mode in any::<u8>(),
+            pos in any::<prop::sample::Index>(),
+            b in any::<u8>(),
+        ) {
+            let xml = mutate_text(tests::RUNNING, mode, pos, b);
+            if let Ok(facts) = DomainFacts::from_xml(&xml) {
+                let _ = facts.memory_bytes();
+                let mb = &facts.memory_backing;
+                let _ = (mb.effective_source(), mb.effective_access());
+            }
+            let _ = crate::transform::disable(&xml);
+        }
+
+        #[test]
+        fn prop_domain_memory_size_never_panics(value in ".{0,30}", unit in proptest::option::of(".{0,8}")) {
+            let _ = parse_memory_kib(&value, unit.as_deref());
+        }
+
+        #[test]
+        fn prop_domain_memory_size_decimal_kib(n in any::<u64>()) {
+            let got = parse_memory_kib(&n.to_string(), Some("KiB"));
+            if n.checked_mul(1024).is_some() {
+                prop_assert_eq!(got.unwrap(), n);
+            } else {
+                prop_assert!(matches!(got, Err(DomainError::MemoryOverflow)), "{:?}", got);
+            }
+        }
+    }
+}

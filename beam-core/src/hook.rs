@@ -305,3 +305,41 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_support::proptest_config;
+
+    fn arg() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            Just(String::new()),
+            Just("-".to_owned()),
+            "(prepare|start|started|stopped|release|migrate|restore|reconnect|attach|begin|end)",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_hook_from_arbitrary_args_never_panics(
+            args in proptest::collection::vec(arg(), 0..7),
+        ) {
+            match HookEvent::from_args(&args) {
+                Ok(ev) => {
+                    prop_assert_eq!(args.len(), 4);
+                    // Libvirt's arguments come back unchanged, and parse to the same event.
+                    prop_assert_eq!(ev.to_args().to_vec(), args);
+                    prop_assert_eq!(HookEvent::from_args(&ev.to_args()).unwrap(), ev);
+                }
+                Err(_) => prop_assert!(
+                    args.len() != 4 || args[0].is_empty() || args[1].is_empty()
+                ),
+            }
+        }
+    }
+}

@@ -303,7 +303,7 @@ mod tests {
     type Check = fn(&IdentityError) -> bool;
     use std::fs;
 
-    const GOOD: &str = r#"
+    pub(super) const GOOD: &str = r#"
 # VMBeam identity
 host_id = "cvm1"
 cloud = "acme-virtual-iaas"   # the secondary provider's cloud
@@ -457,5 +457,42 @@ ticket_ttl_secs = 45
             Identity::load(&dir.path().join("absent.conf")),
             Err(IdentityError::Read(..))
         ));
+    }
+}
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::tests::GOOD;
+    use super::*;
+    use crate::test_support::{mutate_text, proptest_config};
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_identity_arbitrary_text_never_panics(s in any::<String>()) {
+            let _ = s.parse::<Identity>();
+        }
+
+        #[test]
+        fn prop_identity_configish_text_never_panics(
+            s in "([a-z_]{0,16} ?=? ?(\"[^\"\n]{0,20}\"?|[0-9-]{0,22}|true|false)? ?(#.{0,5})?\n){0,8}",
+        ) {
+            let _ = s.parse::<Identity>();
+        }
+
+        #[test]
+        fn prop_identity_mutated_config_never_panics(
+            mode in any::<u8>(),
+            pos in any::<prop::sample::Index>(),
+            b in any::<u8>(),
+        ) {
+            let text = mutate_text(GOOD, mode, pos, b);
+            if let Ok(id) = text.parse::<Identity>() {
+                prop_assert!(id.pool_dir.is_absolute());
+            }
+        }
     }
 }

@@ -33,6 +33,9 @@ pub mod ticket;
 pub mod transform;
 mod xml;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 pub use domain::DomainFacts;
 pub use hook::HookEvent;
 pub use identity::Identity;

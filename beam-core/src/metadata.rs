@@ -566,3 +566,83 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::tests::RUNNING;
+    use crate::test_support::{mutate_text, proptest_config};
+
+    prop_compose! {
+        fn metadata()(
+            cloud in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,30}",
+            owner in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,30}",
+            pool in "(/[a-zA-Z0-9 _.<>&'\"-]{0,12}[a-zA-Z0-9_.<>&'\"-]){1,4}",
+            generation in any::<u64>(),
+            pool_file in proptest::option::of("[a-zA-Z0-9_.<>&'\"-][a-zA-Z0-9 _.<>&'\"-]{0,40}[a-zA-Z0-9_<>&'\"-]"),
+        ) -> BeamMetadata {
+            BeamMetadata {
+                cloud: CloudId::new(cloud).unwrap(),
+                pool: PathBuf::from(pool),
+                owner: HostId::new(owner).unwrap(),
+                generation,
+                pool_file,
+            }
+        }
+    }
+
+    fn enabled(m: &BeamMetadata) -> String {
+        crate::transform::enable(RUNNING, m, Path::new("/run/vmbeam/qmp"))
+            .unwrap()
+            .xml
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_metadata_arbitrary_text_never_panics(s in any::<String>()) {
+            let _ = BeamMetadata::from_domain_xml(&s);
+            let _ = BeamMetadata::parse_metadata_element(&s);
+        }
+
+        #[test]
+        fn prop_metadata_xmlish_text_never_panics(s in "[<>/=a-z:'\" \n&;!?-]{0,200}") {
+            let _ = BeamMetadata::from_domain_xml(&s);
+            let _ = BeamMetadata::parse_metadata_element(&s);
+        }
+
+        #[test]
+        fn prop_metadata_element_round_trip(m in metadata()) {
+            prop_assert_eq!(BeamMetadata::parse_metadata_element(&m.to_element_xml()).unwrap(), m.clone());
+            prop_assert_eq!(BeamMetadata::parse_metadata_element(&m.to_namespaced_xml()).unwrap(), m.clone());
+            prop_assert_eq!(BeamMetadata::parse_metadata_element(&m.write_xml(None, None)).unwrap(), m);
+        }
+
+        #[test]
+        fn prop_metadata_domain_round_trip(m in metadata()) {
+            prop_assert_eq!(BeamMetadata::from_domain_xml(&enabled(&m)).unwrap(), Some(m));
+        }
+
+        #[test]
+        fn prop_metadata_mutated_domain_never_panics(
+            m in metadata(),
+            mode in any::<u8>(),
+            pos in any::<prop::sample::Index>(),
+            b in any::<u8>(),
+        ) {
+            let xml = mutate_text(&enabled(&m), mode, pos, b);
+            if let Ok(Some(parsed)) = BeamMetadata::from_domain_xml(&xml) {
+                // Whatever parses is consistent: it writes back to itself.
+                prop_assert_eq!(
+                    BeamMetadata::parse_metadata_element(&parsed.to_element_xml()).unwrap(),
+                    parsed
+                );
+            }
+        }
+    }
+}

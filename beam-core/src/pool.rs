@@ -227,7 +227,10 @@ pub fn classify(name: &str) -> PoolFileKind {
         name.strip_suffix(suffix)
             .is_some_and(|stem| stem.parse::<Nonce>().is_ok())
     };
-    if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
+    if !is_plain_file_name(name) {
+        // Never claim a name that is not a plain name inside the pool (`../x.tmp`).
+        PoolFileKind::Foreign
+    } else if name.starts_with('.') && name.ends_with(TMP_SUFFIX) {
         PoolFileKind::Temporary
     } else if of_pool_file("") {
         PoolFileKind::Ram
@@ -1276,5 +1279,115 @@ mod tests {
             .leftovers(std::time::Duration::from_secs(3600))
             .unwrap()
             .is_empty());
+    }
+}
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_support::{mutate, proptest_config};
+
+    const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[./a-f0-9-]{0,12}\\.(tmp|proof|rdv-req|rdv-resp|ram|owner|ran)",
+            "\\.[./a-z]{0,6}\\.tmp",
+            (
+                any::<[u8; 16]>(),
+                "(|/|\\.\\./|\\./|x/)",
+                "\\.(proof|rdv-req|rdv-resp)"
+            )
+                .prop_map(|(n, pre, suf)| format!("{pre}{}{suf}", Nonce(n))),
+            (any::<u64>(), "(|/|\\.\\./|\\./|x/)", "(|\\.owner|\\.ran)")
+                .prop_map(|(g, pre, suf)| format!("{pre}{UUID}.{g}.ram{suf}")),
+        ]
+    }
+
+    fn record_json() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<u64>(),
+            prop_oneof![
+                Just("active"),
+                Just("handing-over"),
+                Just("released"),
+                Just("x")
+            ],
+            proptest::option::of("[a-z0-9]{1,8}"),
+        )
+            .prop_map(|(generation, state, to)| {
+                let mut v = serde_json::json!({
+                    "owner": "cvm1",
+                    "domain_uuid": UUID,
+                    "generation": generation,
+                    "pool_file": format!("{UUID}.1.ram"),
+                    "state": state,
+                });
+                if let Some(to) = to {
+                    v["handing_over_to"] = to.into();
+                }
+                serde_json::to_vec(&v).unwrap()
+            })
+    }
+
+    /// Regression (found by `prop_pool_classify_never_claims_an_escaping_name`): a name
+    /// with a directory part was classified as one of VMBeam's temporary files.
+    #[test]
+    fn classify_refuses_names_outside_the_pool() {
+        for name in ["./.tmp", "../x.tmp", "./../.owner.tmp", ".a/b.tmp"] {
+            assert_eq!(classify(name), PoolFileKind::Foreign, "{name}");
+        }
+        assert_eq!(classify(".x.tmp"), PoolFileKind::Temporary);
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_pool_classify_never_claims_an_escaping_name(name in name()) {
+            let kind = classify(&name);
+            if kind != PoolFileKind::Foreign {
+                prop_assert!(is_plain_file_name(&name), "{:?} classified {:?}", name, kind);
+            }
+            if let Some((uuid, generation)) = parse_pool_file_name(&name) {
+                prop_assert_eq!(pool_file_name(&uuid, generation), name);
+            }
+        }
+
+        #[test]
+        fn prop_pool_read_owner_of_arbitrary_content(
+            content in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..300),
+                record_json(),
+                (record_json(), any::<u8>(), any::<prop::sample::Index>(), any::<u8>())
+                    .prop_map(|(j, mode, pos, b)| mutate(j, mode, pos, b)),
+            ],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let pool = BeamPool::new(dir.path());
+            let file = format!("{UUID}.1.ram");
+            fs::write(dir.path().join(format!("{file}{OWNER_SUFFIX}")), &content).unwrap();
+            if let Ok(Some(record)) = pool.read_owner(&file) {
+                prop_assert_eq!(&record.pool_file, &file);
+                prop_assert_eq!(
+                    record.state == OwnerState::HandingOver,
+                    record.handing_over_to.is_some()
+                );
+            }
+        }
+
+        #[test]
+        fn prop_pool_owner_record_round_trip(generation in any::<u64>(), host in "[a-z0-9][a-z0-9.-]{0,20}") {
+            let dir = tempfile::tempdir().unwrap();
+            let pool = BeamPool::new(dir.path());
+            let file = format!("{UUID}.1.ram");
+            let uuid = DomainUuid::new(UUID).unwrap();
+            let host = HostId::new(host).unwrap();
+            let record = pool.claim(&file, &uuid, generation, &host).unwrap();
+            prop_assert_eq!(pool.read_owner(&file).unwrap(), Some(record));
+        }
     }
 }

@@ -473,3 +473,153 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_support::{mutate, proptest_config};
+
+    fn key() -> TicketKey {
+        TicketKey::from_bytes(vec![5u8; 32]).unwrap()
+    }
+
+    fn proof_status() -> impl Strategy<Value = ProofStatus> {
+        prop_oneof![
+            Just(ProofStatus::Proven),
+            Just(ProofStatus::NotAttempted),
+            Just(ProofStatus::Unreadable),
+            Just(ProofStatus::ContentMismatch),
+            Just(ProofStatus::IdentityMismatch),
+            ".{0,20}".prop_map(ProofStatus::Error),
+        ]
+    }
+
+    prop_compose! {
+        fn request()(
+            nonce in any::<[u8; 16]>(),
+            sha in "[0-9a-f]{64}",
+            dev in any::<u64>(),
+            ino in any::<u64>(),
+            to in ".{0,40}",
+            pool_file in proptest::option::of(".{0,40}"),
+            expires_at in any::<u64>(),
+        ) -> Request {
+            let proof = ProofToken {
+                nonce: Nonce(nonce),
+                sha256: sha,
+                identity: FileIdentity { dev, ino },
+            };
+            Request::new(
+                HostId::new("cvm1").unwrap(),
+                CloudId::new("acme").unwrap(),
+                &to,
+                proof,
+                pool_file.as_deref(),
+                expires_at,
+            )
+        }
+    }
+
+    prop_compose! {
+        fn response()(
+            req in request(),
+            uuid in ".{0,40}",
+            proof in proof_status(),
+            identity in proptest::option::of(any::<(u64, u64)>()),
+        ) -> Response {
+            Response::answer(
+                &req,
+                HostId::new("cvm2").unwrap(),
+                CloudId::new("acme").unwrap(),
+                &uuid,
+                proof,
+                identity.map(|(dev, ino)| FileIdentity { dev, ino }),
+                &key(),
+            )
+        }
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_rdv_decode_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+            let n = Nonce([0; 16]);
+            let _ = read_answer(&bytes, &key(), &n, &CloudId::new("acme").unwrap(), "x");
+        }
+
+        #[test]
+        fn prop_rdv_request_file_name_round_trip(nonce in any::<[u8; 16]>(), other in ".{0,80}") {
+            let n = Nonce(nonce);
+            prop_assert_eq!(parse_request_file_name(&request_file_name(&n)), Some(n));
+            prop_assert_eq!(parse_request_file_name(&response_file_name(&n)), None);
+            if let Some(parsed) = parse_request_file_name(&other) {
+                prop_assert!(!other.contains('/'));
+                prop_assert_eq!(
+                    request_file_name(&parsed).to_ascii_lowercase(),
+                    other.to_ascii_lowercase()
+                );
+            }
+        }
+
+        #[test]
+        fn prop_rdv_request_round_trip(req in request()) {
+            prop_assert_eq!(Request::decode(&req.encode()).unwrap(), req);
+        }
+
+        #[test]
+        fn prop_rdv_response_round_trip_and_signed(resp in response()) {
+            let back = Response::decode(&resp.encode()).unwrap();
+            prop_assert!(back.is_signed_by(&key()));
+            prop_assert!(!back.is_signed_by(&TicketKey::from_bytes(vec![6u8; 32]).unwrap()));
+            prop_assert_eq!(back, resp);
+        }
+
+        #[test]
+        fn prop_rdv_mutated_request_never_panics(
+            req in request(),
+            mode in any::<u8>(),
+            pos in any::<prop::sample::Index>(),
+            b in any::<u8>(),
+        ) {
+            let bytes = mutate(req.encode(), mode, pos, b);
+            if let Ok(parsed) = Request::decode(&bytes) {
+                prop_assert_eq!(Request::decode(&parsed.encode()).unwrap(), parsed);
+            }
+        }
+
+        #[test]
+        fn prop_rdv_mutated_response_verifies_only_unchanged_content(
+            resp in response(),
+            mode in any::<u8>(),
+            pos in any::<prop::sample::Index>(),
+            b in any::<u8>(),
+        ) {
+            let bytes = mutate(resp.encode(), mode, pos, b);
+            let acme = CloudId::new("acme").unwrap();
+            let got = read_answer(&bytes, &key(), &resp.nonce, &acme, &resp.libvirt_uuid);
+            if let Ok(parsed) = Response::decode(&bytes) {
+                if parsed.is_signed_by(&key()) {
+                    // Only an edit that leaves every signed field as it was may still verify
+                    // (JSON whitespace, hex case of the MAC).
+                    prop_assert_eq!(parsed.body(), resp.body());
+                    prop_assert!(got.is_ok());
+                } else if parsed.cloud == acme && parsed.nonce == resp.nonce {
+                    prop_assert!(
+                        matches!(got, Err(MessageError::BadMac { .. })),
+                        "{:?}",
+                        got
+                    );
+                }
+            } else {
+                prop_assert!(got.is_err());
+            }
+        }
+    }
+}

@@ -987,3 +987,117 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::test_support::proptest_config;
+
+    fn key() -> TicketKey {
+        TicketKey::from_bytes(vec![7u8; 32]).unwrap()
+    }
+
+    prop_compose! {
+        fn valid_ticket()(
+            domain_name in ".{0,40}",
+            pool_file in "[a-z0-9.-]{0,60}",
+            dev in any::<u64>(),
+            ino in any::<u64>(),
+            ttl_secs in 1..=MAX_TICKET_TTL_SECS,
+            now in 0..u64::MAX - MAX_TICKET_TTL_SECS,
+            nonce in any::<[u8; 16]>(),
+        ) -> Ticket {
+            let fields = TicketFields {
+                cloud: CloudId::new("acme").unwrap(),
+                domain_uuid: DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ab").unwrap(),
+                domain_name,
+                pool_file,
+                pool_identity: FileIdentity { dev, ino },
+                source_host: HostId::new("cvm1").unwrap(),
+                dest_host: HostId::new("cvm2").unwrap(),
+                ttl_secs,
+            };
+            Ticket::issue_with_nonce(&key(), fields, now, Nonce(nonce)).unwrap()
+        }
+    }
+
+    /// Decodes `token` and verifies it at its issue time with a fresh cache and the
+    /// expectations of the tickets made by `valid_ticket`.
+    fn decode_and_verify(token: &str) -> Result<Ticket, TicketError> {
+        let t = Ticket::decode(token)?;
+        let cloud = CloudId::new("acme").unwrap();
+        let dest = HostId::new("cvm2").unwrap();
+        let uuid = DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ab").unwrap();
+        let expected = Expectations {
+            cloud: &cloud,
+            dest_host: &dest,
+            domain_uuid: &uuid,
+            source_host: None,
+            pool_identity: None,
+        };
+        let now = t.issued_at;
+        t.verify(&key(), &expected, now, &mut MemoryReplayCache::new())?;
+        Ok(t)
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_ticket_decode_arbitrary_text_never_panics(s in any::<String>()) {
+            let _ = Ticket::decode(&s);
+            let _ = Ticket::decode(&format!("{ENCODED_PREFIX}{s}"));
+        }
+
+        #[test]
+        fn prop_ticket_decode_arbitrary_bytes_round_trips(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let token = format!("{ENCODED_PREFIX}{}", b64::encode(&bytes));
+            if let Ok(t) = Ticket::decode(&token) {
+                // Whatever decodes re-encodes to the very same token (one encoding each).
+                prop_assert_eq!(t.encode().unwrap(), token);
+                // And a MAC made of arbitrary bytes does not verify.
+                prop_assert!(decode_and_verify(&t.encode().unwrap()).is_err());
+            }
+        }
+
+        #[test]
+        fn prop_ticket_round_trip_and_verify(t in valid_ticket()) {
+            let token = t.encode().unwrap();
+            let back = decode_and_verify(&token).unwrap();
+            prop_assert_eq!(back, t);
+        }
+
+        #[test]
+        fn prop_ticket_single_byte_change_refused(
+            t in valid_ticket(),
+            pos in any::<prop::sample::Index>(),
+            replacement in any::<u8>(),
+        ) {
+            let token = t.encode().unwrap();
+            let mut bytes = token.clone().into_bytes();
+            let i = pos.index(bytes.len());
+            prop_assume!(bytes[i] != replacement);
+            bytes[i] = replacement;
+            if let Ok(mutated) = String::from_utf8(bytes) {
+                prop_assert!(decode_and_verify(&mutated).is_err(), "{} accepted", mutated);
+            }
+        }
+
+        #[test]
+        fn prop_ticket_truncated_or_extended_refused(
+            t in valid_ticket(),
+            cut in any::<prop::sample::Index>(),
+            tail in "[A-Za-z0-9_-]{1,8}",
+        ) {
+            let token = t.encode().unwrap();
+            let keep = cut.index(token.len());
+            prop_assert!(decode_and_verify(&token[..keep]).is_err());
+            let extended = format!("{token}{tail}");
+            prop_assert!(decode_and_verify(&extended).is_err());
+        }
+    }
+}

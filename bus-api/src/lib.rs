@@ -436,3 +436,142 @@ pub trait Hook {
     /// makes libvirt fail the operation.
     fn hook_event(&self, args: Vec<String>, xml: &str) -> Result<String, BeamError>;
 }
+
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+    use proptest::test_runner::Config as ProptestConfig;
+    use zbus::zvariant::serialized::{Context, Data};
+    use zbus::zvariant::{to_bytes, LE};
+
+    use super::*;
+
+    /// `VMBEAM_PROPTEST_CASES` cases per property (default 256), as in vmbeam-core.
+    fn proptest_config() -> ProptestConfig {
+        let cases = std::env::var("VMBEAM_PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(256);
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn mode_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("auto".to_owned()),
+            Just("zero-copy".to_owned()),
+            Just("traditional".to_owned()),
+            any::<String>(),
+        ]
+    }
+
+    prop_compose! {
+        fn dict()(
+            mode in proptest::option::of(mode_name()),
+            live in any::<Option<bool>>(),
+            persistent in any::<Option<bool>>(),
+            undefine_source in any::<Option<bool>>(),
+            tls in any::<Option<bool>>(),
+            migrate_uri in proptest::option::of(any::<String>()),
+            timeout in any::<Option<u32>>(),
+        ) -> MigrateOptionsDict {
+            MigrateOptionsDict { mode, live, persistent, undefine_source, tls, migrate_uri, timeout }
+        }
+    }
+
+    prop_compose! {
+        fn options()(
+            mode in prop_oneof![
+                Just(RequestedMode::Auto),
+                Just(RequestedMode::RequireZeroCopy),
+                Just(RequestedMode::ForceTraditional),
+            ],
+            live in any::<bool>(),
+            persistent in any::<bool>(),
+            undefine_source in any::<bool>(),
+            tls in any::<bool>(),
+            migrate_uri in proptest::option::of(any::<String>()),
+            timeout_secs in proptest::option::of(0..=u64::from(u32::MAX)),
+        ) -> MigrateOptions {
+            MigrateOptions { mode, live, persistent, undefine_source, tls, migrate_uri, timeout_secs }
+        }
+    }
+
+    fn ctxt() -> Context {
+        Context::new_dbus(LE, 0)
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn prop_bus_options_from_arbitrary_dict(d in dict()) {
+            let known = matches!(d.mode.as_deref(), None | Some("auto" | "zero-copy" | "traditional"));
+            match MigrateOptions::try_from(d.clone()) {
+                Ok(o) => {
+                    prop_assert!(known);
+                    prop_assert_eq!(o.migrate_uri.as_ref(), d.migrate_uri.as_ref());
+                    prop_assert_eq!(o.timeout_secs, d.timeout.map(u64::from));
+                    // Converting back and forth again is stable.
+                    prop_assert_eq!(
+                        MigrateOptions::try_from(MigrateOptionsDict::from(&o)).unwrap(),
+                        o
+                    );
+                }
+                Err(e) => {
+                    prop_assert!(!known);
+                    prop_assert!(matches!(e, BeamError::InvalidArgs(_)), "{:?}", e);
+                }
+            }
+        }
+
+        #[test]
+        fn prop_bus_options_round_trip(o in options()) {
+            let d = MigrateOptionsDict::from(&o);
+            prop_assert_eq!(MigrateOptions::try_from(d.clone()).unwrap(), o);
+            // And through the D-Bus encoding (a{sv}).
+            let data = to_bytes(ctxt(), &d).unwrap();
+            let (back, _): (MigrateOptionsDict, _) = data.deserialize().unwrap();
+            prop_assert_eq!(back, d);
+        }
+
+        #[test]
+        fn prop_bus_dict_wire_round_trip(d in dict()) {
+            let data = to_bytes(ctxt(), &d).unwrap();
+            let (back, _): (MigrateOptionsDict, _) = data.deserialize().unwrap();
+            prop_assert_eq!(back, d);
+        }
+
+        #[test]
+        fn prop_bus_dict_from_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let data = Data::new(bytes, ctxt());
+            if let Ok((d, _)) = data.deserialize::<MigrateOptionsDict>() {
+                let _ = MigrateOptions::try_from(d);
+            }
+        }
+
+        #[test]
+        fn prop_bus_mutated_dict_wire_never_panics(
+            d in dict(),
+            pos in any::<prop::sample::Index>(),
+            b in 1u8..,
+            cut in any::<bool>(),
+        ) {
+            let mut bytes = to_bytes(ctxt(), &d).unwrap().to_vec();
+            let i = pos.index(bytes.len().max(1));
+            if cut {
+                bytes.truncate(i);
+            } else if let Some(byte) = bytes.get_mut(i) {
+                *byte ^= b;
+            }
+            if let Ok((d, _)) = Data::new(bytes, ctxt()).deserialize::<MigrateOptionsDict>() {
+                let _ = MigrateOptions::try_from(d);
+            }
+        }
+    }
+}
