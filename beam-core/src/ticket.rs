@@ -371,7 +371,7 @@ impl Ticket {
         }
         let mut mac_bytes = [0u8; MAC_LEN];
         mac_bytes.copy_from_slice(mac);
-        Ok(Self {
+        let t = Self {
             version,
             cloud,
             domain_uuid,
@@ -385,7 +385,14 @@ impl Ticket {
             expires_at,
             nonce: Nonce(nonce),
             mac: mac_bytes,
-        })
+        };
+        // One encoding per ticket: the MAC covers the fields as encoded canonically, so a
+        // body that only decodes to them (an upper-case UUID, say) would verify under
+        // another spelling. Found by `prop_ticket_single_byte_change_refused`.
+        if t.body()? != body {
+            return Err(TicketError::Malformed("not canonically encoded"));
+        }
+        Ok(t)
     }
 
     /// Checks the ticket, in this order: MAC (constant-time; [`TicketError::Forged`]),
@@ -1040,6 +1047,38 @@ mod prop_tests {
         let now = t.issued_at;
         t.verify(&key(), &expected, now, &mut MemoryReplayCache::new())?;
         Ok(t)
+    }
+
+    /// A ticket whose UUID is spelled in upper case decodes to the same fields as the
+    /// issued one, so its MAC would verify: it is refused as not canonical.
+    #[test]
+    fn a_non_canonical_spelling_of_a_ticket_is_refused() {
+        let t = Ticket::issue_with_nonce(
+            &key(),
+            TicketFields {
+                cloud: CloudId::new("acme").unwrap(),
+                domain_uuid: DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ab").unwrap(),
+                domain_name: "web1".into(),
+                pool_file: "f".into(),
+                pool_identity: FileIdentity { dev: 1, ino: 2 },
+                source_host: HostId::new("cvm1").unwrap(),
+                dest_host: HostId::new("cvm2").unwrap(),
+                ttl_secs: 30,
+            },
+            1000,
+            Nonce([3; 16]),
+        )
+        .unwrap();
+        let token = t.encode().unwrap();
+        let mut bytes = b64::decode(token.strip_prefix(ENCODED_PREFIX).unwrap()).unwrap();
+        let at = bytes.windows(8).position(|w| w == b"6e3b1e9a").unwrap();
+        bytes[at..at + 8].copy_from_slice(b"6E3B1E9A");
+        let spelled = format!("{ENCODED_PREFIX}{}", b64::encode(&bytes));
+        assert!(matches!(
+            Ticket::decode(&spelled),
+            Err(TicketError::Malformed("not canonically encoded"))
+        ));
+        assert_eq!(decode_and_verify(&token).unwrap(), t);
     }
 
     proptest! {
