@@ -56,6 +56,13 @@ pub trait Backend: Send + Sync {
         pool_file: &Path,
         on_guest_runs: Box<dyn FnOnce() + Send>,
     ) -> Result<(), BackendError>;
+
+    /// Either side, no migration in flight: makes the hypervisor running `domain` send its
+    /// shared RAM again in any later migration (undoes what [`Backend::arm_source`] or
+    /// [`Backend::arm_destination`] turned on), for a daemon that lost their handles (crash
+    /// recovery) and before a migration that copies memory. Returns what happened ("reset",
+    /// "hypervisor gone"); fails while a migration is in flight.
+    fn reset_zero_copy(&self, domain: &DomainFacts) -> Result<String, BackendError>;
 }
 
 /// The source's armed state for one migration.

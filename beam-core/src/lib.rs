@@ -15,6 +15,7 @@
 //!   end translates into.
 //! - [`hook`]: libvirt hook arguments.
 //! - [`host`]: libvirt's host capabilities (the host UUID).
+//! - [`recover`]: what a restarted vmbeamd does with hand-overs a dead daemon left half done.
 
 mod b64;
 pub mod backend;
@@ -28,6 +29,7 @@ pub mod job;
 pub mod metadata;
 pub mod plan;
 pub mod pool;
+pub mod recover;
 pub mod rendezvous;
 pub mod ticket;
 pub mod transform;

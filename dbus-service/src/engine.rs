@@ -279,9 +279,7 @@ pub fn run(
         xmls.generation,
         result,
         started,
-        || {
-            let _ = dom.destroy();
-        },
+        || dom.destroy().is_ok() || !dom.is_active().unwrap_or(true),
     )
 }
 
@@ -364,6 +362,16 @@ fn plan_migration(
         v.mode_reason = reason.clone();
     });
     if !zero_copy {
+        // A copy must carry all of RAM: a source whose `x-ignore-shared` a crashed daemon
+        // left on would send none of the shared memory.
+        if meta.is_some() && facts.private_qmp.is_some() {
+            let outcome = ctx.backend.reset_zero_copy(&facts).map_err(|e| {
+                DaemonError::Failed(format!(
+                    "cannot make sure the source sends all of its memory (x-ignore-shared off): {e}"
+                ))
+            })?;
+            info!(%outcome, "x-ignore-shared off for a copying migration");
+        }
         return Ok(None);
     }
     match (colo.report, pool_file, meta) {
@@ -453,6 +461,8 @@ pub(crate) struct OutgoingEntry<'a> {
     uuid: DomainUuid,
     job: u64,
     pool_file: String,
+    /// Leave the destination's ran marker on drop (a fence that failed: recovery finishes it).
+    keep_marker: bool,
 }
 
 impl<'a> OutgoingEntry<'a> {
@@ -460,6 +470,12 @@ impl<'a> OutgoingEntry<'a> {
     /// there.
     pub fn register(ctx: &'a Ctx, uuid: &DomainUuid, out: Outgoing) -> Result<Self, DaemonError> {
         let mut t = ctx.tables.lock().expect("lock");
+        if t.recovering.contains(uuid) {
+            return Err(DaemonError::Busy(format!(
+                "vmbeamd is recovering an interrupted hand-over of this domain's pool file {}",
+                out.pool_file
+            )));
+        }
         if let Some(other) = t.outgoing.get(uuid).filter(|o| o.job != out.job) {
             return Err(DaemonError::Busy(format!(
                 "job {} is migrating this domain (pool file {})",
@@ -471,6 +487,7 @@ impl<'a> OutgoingEntry<'a> {
             uuid: uuid.clone(),
             job: out.job,
             pool_file: out.pool_file.clone(),
+            keep_marker: false,
         };
         t.outgoing.insert(uuid.clone(), out);
         Ok(entry)
@@ -495,6 +512,9 @@ impl Drop for OutgoingEntry<'_> {
                 job = self.job,
                 "the outgoing entry is no longer this job's: left alone, with the ran marker"
             );
+            return;
+        }
+        if self.keep_marker {
             return;
         }
         let pool = BeamPool::new(&self.ctx.cfg.identity.pool_dir);
@@ -566,7 +586,10 @@ fn arm_zero_copy<'a>(
 ///   (at `generation`), and the source is disarmed.
 /// - Failure after the destination ran the guest (its ran marker, or no way to tell):
 ///   resuming the source would have two CPUs write one memory. The source is fenced
-///   (`fence_source` destroys it), never resumed; the record stays `handing-over`.
+///   (`fence_source` destroys it and says whether it could), never resumed, and the file is
+///   handed over: the destination is where the guest last ran. If the fence failed, the
+///   record stays `handing-over` with the marker, and recovery (`recover`) fences again and
+///   then hands over.
 /// - Any other failure: the source is disarmed and takes the file back (`active`, its own).
 ///
 /// Then the outgoing entry goes (and the marker, which has served).
@@ -579,11 +602,14 @@ fn settle_outcome(
     generation: u64,
     result: Result<libvirt_job::Completed, libvirt_job::JobError>,
     started: Instant,
-    fence_source: impl FnOnce(),
+    fence_source: impl FnOnce() -> bool,
 ) -> Result<String, DaemonError> {
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
-    let InFlight { entry, mut armed } = flight;
+    let InFlight {
+        mut entry,
+        mut armed,
+    } = flight;
     let pool_file = &zc.pool_file;
     match result {
         Ok(done) => {
@@ -610,7 +636,19 @@ fn settle_outcome(
                 // would have two CPUs write one memory. Fence the source.
                 error!("migration failed after the guest ran on the destination: destroying the source");
                 let _ = armed.disarm(Duration::from_secs(1));
-                fence_source();
+                if fence_source() {
+                    match bpool.complete_hand_over(pool_file, &id.host_id, &zc.dest, generation) {
+                        Ok(_) => {
+                            info!(dest = %zc.dest, "source fenced; the pool file is the destination's, where the guest last ran")
+                        }
+                        Err(e) => {
+                            error!(error = %e, "could not hand the pool file over after the fence")
+                        }
+                    }
+                } else {
+                    error!("the source could not be destroyed: the hand-over stays open and recovery fences it again");
+                    entry.keep_marker = true;
+                }
             } else {
                 match armed.disarm(Duration::from_secs(10)) {
                     Ok(o) => info!(outcome = %o, "source disarmed"),
@@ -668,12 +706,7 @@ mod tests {
 
     /// The source cvm1 runs the test domain on its pool file (generation 3, active, its own).
     fn source(cloud: &Cloud) -> (Host, String) {
-        let src = cloud.host("cvm1");
-        let pool = BeamPool::new(cloud.pool_dir());
-        pool.create_file(&uuid(), 3, MEMORY, None).unwrap();
-        let name = pool_file_name(&uuid(), 3);
-        pool.claim(&name, &uuid(), 3, &host_id("cvm1")).unwrap();
-        (src, name)
+        (cloud.host("cvm1"), cloud.source_file())
     }
 
     fn plan_to_cvm2(pool_file: &str) -> ZeroCopyPlan {
@@ -727,7 +760,8 @@ mod tests {
         before_settle();
         let fenced = Cell::new(false);
         let out = settle_outcome(&h.ctx, &job, zc, flight, 4, result, Instant::now(), || {
-            fenced.set(true)
+            fenced.set(true);
+            true
         });
         (out, fenced.get())
     }
@@ -751,10 +785,13 @@ mod tests {
         };
         assert!(m.contains("boom") && m.contains("fenced"), "{m}");
         assert!(!m.contains("keeps running on the source"), "{m}");
-        // The record is not taken back: the destination may run the guest on this file.
+        // The file is not taken back: it is the destination's, where the guest last ran (so
+        // a later migration from there is not refused).
         let r = record(&cloud, &file);
-        assert_eq!(r.state, OwnerState::HandingOver);
-        assert_eq!(r.handing_over_to, Some(host_id("cvm2")));
+        assert_eq!(
+            (r.state, r.owner, r.generation),
+            (OwnerState::Active, host_id("cvm2"), 4)
+        );
         assert_eq!(
             src.fake.calls(),
             [format!("arm_source {file}"), "disarm 1s".into()]
@@ -762,6 +799,37 @@ mod tests {
         // The job settled: its entry and the marker (which has served) are gone.
         assert_eq!(outgoing_job(&src), None);
         assert!(!pool.has_ran(&file).unwrap());
+    }
+
+    #[test]
+    fn a_fence_that_fails_leaves_the_hand_over_and_the_marker_for_recovery() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let pool = BeamPool::new(cloud.pool_dir());
+        let flight = arm_zero_copy(&src.ctx, 1, &zc).unwrap();
+        pool.mark_ran(&file).unwrap();
+        let out = settle_outcome(
+            &src.ctx,
+            &job(1),
+            &zc,
+            flight,
+            4,
+            libvirt_failed(),
+            Instant::now(),
+            || false,
+        );
+        assert!(
+            matches!(out, Err(DaemonError::MigrationFailed(_))),
+            "{out:?}"
+        );
+        let r = record(&cloud, &file);
+        assert_eq!(
+            (r.state, r.owner),
+            (OwnerState::HandingOver, host_id("cvm1"))
+        );
+        assert!(pool.has_ran(&file).unwrap(), "recovery needs the marker");
+        assert_eq!(outgoing_job(&src), None);
     }
 
     #[test]
@@ -889,7 +957,10 @@ mod tests {
             4,
             libvirt_failed(),
             Instant::now(),
-            || fenced.set(true),
+            || {
+                fenced.set(true);
+                true
+            },
         );
         assert!(out.is_err());
         assert!(fenced.get());

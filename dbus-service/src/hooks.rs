@@ -351,15 +351,6 @@ mod tests {
         ["web1", op, sub, "-"].map(String::from).to_vec()
     }
 
-    /// The source cvm1's pool file for the test domain (generation 3, active, its own).
-    fn source_file(cloud: &Cloud) -> String {
-        let pool = BeamPool::new(cloud.pool_dir());
-        pool.create_file(&uuid(), 3, MEMORY, None).unwrap();
-        let name = pool_file_name(&uuid(), 3);
-        pool.claim(&name, &uuid(), 3, &host_id("cvm1")).unwrap();
-        name
-    }
-
     struct Issue {
         key: TicketKey,
         dest: HostId,
@@ -416,7 +407,7 @@ mod tests {
     #[test]
     fn migrate_begin_accepts_a_good_ticket_and_strips_it() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let dst = cloud.host("cvm2");
         let xml = handle(
             &dst.ctx,
@@ -440,7 +431,7 @@ mod tests {
     #[test]
     fn migrate_begin_refuses_a_bad_or_replayed_ticket_and_changes_nothing() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let dst = cloud.host("cvm2");
         let other_domain = DomainUuid::new("00000000-0000-4000-8000-000000000001").unwrap();
         let cases: Vec<(&str, Issue)> = vec![
@@ -545,7 +536,7 @@ mod tests {
     #[test]
     fn start_links_the_sources_file_only_for_an_accepted_ticket() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let dst = cloud.host("cvm2");
         handle(
             &dst.ctx,
@@ -577,7 +568,7 @@ mod tests {
     #[test]
     fn any_other_start_gets_a_fresh_file_of_its_own() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let dst = cloud.host("cvm2");
         // An acceptance whose ticket expired long ago does not count.
         dst.ctx.tables.lock().unwrap().incoming.insert(
@@ -601,7 +592,7 @@ mod tests {
     #[test]
     fn started_marks_the_pool_once_the_guest_runs_on_a_zero_copy_destination() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let dst = cloud.host("cvm2");
         let pool = BeamPool::new(cloud.pool_dir());
         dst.fake.guest_runs_at_once.store(true, Ordering::SeqCst);
@@ -636,7 +627,7 @@ mod tests {
     #[test]
     fn release_end_deletes_its_own_file_and_clears_the_marker() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let src = cloud.host("cvm1");
         let pool = BeamPool::new(cloud.pool_dir());
         pool.mark_ran(&file).unwrap();
@@ -655,7 +646,7 @@ mod tests {
     #[test]
     fn release_end_leaves_the_file_while_a_migration_settles_and_others_files() {
         let cloud = Cloud::new();
-        let file = source_file(&cloud);
+        let file = cloud.source_file();
         let src = cloud.host("cvm1");
         let pool = BeamPool::new(cloud.pool_dir());
         pool.mark_ran(&file).unwrap();

@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod libvirt_conn;
 pub mod libvirt_job;
 pub mod ops;
+pub mod recover;
 pub mod rendezvous;
 pub mod service;
 pub mod state;

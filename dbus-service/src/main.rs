@@ -87,6 +87,12 @@ async fn main() -> anyhow::Result<()> {
         .context("connect to the system bus and own org.vmbeam.VMBeam1")?;
     info!(host = %ctx.cfg.identity.host_id, cloud = %ctx.cfg.identity.cloud, libvirt_uuid = %ctx.libvirt_uuid, "vmbeamd ready");
     vmbeamd::hooks::report_leftovers(&ctx);
+    // Settle hand-overs a dead daemon left half done, now and for the daemon's lifetime.
+    let recovering = ctx.clone();
+    std::thread::Builder::new()
+        .name("recovery".into())
+        .spawn(move || vmbeamd::recover::serve_forever(recovering))
+        .context("start the recovery thread")?;
     // Answer co-location requests addressed to this host, through the pool.
     tokio::spawn(vmbeamd::rendezvous::serve_forever(ctx.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -201,11 +201,12 @@ pub fn co_location(ctx: &SharedCtx, dest_uri: &str) -> Result<CoLocation, OpErro
 pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonStatus, OpError> {
     let id = &ctx.cfg.identity;
     let pool = BeamPool::new(&id.pool_dir);
+    let in_doubt = ctx.tables.lock().expect("lock").in_doubt.clone();
     let pool_files = pool
         .list()?
         .into_iter()
         .map(|e| -> PoolFileRow {
-            let rec = match &e.record {
+            let mut rec = match &e.record {
                 RecordStatus::Valid(r) => format!(
                     "owner={} state={}{}",
                     r.owner,
@@ -218,6 +219,9 @@ pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonSta
                 RecordStatus::Missing => "no owner record".into(),
                 RecordStatus::Corrupt(c) => format!("corrupt record: {c}"),
             };
+            if let Some(advice) = in_doubt.get(&e.file_name) {
+                rec = format!("{rec}; {advice}");
+            }
             let size = e.size.map(|s| s as i64).unwrap_or(-1);
             (e.file_name, size, rec)
         })

@@ -1,7 +1,7 @@
 //! What vmbeamd remembers between hook events and jobs. The durable truth about pool files
 //! is their owner records in the pool; this is the in-flight part.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -42,6 +42,12 @@ pub struct Tables {
     pub incoming: HashMap<DomainUuid, Incoming>,
     pub running: HashMap<DomainUuid, Running>,
     pub outgoing: HashMap<DomainUuid, Outgoing>,
+    /// Domains whose interrupted hand-over a recovery pass is settling (no job may start
+    /// on them meanwhile; see `recover`).
+    pub recovering: HashSet<DomainUuid>,
+    /// Pool files whose interrupted hand-over recovery cannot settle yet, with what the
+    /// operator is told (`Status` shows it).
+    pub in_doubt: HashMap<String, String>,
 }
 
 /// Everything the hook handlers and jobs share.

@@ -156,6 +156,11 @@ impl Backend for FakeBackend {
         }
         Ok(())
     }
+
+    fn reset_zero_copy(&self, domain: &DomainFacts) -> Result<String, BackendError> {
+        self.0.call(format!("reset_zero_copy {}", domain.name));
+        Ok("reset".into())
+    }
 }
 
 fn file_name(p: &Path) -> String {
@@ -196,6 +201,17 @@ impl Cloud {
             .collect();
         names.sort();
         names
+    }
+
+    /// The source cvm1's pool file for the test domain (generation 3, active, its own).
+    pub fn source_file(&self) -> String {
+        let pool = vmbeam_core::BeamPool::new(self.pool_dir());
+        pool.create_file(&uuid(), 3, MEMORY, None)
+            .expect("pool file");
+        let name = vmbeam_core::pool::pool_file_name(&uuid(), 3);
+        pool.claim(&name, &uuid(), 3, &host_id("cvm1"))
+            .expect("claim");
+        name
     }
 
     /// The daemon of cloud VM `name` (its own state directory, the shared pool).

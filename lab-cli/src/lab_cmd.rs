@@ -45,6 +45,15 @@ pub enum LabCmd {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Kill a cloud VM's daemon with SIGKILL, as a crash would (fault tests); `restart` brings it back
+    Crash {
+        /// Cloud VM name
+        cvm: String,
+        /// libvirtd or vmbeamd
+        daemon: String,
+    },
+    /// Start again every lab daemon that is not running, as a service manager would
+    Restart,
     /// Run a command inside a cloud VM (its network, mount and UTS namespaces)
     Exec {
         /// Cloud VM name
@@ -304,6 +313,18 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             // The command said what went wrong; pass its exit code on, adding nothing.
             if !status.success() {
                 std::process::exit(status.code().unwrap_or(1));
+            }
+            Ok(())
+        }
+        LabCmd::Crash { cvm, daemon } => {
+            let daemon = lab(daemon.parse::<vmbeam_lab::Daemon>())?;
+            let pid = lab(vmbeam_lab::crash(&cvm, daemon))?;
+            println!("{cvm}: {daemon:?} (pid {pid}) killed with SIGKILL");
+            Ok(())
+        }
+        LabCmd::Restart => {
+            for what in lab(vmbeam_lab::restart_dead())? {
+                println!("{what}");
             }
             Ok(())
         }

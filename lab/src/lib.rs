@@ -381,6 +381,72 @@ fn repair(state: &mut LabState) -> Result<Vec<String>, LabError> {
     Ok(repaired)
 }
 
+/// A daemon of a cloud VM, as fault tests name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    Libvirtd,
+    Vmbeamd,
+}
+
+impl std::str::FromStr for Daemon {
+    type Err = LabError;
+
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        match s {
+            "libvirtd" => Ok(Daemon::Libvirtd),
+            "vmbeamd" => Ok(Daemon::Vmbeamd),
+            other => Err(LabError::BadInput(format!(
+                "unknown daemon '{other}' (libvirtd or vmbeamd)"
+            ))),
+        }
+    }
+}
+
+/// Kills a cloud VM's daemon itself with SIGKILL, as a crash would (the lab records the
+/// `vmbeam-lab reap` parent each daemon runs under; the daemon is its one child), and waits
+/// until it is gone. Nothing is restarted: [`restart_dead`] does that, as a service manager
+/// would. Returns the killed PID.
+pub fn crash(cvm_name: &str, daemon: Daemon) -> Result<u32, LabError> {
+    check_root()?;
+    let _lock = Lock::take()?;
+    let state = require_state()?;
+    let c = state
+        .cloud_vms
+        .iter()
+        .find(|c| c.name == cvm_name)
+        .ok_or_else(|| LabError::UnknownCloudVm {
+            name: cvm_name.to_owned(),
+            known: state.cloud_vms.iter().map(|c| c.name.clone()).collect(),
+        })?;
+    let (reaper, start) = match daemon {
+        Daemon::Libvirtd => (c.libvirtd_pid, c.libvirtd_start),
+        Daemon::Vmbeamd => (c.vmbeamd_pid, c.vmbeamd_start),
+    };
+    let child = sys::process_alive(reaper, start)
+        .then(|| sys::children(reaper).into_iter().next())
+        .flatten()
+        .ok_or_else(|| LabError::Setup(format!("{cvm_name}: its {daemon:?} is not running")))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| LabError::io(format!("kill {child}"), e.into()))?;
+    sys::wait_for(Duration::from_secs(10), Duration::from_millis(10), || {
+        (!sys::process_alive(reaper, start)).then_some(())
+    })
+    .ok_or_else(|| LabError::Setup(format!("{cvm_name}: {daemon:?} (pid {child}) did not die")))?;
+    Ok(child)
+}
+
+/// Starts again every daemon of the lab that is not running (as a service manager would
+/// after a crash); returns what it restarted.
+pub fn restart_dead() -> Result<Vec<String>, LabError> {
+    check_root()?;
+    let _lock = Lock::take()?;
+    let mut state = require_state()?;
+    repair(&mut state)
+}
+
 /// What `down` removed.
 #[derive(Debug, Default)]
 pub struct DownReport {

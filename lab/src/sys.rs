@@ -146,6 +146,15 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The children of process `pid` (of its main thread), in the kernel's order.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Whether process `pid` is the one that started at `start_time` and has not exited
 /// (a zombie counts as gone).
 pub fn process_alive(pid: u32, start_time: u64) -> bool {

@@ -132,6 +132,13 @@ impl Backend for QemuBackend {
             .map_err(|e| BackendError::Failed(e.to_string()))?;
         Ok(())
     }
+
+    fn reset_zero_copy(&self, domain: &DomainFacts) -> Result<String, BackendError> {
+        let mut q = Self::monitor(domain, Duration::from_secs(3))?;
+        caps::reset_ignore_shared(&mut q)
+            .map(|o| format!("{o:?}"))
+            .map_err(|e| BackendError::Failed(format!("x-ignore-shared off: {e}")))
+    }
 }
 
 /// The source's `x-ignore-shared`, owned for the migration's duration.

@@ -463,6 +463,71 @@ fn killed_destination_and_domjobabort_leave_the_guest_on_the_source() {
     check_on("victim", "cvm2");
 }
 
+/// The owner record of the pool's one RAM file: (owner, state).
+fn only_owner_record() -> (String, String) {
+    let records: Vec<String> = pool_files()
+        .into_iter()
+        .filter(|f| f.ends_with(".ram.owner"))
+        .collect();
+    assert_eq!(records.len(), 1, "pool: {:?}", pool_files());
+    let text = std::fs::read_to_string(format!("/run/vmbeam-lab/pool/{}", records[0])).unwrap();
+    let r: vmbeam_core::pool::OwnerRecord = serde_json::from_str(&text).unwrap();
+    (r.owner.to_string(), r.state.to_string())
+}
+
+/// The source's vmbeamd is killed (SIGKILL) while libvirt's job is in flight, and brought
+/// back as a service manager would: libvirt finishes the migration without it, and the
+/// restarted daemon's recovery records the hand-over it could not, so the guest is the
+/// destination's, intact, never run twice, and the next zero-copy migration (back)
+/// succeeds.
+#[test]
+fn a_source_vmbeamd_killed_mid_migration_settles_the_hand_over_when_it_comes_back() {
+    let _lab = LabGuard::up(2, &[]);
+    create("victim", "256", "1000", "cvm1", &[]);
+    let boot = boot_id("victim");
+    let watch = SplitBrainWatch::start("victim", 2);
+    let m = held_migration(3000);
+    wait_dest_qemu();
+    lab_ok(&["crash", "cvm1", "vmbeamd"]);
+    let o = m.join().unwrap();
+    release_hold();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the CLI lost its daemon: {err}");
+    assert!(err.contains("lost contact with vmbeamd"), "{err}");
+    // libvirt's own job goes on without vmbeamd: the guest ends on cvm2, and the record
+    // stays half done until the source's daemon is back.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !qemu_pids("cvm1").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(qemu_pids("cvm1").is_empty(), "the source QEMU must exit");
+    assert_eq!(
+        only_owner_record(),
+        ("cvm1".to_string(), "handing-over".to_string())
+    );
+    let restarted = lab_ok(&["restart"]);
+    assert!(restarted.contains("cvm1: restarted vmbeamd"), "{restarted}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while only_owner_record().0 != "cvm2" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        only_owner_record(),
+        ("cvm2".to_string(), "active".to_string())
+    );
+    watch.finish();
+    check_on("victim", "cvm2");
+    assert_eq!(boot_id("victim"), boot);
+    settled_on("victim", "cvm2", 2);
+    assert_pool_clean(1);
+    let out = ok(&migrate(2, 1, "victim", &["--zero-copy"]));
+    assert_mode(&out, "zero-copy");
+    check_on("victim", "cvm1");
+    assert_eq!(boot_id("victim"), boot);
+    settled_on("victim", "cvm1", 2);
+    assert_pool_clean(1);
+}
+
 /// Two `Migrate` calls for one domain on the bus (the second while the first is mid-flight):
 /// the second is refused as busy and changes nothing; the first completes zero-copy and the
 /// guest is intact, with no split brain.

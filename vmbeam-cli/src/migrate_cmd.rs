@@ -98,8 +98,11 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
         // its PropertiesChanged is still seen to end.
         let job = JobStatus::read(&conn, &path).map_err(|e| {
             anyhow!(
-                "lost contact with vmbeamd while following {path}: {}",
-                e.text()
+                "lost contact with vmbeamd while following {path}: {}. libvirt's own job may \
+                 go on without it (virsh domjobinfo {}); once vmbeamd is back, `vmbeam status` \
+                 shows how the hand-over settled",
+                e.text(),
+                a.domain
             )
         })?;
         let phase = job.phase;

@@ -1,0 +1,627 @@
+//! Crash recovery, vmbeamd's part (the decisions are `vmbeam_core::recover`'s): at start and
+//! then every [`RECOVERY_INTERVAL`], each owner record in the pool that is `handing-over`,
+//! names this host as source or destination and has no job of this daemon behind it is
+//! settled by what this host's libvirt reports and by the destination's `.ran` marker.
+//!
+//! - Source (the record's owner): the destination ran the guest → the hand-over is recorded
+//!   (a copy libvirt keeps here is destroyed first); the guest runs here, no job, no marker →
+//!   `x-ignore-shared` off, the file taken back; libvirt's job still in flight → wait;
+//!   anything else is held, and `vmbeam status` shows why and what to do.
+//! - Destination (the recipient): the guest runs here and the marker is missing (the watcher
+//!   that leaves it died with its daemon) → `x-ignore-shared` off, the marker left, so the
+//!   source can settle.
+//!
+//! A record is recovered only while no job of this daemon migrates its domain: the domain is
+//! entered in `Tables::recovering` for the pass, and `OutgoingEntry::register` refuses a job
+//! for a domain being recovered (and the recovery skips a domain with a job).
+
+use std::time::Duration;
+
+use tracing::{error, info, info_span, warn};
+use virt::domain::Domain;
+use vmbeam_core::pool::{BeamPool, OwnerRecord, OwnerState, RecordStatus};
+use vmbeam_core::recover::{
+    destination_action, source_action, DestinationAction, Local, SourceAction,
+};
+use vmbeam_core::{DomainFacts, DomainUuid};
+
+use crate::error::DaemonError;
+use crate::libvirt_conn::Conn;
+use crate::state::{Ctx, SharedCtx};
+
+/// How often the pool's hand-overs are looked at.
+pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A domain as this host's libvirt reports it.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub local: Local,
+    /// The live XML's facts while the domain is active.
+    pub facts: Option<DomainFacts>,
+}
+
+/// This host's libvirt, as recovery needs it.
+pub trait LocalDomains {
+    /// What libvirt says of the domain with `uuid`.
+    fn observe(&self, uuid: &DomainUuid) -> Result<Observed, DaemonError>;
+    /// Destroys the domain's running instance (`virsh destroy`).
+    fn destroy(&self, uuid: &DomainUuid) -> Result<(), DaemonError>;
+}
+
+/// [`LocalDomains`] through libvirt (a connection opened on first use, and again after an
+/// error: libvirtd may have been restarted).
+pub struct LibvirtView {
+    uri: String,
+    conn: std::cell::RefCell<Option<Conn>>,
+}
+
+impl LibvirtView {
+    /// The libvirt at `uri`.
+    pub fn new(uri: &str) -> Self {
+        LibvirtView {
+            uri: uri.to_owned(),
+            conn: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn lookup(&self, uuid: &DomainUuid) -> Result<Option<Domain>, DaemonError> {
+        let mut conn = self.conn.borrow_mut();
+        if conn.is_none() {
+            *conn = Some(Conn::open(&self.uri).map_err(DaemonError::libvirt)?);
+        }
+        let c = conn.as_ref().expect("opened above");
+        match Domain::lookup_by_uuid_string(c, uuid.as_str()) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.code() == virt::error::ErrorNumber::NoDomain => Ok(None),
+            Err(e) => {
+                *conn = None;
+                Err(DaemonError::libvirt(e))
+            }
+        }
+    }
+}
+
+/// Reads libvirt's view of one domain.
+fn observe_domain(d: &Domain) -> Result<Observed, DaemonError> {
+    if !d.is_active().map_err(DaemonError::libvirt)? {
+        return Ok(Observed {
+            local: Local::Absent,
+            facts: None,
+        });
+    }
+    let job = d.get_job_info().map_err(DaemonError::libvirt)?;
+    let (state, _reason) = d.get_state().map_err(DaemonError::libvirt)?;
+    let xml = d.get_xml_desc(0).map_err(DaemonError::libvirt)?;
+    let facts = DomainFacts::from_xml(&xml).map_err(|e| DaemonError::bad_input("", e))?;
+    let local = if job.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32 {
+        Local::Migrating
+    } else if state == virt::sys::VIR_DOMAIN_RUNNING {
+        Local::Running
+    } else if state == virt::sys::VIR_DOMAIN_PAUSED {
+        Local::Paused
+    } else {
+        // Shutting down, crashed, pm-suspended: not running guest code here.
+        Local::Absent
+    };
+    Ok(Observed {
+        local,
+        facts: Some(facts),
+    })
+}
+
+impl LocalDomains for LibvirtView {
+    fn observe(&self, uuid: &DomainUuid) -> Result<Observed, DaemonError> {
+        match self.lookup(uuid)? {
+            None => Ok(Observed {
+                local: Local::Absent,
+                facts: None,
+            }),
+            Some(d) => observe_domain(&d),
+        }
+    }
+
+    fn destroy(&self, uuid: &DomainUuid) -> Result<(), DaemonError> {
+        match self.lookup(uuid)? {
+            None => Ok(()),
+            Some(d) => match d.destroy() {
+                Ok(()) => Ok(()),
+                // Already gone between the look and the destroy.
+                Err(_) if !d.is_active().unwrap_or(true) => Ok(()),
+                Err(e) => Err(DaemonError::libvirt(e)),
+            },
+        }
+    }
+}
+
+/// The domain entered in `Tables::recovering` for one record's recovery; removed on drop.
+struct RecoveryClaim<'a> {
+    ctx: &'a Ctx,
+    uuid: DomainUuid,
+}
+
+impl<'a> RecoveryClaim<'a> {
+    /// `None` while a job of this daemon migrates the domain (or another pass holds it).
+    fn take(ctx: &'a Ctx, uuid: &DomainUuid) -> Option<Self> {
+        let mut t = ctx.tables.lock().expect("lock");
+        if t.outgoing.contains_key(uuid) || !t.recovering.insert(uuid.clone()) {
+            return None;
+        }
+        Some(RecoveryClaim {
+            ctx,
+            uuid: uuid.clone(),
+        })
+    }
+}
+
+impl Drop for RecoveryClaim<'_> {
+    fn drop(&mut self) {
+        let mut t = self.ctx.tables.lock().unwrap_or_else(|p| p.into_inner());
+        t.recovering.remove(&self.uuid);
+    }
+}
+
+/// One pass over the pool. Returns what was settled (one line per pool file); what is held
+/// is in `Tables::in_doubt` (shown by `Status`).
+pub fn reconcile(ctx: &Ctx, domains: &dyn LocalDomains) -> Vec<String> {
+    let me = &ctx.cfg.identity.host_id;
+    let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
+    let entries = match pool.list() {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(error = %e, "recovery: cannot list the pool");
+            return Vec::new();
+        }
+    };
+    let mut settled = Vec::new();
+    let mut doubts = Vec::new();
+    for entry in entries {
+        let RecordStatus::Valid(r) = entry.record else {
+            continue;
+        };
+        if r.state != OwnerState::HandingOver {
+            continue;
+        }
+        let to = r
+            .handing_over_to
+            .clone()
+            .expect("handing-over names a recipient");
+        let done = if &r.owner == me {
+            recover_source(ctx, domains, &pool, &r.pool_file, &mut doubts)
+        } else if &to == me {
+            recover_destination(ctx, domains, &pool, &r)
+        } else {
+            None
+        };
+        settled.extend(done);
+    }
+    // What is no longer in doubt leaves the table.
+    let mut t = ctx.tables.lock().expect("lock");
+    t.in_doubt
+        .retain(|file, _| doubts.iter().any(|(f, _)| f == file));
+    for (file, advice) in doubts {
+        if t.in_doubt.get(&file) != Some(&advice) {
+            warn!(pool_file = %file, "{advice}");
+            t.in_doubt.insert(file, advice);
+        }
+    }
+    settled
+}
+
+/// The source's side of one interrupted hand-over of `file`.
+fn recover_source(
+    ctx: &Ctx,
+    domains: &dyn LocalDomains,
+    pool: &BeamPool,
+    file: &str,
+    doubts: &mut Vec<(String, String)>,
+) -> Option<String> {
+    let me = &ctx.cfg.identity.host_id;
+    // Re-read under the claim: a job may have settled the record meanwhile.
+    let uuid = pool.read_owner(file).ok()??.domain_uuid;
+    let _claim = RecoveryClaim::take(ctx, &uuid)?;
+    let r = match pool.read_owner(file) {
+        Ok(Some(r)) if r.state == OwnerState::HandingOver && &r.owner == me => r,
+        _ => return None,
+    };
+    let to = r
+        .handing_over_to
+        .clone()
+        .expect("handing-over names a recipient");
+    let span = info_span!("recovery", pool_file = %file, domain = %r.domain_uuid, dest = %to);
+    let _g = span.enter();
+    let observed = match domains.observe(&r.domain_uuid) {
+        Ok(o) => o,
+        Err(e) => {
+            warn!(error = %e, "cannot ask libvirt about the domain; retrying");
+            return None;
+        }
+    };
+    let ran = match pool.has_ran(file) {
+        Ok(ran) => ran,
+        Err(e) => {
+            warn!(error = %e, "cannot tell whether the destination ran the guest; retrying");
+            return None;
+        }
+    };
+    let complete = |how: &str| -> Option<String> {
+        let generation = r.generation.saturating_add(1);
+        match pool.complete_hand_over(file, me, &to, generation) {
+            Ok(_) => {
+                if let Err(e) = pool.clear_ran(file) {
+                    warn!(error = %e, "could not delete the destination's ran marker");
+                }
+                let what = format!("{file}: handed over to {to} ({how})");
+                info!("recovered: {what}");
+                Some(what)
+            }
+            Err(e) => {
+                error!(error = %e, "could not record the hand-over");
+                None
+            }
+        }
+    };
+    match source_action(observed.local, ran) {
+        SourceAction::Wait => None,
+        SourceAction::Complete => complete("the guest runs there and not here"),
+        SourceAction::FenceThenComplete => {
+            error!(local = %observed.local, "the destination ran the guest but libvirt keeps a copy here: destroying it (fenced)");
+            match domains.destroy(&r.domain_uuid) {
+                Ok(()) => complete("it ran there; the copy here was destroyed"),
+                Err(e) => {
+                    error!(error = %e, "could not destroy the copy here; retrying");
+                    None
+                }
+            }
+        }
+        SourceAction::TakeBack => {
+            let facts = observed.facts?;
+            match ctx.backend.reset_zero_copy(&facts) {
+                Ok(o) => info!(outcome = %o, "x-ignore-shared reset on the source"),
+                Err(e) => {
+                    warn!(error = %e, "cannot reset x-ignore-shared yet; the file stays handing-over");
+                    return None;
+                }
+            }
+            match pool.abort_hand_over(file, me) {
+                Ok(_) => {
+                    let what =
+                        format!("{file}: taken back (the guest runs here; {to} never ran it)");
+                    info!("recovered: {what}");
+                    Some(what)
+                }
+                Err(e) => {
+                    error!(error = %e, "could not take the file back");
+                    None
+                }
+            }
+        }
+        SourceAction::Hold(doubt) => {
+            doubts.push((file.to_owned(), doubt.advice(to.as_str())));
+            None
+        }
+    }
+}
+
+/// The destination's side: the guest runs here, but the marker the source waits for is
+/// missing (its watcher died with the daemon that armed it).
+fn recover_destination(
+    ctx: &Ctx,
+    domains: &dyn LocalDomains,
+    pool: &BeamPool,
+    r: &OwnerRecord,
+) -> Option<String> {
+    let file = &r.pool_file;
+    if pool.has_ran(file).unwrap_or(true) {
+        return None;
+    }
+    let observed = domains.observe(&r.domain_uuid).ok()?;
+    match destination_action(observed.local) {
+        DestinationAction::Nothing => None,
+        DestinationAction::MarkRan => {
+            let span = info_span!("recovery", pool_file = %file, domain = %r.domain_uuid, source = %r.owner);
+            let _g = span.enter();
+            if let Some(facts) = &observed.facts {
+                if let Err(e) = ctx.backend.reset_zero_copy(facts) {
+                    warn!(error = %e, "cannot reset x-ignore-shared on the destination");
+                }
+            }
+            match pool.mark_ran(file) {
+                Ok(()) => {
+                    let what = format!("{file}: the guest runs here; marked for {}", r.owner);
+                    info!("recovered: {what}");
+                    Some(what)
+                }
+                Err(e) => {
+                    error!(error = %e, "could not leave the ran marker");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Recovery for the daemon's lifetime: a pass at once, then one every [`RECOVERY_INTERVAL`]
+/// (on a blocking thread: libvirt and QMP calls block).
+pub fn serve_forever(ctx: SharedCtx) {
+    let domains = LibvirtView::new(&ctx.cfg.libvirt_uri);
+    loop {
+        reconcile(&ctx, &domains);
+        std::thread::sleep(RECOVERY_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Recovery after a daemon died mid hand-over, without libvirt: a fake libvirt view, the
+    //! fake backend, a temporary pool shared by cvm1 (source), cvm2 (destination), cvm3.
+
+    use std::cell::{Cell, RefCell};
+
+    use vmbeam_core::pool::OwnerRecord;
+    use vmbeam_core::HostId;
+
+    use super::*;
+    use crate::engine::OutgoingEntry;
+    use crate::state::Outgoing;
+    use crate::testing::{facts, host_id, uuid, Cloud, Host};
+
+    /// What a test's libvirt says of the test domain, and what it was asked to destroy.
+    struct FakeLibvirt {
+        local: Cell<Local>,
+        destroyed: RefCell<Vec<DomainUuid>>,
+    }
+
+    impl FakeLibvirt {
+        fn new(local: Local) -> Self {
+            FakeLibvirt {
+                local: Cell::new(local),
+                destroyed: RefCell::new(Vec::new()),
+            }
+        }
+    }
+
+    impl LocalDomains for FakeLibvirt {
+        fn observe(&self, uuid: &DomainUuid) -> Result<Observed, DaemonError> {
+            assert_eq!(uuid, &crate::testing::uuid());
+            let local = self.local.get();
+            Ok(Observed {
+                local,
+                facts: (local != Local::Absent).then(facts),
+            })
+        }
+
+        fn destroy(&self, uuid: &DomainUuid) -> Result<(), DaemonError> {
+            self.destroyed.borrow_mut().push(uuid.clone());
+            self.local.set(Local::Absent);
+            Ok(())
+        }
+    }
+
+    /// cvm1's file of the test domain, `handing-over` to `to` (generation 3): what a source
+    /// vmbeamd killed mid-migration leaves.
+    fn interrupted(cloud: &Cloud, to: &str) -> String {
+        let file = cloud.source_file();
+        BeamPool::new(cloud.pool_dir())
+            .begin_hand_over(&file, &host_id("cvm1"), &host_id(to))
+            .unwrap();
+        file
+    }
+
+    fn record(cloud: &Cloud, file: &str) -> OwnerRecord {
+        BeamPool::new(cloud.pool_dir())
+            .read_owner(file)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn summary(r: &OwnerRecord) -> (OwnerState, HostId, Option<HostId>, u64) {
+        (
+            r.state,
+            r.owner.clone(),
+            r.handing_over_to.clone(),
+            r.generation,
+        )
+    }
+
+    fn doubt(h: &Host, file: &str) -> Option<String> {
+        h.ctx.tables.lock().unwrap().in_doubt.get(file).cloned()
+    }
+
+    #[test]
+    fn the_guest_ran_on_the_destination_the_hand_over_is_recorded() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let src = cloud.host("cvm1");
+        let pool = BeamPool::new(cloud.pool_dir());
+        pool.mark_ran(&file).unwrap();
+        let done = reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent));
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(
+            summary(&record(&cloud, &file)),
+            (OwnerState::Active, host_id("cvm2"), None, 4)
+        );
+        assert!(!pool.has_ran(&file).unwrap(), "the marker has served");
+        assert!(src.fake.calls().is_empty(), "{:?}", src.fake.calls());
+        // Settled: a second pass changes nothing.
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
+    }
+
+    #[test]
+    fn a_copy_libvirt_keeps_here_after_the_destination_ran_the_guest_is_destroyed_first() {
+        for local in [Local::Running, Local::Paused] {
+            let cloud = Cloud::new();
+            let file = interrupted(&cloud, "cvm2");
+            let src = cloud.host("cvm1");
+            BeamPool::new(cloud.pool_dir()).mark_ran(&file).unwrap();
+            let libvirt = FakeLibvirt::new(local);
+            reconcile(&src.ctx, &libvirt);
+            assert_eq!(*libvirt.destroyed.borrow(), vec![uuid()], "{local:?}");
+            assert_eq!(
+                summary(&record(&cloud, &file)),
+                (OwnerState::Active, host_id("cvm2"), None, 4),
+                "{local:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_guest_running_here_unmarked_is_taken_back_with_x_ignore_shared_off() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let src = cloud.host("cvm1");
+        let libvirt = FakeLibvirt::new(Local::Running);
+        reconcile(&src.ctx, &libvirt);
+        assert_eq!(src.fake.calls(), ["reset_zero_copy web1"]);
+        assert!(libvirt.destroyed.borrow().is_empty());
+        assert_eq!(
+            summary(&record(&cloud, &file)),
+            (OwnerState::Active, host_id("cvm1"), None, 3)
+        );
+        // A new migration can begin the hand-over again.
+        BeamPool::new(cloud.pool_dir())
+            .begin_hand_over(&file, &host_id("cvm1"), &host_id("cvm2"))
+            .unwrap();
+    }
+
+    #[test]
+    fn nothing_moves_while_libvirt_still_runs_the_job() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let src = cloud.host("cvm1");
+        let before = record(&cloud, &file);
+        for ran in [false, true] {
+            if ran {
+                BeamPool::new(cloud.pool_dir()).mark_ran(&file).unwrap();
+            }
+            assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Migrating)).is_empty());
+            assert_eq!(record(&cloud, &file), before);
+            assert_eq!(doubt(&src, &file), None);
+        }
+        assert!(src.fake.calls().is_empty());
+    }
+
+    #[test]
+    fn a_guest_seen_nowhere_is_held_with_advice_until_the_destination_reports_it() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let src = cloud.host("cvm1");
+        let before = record(&cloud, &file);
+        let absent = FakeLibvirt::new(Local::Absent);
+        assert!(reconcile(&src.ctx, &absent).is_empty());
+        assert_eq!(record(&cloud, &file), before, "held: nothing changes");
+        assert!(
+            cloud.pool_names().contains(&file),
+            "the memory file is kept"
+        );
+        let advice = doubt(&src, &file).expect("in doubt");
+        assert!(
+            advice.contains("cvm2") && advice.contains("kept"),
+            "{advice}"
+        );
+        // The status row carries it.
+        let status = crate::ops::status(&src.ctx, Vec::new()).unwrap();
+        let row = status.pool_files.iter().find(|r| r.0 == file).unwrap();
+        assert!(
+            row.2.contains("state=handing-over") && row.2.contains("in doubt"),
+            "{row:?}"
+        );
+        // The destination's vmbeamd comes back and finds the guest running there.
+        let dst = cloud.host("cvm2");
+        let done = reconcile(&dst.ctx, &FakeLibvirt::new(Local::Running));
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(dst.fake.calls(), ["reset_zero_copy web1"]);
+        assert!(BeamPool::new(cloud.pool_dir()).has_ran(&file).unwrap());
+        // The source's next pass settles it and forgets the doubt.
+        reconcile(&src.ctx, &absent);
+        assert_eq!(
+            summary(&record(&cloud, &file)),
+            (OwnerState::Active, host_id("cvm2"), None, 4)
+        );
+        assert_eq!(doubt(&src, &file), None);
+    }
+
+    #[test]
+    fn a_paused_guest_unmarked_is_held_until_resumed_here() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let src = cloud.host("cvm1");
+        let libvirt = FakeLibvirt::new(Local::Paused);
+        reconcile(&src.ctx, &libvirt);
+        assert!(doubt(&src, &file).unwrap().contains("virsh resume"));
+        assert!(
+            libvirt.destroyed.borrow().is_empty(),
+            "never destroyed without proof"
+        );
+        assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
+        // The operator resumes it here: taken back.
+        libvirt.local.set(Local::Running);
+        reconcile(&src.ctx, &libvirt);
+        assert_eq!(
+            summary(&record(&cloud, &file)),
+            (OwnerState::Active, host_id("cvm1"), None, 3)
+        );
+        assert_eq!(doubt(&src, &file), None);
+    }
+
+    #[test]
+    fn the_destination_marks_only_a_guest_running_there_and_only_once() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let dst = cloud.host("cvm2");
+        let pool = BeamPool::new(cloud.pool_dir());
+        for local in [Local::Absent, Local::Paused, Local::Migrating] {
+            assert!(reconcile(&dst.ctx, &FakeLibvirt::new(local)).is_empty());
+            assert!(!pool.has_ran(&file).unwrap(), "{local:?}");
+        }
+        let running = FakeLibvirt::new(Local::Running);
+        assert_eq!(reconcile(&dst.ctx, &running).len(), 1);
+        assert!(reconcile(&dst.ctx, &running).is_empty(), "marked once");
+        assert_eq!(dst.fake.calls(), ["reset_zero_copy web1"]);
+        // The destination never rewrites the source's record.
+        assert_eq!(record(&cloud, &file).owner, host_id("cvm1"));
+    }
+
+    #[test]
+    fn hand_overs_between_other_hosts_are_left_alone() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        BeamPool::new(cloud.pool_dir()).mark_ran(&file).unwrap();
+        let other = cloud.host("cvm3");
+        let libvirt = FakeLibvirt::new(Local::Running);
+        assert!(reconcile(&other.ctx, &libvirt).is_empty());
+        assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
+        assert!(libvirt.destroyed.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_live_job_and_a_recovery_never_act_on_one_domain_together() {
+        let cloud = Cloud::new();
+        let file = interrupted(&cloud, "cvm2");
+        let src = cloud.host("cvm1");
+        BeamPool::new(cloud.pool_dir()).mark_ran(&file).unwrap();
+        let out = || Outgoing {
+            job: 9,
+            pool_file: file.clone(),
+            dest: host_id("cvm2"),
+        };
+        // A job of this daemon is on the domain: recovery keeps out.
+        let entry = OutgoingEntry::register(&src.ctx, &uuid(), out()).unwrap();
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
+        assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
+        drop(entry);
+        // A recovery is on the domain: no job may start.
+        let claim = RecoveryClaim::take(&src.ctx, &uuid()).unwrap();
+        let refused = OutgoingEntry::register(&src.ctx, &uuid(), out());
+        assert!(
+            matches!(&refused, Err(DaemonError::Busy(m)) if m.contains("recovering")),
+            "{:?}",
+            refused.err()
+        );
+        assert!(
+            RecoveryClaim::take(&src.ctx, &uuid()).is_none(),
+            "one pass at a time"
+        );
+        drop(claim);
+        assert!(src.ctx.tables.lock().unwrap().recovering.is_empty());
+    }
+}
