@@ -20,10 +20,12 @@ use vmbeam_core::carrier;
 use vmbeam_core::job::MigrateOptions;
 use vmbeam_core::plan::{self, BackendCapabilities, MigrationMode, PlanInput, RequestedMode};
 use vmbeam_core::pool::{self, BeamPool, OwnerState, RecordStatus};
+use vmbeam_core::recover::Local;
 use vmbeam_core::ticket::{Ticket, TicketFields};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HostId, Phase, Progress};
 
 use crate::libvirt_job::{self, Flags, Request};
+use crate::recover::{LibvirtView, LocalDomains};
 use crate::rendezvous;
 use crate::state::{now_secs, Ctx, Outgoing, SharedCtx};
 
@@ -218,6 +220,7 @@ pub fn run(
             "domain {domain} is not running"
         )));
     }
+    let was_paused = matches!(dom.get_state(), Ok((sys::VIR_DOMAIN_PAUSED, _)));
     let xml = dom.get_xml_desc(0).map_err(lv)?;
     let planned = plan_migration(ctx, job, &xml, dest_uri, opts)?;
     let flags = Flags {
@@ -279,7 +282,8 @@ pub fn run(
         xmls.generation,
         result,
         started,
-        || dom.destroy().is_ok() || !dom.is_active().unwrap_or(true),
+        &LibvirtView::new(&ctx.cfg.libvirt_uri),
+        was_paused,
     )
 }
 
@@ -580,19 +584,24 @@ fn arm_zero_copy<'a>(
     }
 }
 
-/// Zero-copy, step 3: settles the pool file by how libvirt's job ended.
+/// Zero-copy, step 3: settles the pool file by how libvirt's job ended. `source` is this
+/// host's libvirt (a fresh connection: the job's may have died with libvirtd), asked where
+/// the guest is rather than assuming it.
 ///
 /// - Success: the destination runs the guest on this file: the owner record moves to it
 ///   (at `generation`), and the source is disarmed.
 /// - Failure after the destination ran the guest (its ran marker, or no way to tell):
 ///   resuming the source would have two CPUs write one memory. The source is fenced
-///   (`fence_source` destroys it and says whether it could), never resumed, and the file is
-///   handed over: the destination is where the guest last ran. If the fence failed, the
-///   record stays `handing-over` with the marker, and recovery (`recover`) fences again and
-///   then hands over.
-/// - Any other failure: the source is disarmed and takes the file back (`active`, its own).
+///   (destroyed), never resumed, and the file is handed over: the destination is where the
+///   guest last ran. If the fence failed, the record stays `handing-over` with the marker,
+///   and recovery (`recover`) fences again and then hands over.
+/// - Failure before: the source is disarmed; if libvirt shows the guest back as it was on
+///   the source (running, or paused when it was paused before), the source takes the file
+///   back. Otherwise (the source's QEMU died, libvirtd is gone, the guest is left paused)
+///   nothing is assumed: the record stays `handing-over` and recovery settles it once it
+///   can observe where the guest is (`vmbeam status` says what it waits for).
 ///
-/// Then the outgoing entry goes (and the marker, which has served).
+/// Then the outgoing entry goes (and the marker, once it has served).
 #[allow(clippy::too_many_arguments)]
 fn settle_outcome(
     ctx: &Ctx,
@@ -602,7 +611,8 @@ fn settle_outcome(
     generation: u64,
     result: Result<libvirt_job::Completed, libvirt_job::JobError>,
     started: Instant,
-    fence_source: impl FnOnce() -> bool,
+    source: &dyn LocalDomains,
+    was_paused: bool,
 ) -> Result<String, DaemonError> {
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
@@ -611,7 +621,7 @@ fn settle_outcome(
         mut armed,
     } = flight;
     let pool_file = &zc.pool_file;
-    match result {
+    let e = match result {
         Ok(done) => {
             job.phase(Phase::Confirming);
             // libvirt reported success: the destination runs the guest on this file.
@@ -623,55 +633,87 @@ fn settle_outcome(
                 Err(e) => warn!(error = %e, "source disarm"),
             }
             drop(entry);
-            Ok(finish(job, &done, started, "zero-copy"))
+            return Ok(finish(job, &done, started, "zero-copy"));
         }
-        Err(e) => {
-            job.phase(Phase::CleaningUp);
-            let ran = bpool.has_ran(pool_file).unwrap_or_else(|e| {
-                error!(error = %e, "cannot tell whether the guest ran on the destination: fencing the source");
-                true
-            });
-            if ran {
-                // The destination already ran guest code on this memory: resuming the source
-                // would have two CPUs write one memory. Fence the source.
-                error!("migration failed after the guest ran on the destination: destroying the source");
-                let _ = armed.disarm(Duration::from_secs(1));
-                if fence_source() {
-                    match bpool.complete_hand_over(pool_file, &id.host_id, &zc.dest, generation) {
-                        Ok(_) => {
-                            info!(dest = %zc.dest, "source fenced; the pool file is the destination's, where the guest last ran")
-                        }
-                        Err(e) => {
-                            error!(error = %e, "could not hand the pool file over after the fence")
-                        }
+        Err(e) => e,
+    };
+    job.phase(Phase::CleaningUp);
+    let uuid = &zc.facts.uuid;
+    let ran = bpool.has_ran(pool_file).unwrap_or_else(|e| {
+        error!(error = %e, "cannot tell whether the guest ran on the destination: fencing the source");
+        true
+    });
+    let where_ = if ran {
+        // The destination already ran guest code on this memory: resuming the source would
+        // have two CPUs write one memory. Fence the source.
+        error!("migration failed after the guest ran on the destination: destroying the source");
+        let _ = armed.disarm(Duration::from_secs(1));
+        match source.destroy(uuid) {
+            Ok(()) => {
+                match bpool.complete_hand_over(pool_file, &id.host_id, &zc.dest, generation) {
+                    Ok(_) => {
+                        info!(dest = %zc.dest, "source fenced; the pool file is the destination's, where the guest last ran")
                     }
-                } else {
-                    error!("the source could not be destroyed: the hand-over stays open and recovery fences it again");
-                    entry.keep_marker = true;
+                    Err(e) => {
+                        error!(error = %e, "could not hand the pool file over after the fence")
+                    }
                 }
-            } else {
-                match armed.disarm(Duration::from_secs(10)) {
-                    Ok(o) => info!(outcome = %o, "source disarmed"),
-                    Err(e) => error!(error = %e, "source disarm failed"),
-                }
+                format!(
+                    "the guest had already run on {}, so the source was destroyed (fenced), not resumed; the memory file is {}'s",
+                    zc.dest, zc.dest
+                )
+            }
+            Err(e) => {
+                error!(error = %e, "the source could not be destroyed: the hand-over stays open and recovery fences it again");
+                entry.keep_marker = true;
+                format!(
+                    "the guest had already run on {}, and destroying the source failed ({e}); vmbeamd keeps trying (see `vmbeam status`)",
+                    zc.dest
+                )
+            }
+        }
+    } else {
+        match armed.disarm(Duration::from_secs(10)) {
+            Ok(o) => info!(outcome = %o, "source disarmed"),
+            Err(e) => error!(error = %e, "source disarm failed"),
+        }
+        let observed = source.observe(uuid).map(|o| o.local);
+        let back = match observed {
+            Ok(Local::Running) => Some("the guest keeps running on the source"),
+            Ok(Local::Paused) if was_paused => Some("the guest stays paused on the source"),
+            _ => None,
+        };
+        match back {
+            Some(text) => {
                 if let Err(e) = bpool.abort_hand_over(pool_file, &id.host_id) {
                     warn!(error = %e, "could not take the pool file back");
                 }
+                text.to_owned()
             }
-            drop(entry);
-            let cancelled = job.cancelled.load(Ordering::SeqCst);
-            let what = if cancelled {
-                format!("cancelled: {e}")
-            } else {
-                e.to_string()
-            };
-            Err(DaemonError::MigrationFailed(if ran {
-                format!("{what}; the guest had already run on the destination, so the source was destroyed (fenced), not resumed")
-            } else {
-                format!("{what}; the guest keeps running on the source")
-            }))
+            None => {
+                // Where the guest is cannot be observed here: leave it to recovery, with the
+                // marker the destination may still leave.
+                entry.keep_marker = true;
+                let seen = match observed {
+                    Ok(l) => format!("libvirt says it is {l}"),
+                    Err(e) => format!("the source's libvirt cannot say ({e})"),
+                };
+                warn!(%seen, "the guest is not back on the source: the hand-over is left to recovery");
+                format!(
+                    "the guest is not running on the source: {seen}; its memory file is kept and the hand-over to {} stays open until vmbeamd observes where the guest is (see `vmbeam status`)",
+                    zc.dest
+                )
+            }
         }
-    }
+    };
+    drop(entry);
+    let cancelled = job.cancelled.load(Ordering::SeqCst);
+    let what = if cancelled {
+        format!("cancelled: {e}")
+    } else {
+        e.to_string()
+    };
+    Err(DaemonError::MigrationFailed(format!("{what}; {where_}")))
 }
 
 fn finish(job: &JobHandle, done: &libvirt_job::Completed, started: Instant, mode: &str) -> String {
@@ -696,13 +738,11 @@ mod tests {
     //! The source's settle and fence decisions, without libvirt: a fake backend, a temporary
     //! pool, libvirt's outcome given.
 
-    use std::cell::Cell;
-
     use vmbeam_core::pool::{pool_file_name, OwnerRecord};
 
     use super::*;
     use crate::libvirt_job::{Completed, JobError};
-    use crate::testing::{domain_xml, facts, host_id, uuid, Cloud, Host, MEMORY};
+    use crate::testing::{domain_xml, facts, host_id, uuid, Cloud, FakeLibvirt, Host, MEMORY};
 
     /// The source cvm1 runs the test domain on its pool file (generation 3, active, its own).
     fn source(cloud: &Cloud) -> (Host, String) {
@@ -745,8 +785,35 @@ mod tests {
         Err(JobError::Migration("operation failed: boom".into()))
     }
 
-    /// Arms job `id` and settles it with `result`; returns the outcome and whether the source
-    /// was fenced.
+    /// Arms job `id` and settles it with `result`, libvirt on the source saying `after` (and
+    /// the guest running before); returns the outcome and whether the source was fenced.
+    fn settle_with(
+        h: &Host,
+        zc: &ZeroCopyPlan,
+        id: u64,
+        before_settle: impl FnOnce(),
+        result: Result<Completed, JobError>,
+        libvirt: &FakeLibvirt,
+    ) -> Result<String, DaemonError> {
+        let job = job(id);
+        let flight = arm_zero_copy(&h.ctx, id, zc).unwrap();
+        assert_eq!(outgoing_job(h), Some(id));
+        before_settle();
+        settle_outcome(
+            &h.ctx,
+            &job,
+            zc,
+            flight,
+            4,
+            result,
+            Instant::now(),
+            libvirt,
+            false,
+        )
+    }
+
+    /// [`settle_with`] where libvirt shows the guest running on the source after a failure
+    /// (it resumes the source when its job fails).
     fn arm_and_settle(
         h: &Host,
         zc: &ZeroCopyPlan,
@@ -754,16 +821,16 @@ mod tests {
         before_settle: impl FnOnce(),
         result: Result<Completed, JobError>,
     ) -> (Result<String, DaemonError>, bool) {
-        let job = job(id);
-        let flight = arm_zero_copy(&h.ctx, id, zc).unwrap();
-        assert_eq!(outgoing_job(h), Some(id));
-        before_settle();
-        let fenced = Cell::new(false);
-        let out = settle_outcome(&h.ctx, &job, zc, flight, 4, result, Instant::now(), || {
-            fenced.set(true);
-            true
-        });
-        (out, fenced.get())
+        let libvirt = FakeLibvirt::new(Local::Running);
+        let out = settle_with(h, zc, id, before_settle, result, &libvirt);
+        (out, libvirt.fenced())
+    }
+
+    fn failure_text(out: Result<String, DaemonError>) -> String {
+        match out {
+            Err(DaemonError::MigrationFailed(m)) => m,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -807,8 +874,69 @@ mod tests {
         let (src, file) = source(&cloud);
         let zc = plan_to_cvm2(&file);
         let pool = BeamPool::new(cloud.pool_dir());
+        let libvirt = FakeLibvirt::new(Local::Paused);
+        libvirt.refuse_destroy.set(true);
+        let m = failure_text(settle_with(
+            &src,
+            &zc,
+            1,
+            || pool.mark_ran(&file).unwrap(),
+            libvirt_failed(),
+            &libvirt,
+        ));
+        assert!(m.contains("destroying the source failed"), "{m}");
+        let r = record(&cloud, &file);
+        assert_eq!(
+            (r.state, r.owner),
+            (OwnerState::HandingOver, host_id("cvm1"))
+        );
+        assert!(pool.has_ran(&file).unwrap(), "recovery needs the marker");
+        assert_eq!(outgoing_job(&src), None);
+    }
+
+    #[test]
+    fn a_guest_not_back_on_the_source_is_not_said_to_run_there_and_is_left_to_recovery() {
+        // The source's QEMU died, libvirtd is gone, or the guest was left paused although
+        // it ran before: where the guest is cannot be observed, so nothing is taken back.
+        for (local, unreachable, seen) in [
+            (Local::Absent, false, "not running here"),
+            (Local::Paused, false, "paused here"),
+            (Local::Running, true, "cannot say"),
+        ] {
+            let cloud = Cloud::new();
+            let (src, file) = source(&cloud);
+            let zc = plan_to_cvm2(&file);
+            let libvirt = FakeLibvirt::new(local);
+            libvirt.unreachable.set(unreachable);
+            let m = failure_text(settle_with(&src, &zc, 1, || {}, libvirt_failed(), &libvirt));
+            assert!(!m.contains("keeps running"), "{local:?}: {m}");
+            assert!(
+                m.contains("not running on the source") && m.contains(seen),
+                "{local:?}: {m}"
+            );
+            assert!(!libvirt.fenced(), "{local:?}");
+            let r = record(&cloud, &file);
+            assert_eq!(
+                (r.state, r.owner),
+                (OwnerState::HandingOver, host_id("cvm1")),
+                "{local:?}"
+            );
+            assert_eq!(outgoing_job(&src), None);
+            // Recovery settles it once the guest is seen back (here: resumed on the source).
+            libvirt.unreachable.set(false);
+            libvirt.local.set(Local::Running);
+            crate::recover::reconcile(&src.ctx, &libvirt);
+            assert_eq!(record(&cloud, &file).state, OwnerState::Active, "{local:?}");
+        }
+    }
+
+    #[test]
+    fn a_guest_paused_before_and_after_is_taken_back_paused() {
+        let cloud = Cloud::new();
+        let (src, file) = source(&cloud);
+        let zc = plan_to_cvm2(&file);
+        let libvirt = FakeLibvirt::new(Local::Paused);
         let flight = arm_zero_copy(&src.ctx, 1, &zc).unwrap();
-        pool.mark_ran(&file).unwrap();
         let out = settle_outcome(
             &src.ctx,
             &job(1),
@@ -817,19 +945,11 @@ mod tests {
             4,
             libvirt_failed(),
             Instant::now(),
-            || false,
+            &libvirt,
+            true,
         );
-        assert!(
-            matches!(out, Err(DaemonError::MigrationFailed(_))),
-            "{out:?}"
-        );
-        let r = record(&cloud, &file);
-        assert_eq!(
-            (r.state, r.owner),
-            (OwnerState::HandingOver, host_id("cvm1"))
-        );
-        assert!(pool.has_ran(&file).unwrap(), "recovery needs the marker");
-        assert_eq!(outgoing_job(&src), None);
+        assert!(failure_text(out).contains("stays paused on the source"));
+        assert_eq!(record(&cloud, &file).state, OwnerState::Active);
     }
 
     #[test]
@@ -888,7 +1008,8 @@ mod tests {
             4,
             libvirt_failed(),
             Instant::now(),
-            || panic!("fenced"),
+            &FakeLibvirt::new(Local::Running),
+            false,
         );
         assert!(
             matches!(&out, Err(DaemonError::MigrationFailed(m)) if m.starts_with("cancelled: ")),
@@ -948,7 +1069,7 @@ mod tests {
         assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
         assert_eq!(src.fake.calls(), [format!("arm_source {file}")]);
         // The first job's failure then sees the marker and fences.
-        let fenced = Cell::new(false);
+        let libvirt = FakeLibvirt::new(Local::Running);
         let out = settle_outcome(
             &src.ctx,
             &job(1),
@@ -957,13 +1078,11 @@ mod tests {
             4,
             libvirt_failed(),
             Instant::now(),
-            || {
-                fenced.set(true);
-                true
-            },
+            &libvirt,
+            false,
         );
         assert!(out.is_err());
-        assert!(fenced.get());
+        assert!(libvirt.fenced());
     }
 
     #[test]

@@ -355,47 +355,13 @@ mod tests {
     //! Recovery after a daemon died mid hand-over, without libvirt: a fake libvirt view, the
     //! fake backend, a temporary pool shared by cvm1 (source), cvm2 (destination), cvm3.
 
-    use std::cell::{Cell, RefCell};
-
     use vmbeam_core::pool::OwnerRecord;
     use vmbeam_core::HostId;
 
     use super::*;
     use crate::engine::OutgoingEntry;
     use crate::state::Outgoing;
-    use crate::testing::{facts, host_id, uuid, Cloud, Host};
-
-    /// What a test's libvirt says of the test domain, and what it was asked to destroy.
-    struct FakeLibvirt {
-        local: Cell<Local>,
-        destroyed: RefCell<Vec<DomainUuid>>,
-    }
-
-    impl FakeLibvirt {
-        fn new(local: Local) -> Self {
-            FakeLibvirt {
-                local: Cell::new(local),
-                destroyed: RefCell::new(Vec::new()),
-            }
-        }
-    }
-
-    impl LocalDomains for FakeLibvirt {
-        fn observe(&self, uuid: &DomainUuid) -> Result<Observed, DaemonError> {
-            assert_eq!(uuid, &crate::testing::uuid());
-            let local = self.local.get();
-            Ok(Observed {
-                local,
-                facts: (local != Local::Absent).then(facts),
-            })
-        }
-
-        fn destroy(&self, uuid: &DomainUuid) -> Result<(), DaemonError> {
-            self.destroyed.borrow_mut().push(uuid.clone());
-            self.local.set(Local::Absent);
-            Ok(())
-        }
-    }
+    use crate::testing::{host_id, uuid, Cloud, FakeLibvirt, Host};
 
     /// cvm1's file of the test domain, `handing-over` to `to` (generation 3): what a source
     /// vmbeamd killed mid-migration leaves.

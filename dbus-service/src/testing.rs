@@ -2,6 +2,7 @@
 //! that records what it is asked, and the daemons of cloud VMs sharing one temporary pool.
 //! No libvirt, no QEMU, no bus.
 
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,11 @@ use vmbeam_core::plan::BackendCapabilities;
 use vmbeam_core::ticket::FileReplayCache;
 use vmbeam_core::{CloudId, DomainFacts, DomainUuid, HostId, Identity, TicketKey};
 
+use vmbeam_core::recover::Local;
+
 use crate::config::DaemonConfig;
+use crate::error::DaemonError;
+use crate::recover::{LocalDomains, Observed};
 use crate::state::{Ctx, SharedCtx, Tables};
 
 /// The cloud every test host is in.
@@ -243,5 +248,54 @@ impl Cloud {
             backend: Box::new(FakeBackend(fake.clone())),
         });
         Host { ctx, fake }
+    }
+}
+
+/// What a test's libvirt says of the test domain, and what it was asked to destroy.
+pub struct FakeLibvirt {
+    pub local: Cell<Local>,
+    pub destroyed: RefCell<Vec<DomainUuid>>,
+    /// `destroy` fails (the domain stays as it is).
+    pub refuse_destroy: Cell<bool>,
+    /// libvirt does not answer (libvirtd is gone).
+    pub unreachable: Cell<bool>,
+}
+
+impl FakeLibvirt {
+    pub fn new(local: Local) -> Self {
+        FakeLibvirt {
+            local: Cell::new(local),
+            destroyed: RefCell::new(Vec::new()),
+            refuse_destroy: Cell::new(false),
+            unreachable: Cell::new(false),
+        }
+    }
+
+    /// Whether the test domain was destroyed.
+    pub fn fenced(&self) -> bool {
+        !self.destroyed.borrow().is_empty()
+    }
+}
+
+impl LocalDomains for FakeLibvirt {
+    fn observe(&self, uuid: &DomainUuid) -> Result<Observed, DaemonError> {
+        assert_eq!(uuid, &crate::testing::uuid());
+        if self.unreachable.get() {
+            return Err(DaemonError::Failed("libvirtd is gone (fake)".into()));
+        }
+        let local = self.local.get();
+        Ok(Observed {
+            local,
+            facts: (local != Local::Absent).then(facts),
+        })
+    }
+
+    fn destroy(&self, uuid: &DomainUuid) -> Result<(), DaemonError> {
+        if self.refuse_destroy.get() || self.unreachable.get() {
+            return Err(DaemonError::Failed("cannot destroy (fake)".into()));
+        }
+        self.destroyed.borrow_mut().push(uuid.clone());
+        self.local.set(Local::Absent);
+        Ok(())
     }
 }
