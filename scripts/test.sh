@@ -96,6 +96,10 @@ tier nova-shim scripts/test-nova.sh
 e2e() { cargo test -p vmbeam-tests --features e2e --no-fail-fast --test "$1" -- --test-threads=1; }
 tier lab e2e lab
 tier zero-copy e2e zero_copy
+# One cell of the fault matrix per fault (kill -9 of either side's QEMU, libvirtd, vmbeamd; the
+# link cut; domjobabort), each at the phase most likely to break; the whole matrix is
+# scripts/fault-matrix.sh.
+tier faults e2e faults
 tier nova-e2e e2e nova_shim
 tier bench e2e bench
 tier packaging e2e packaging

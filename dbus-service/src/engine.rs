@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::DaemonError;
+use crate::fault;
 use crate::libvirt_conn::{self, Conn};
 use tracing::{error, info, info_span, warn};
 use virt::domain::Domain;
@@ -212,6 +213,7 @@ pub fn run(
     let _g = span.enter();
     let started = Instant::now();
     job.phase(Phase::Planning);
+    fault::hold("planning");
     let conn = Conn::open(&ctx.cfg.libvirt_uri).map_err(lv)?;
     let dom = Domain::lookup_by_name(&conn, domain)
         .map_err(|_| DaemonError::NoSuchDomain(domain.into()))?;
@@ -268,12 +270,15 @@ pub fn run(
     req.dest_xml = Some(xmls.dest_xml);
     req.persist_xml = xmls.persist_xml;
     let flight = arm_zero_copy(ctx, job.id, &zc)?;
+    fault::hold("ticket");
     info!(
         backend = ctx.backend.name(),
         "source armed; ticket issued; migrating"
     );
     job.phase(Phase::Migrating);
     let result = libvirt_job::migrate(&req, Duration::from_millis(100), progress);
+    job.phase(Phase::Confirming);
+    fault::hold("settling");
     settle_outcome(
         ctx,
         job,
@@ -328,6 +333,7 @@ fn plan_migration(
     };
     if opts.mode != RequestedMode::ForceTraditional && meta.is_some() {
         job.phase(Phase::ProvingColocation);
+        fault::hold("proving");
         colo = probe_destination(ctx, dest_uri, pool_file.as_deref())?;
     }
     // The backend's part (QEMU: the private monitor and x-ignore-shared).

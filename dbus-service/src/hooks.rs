@@ -135,20 +135,6 @@ fn owned_here(
         .map_err(|e| DaemonError::bad_input("incoming domain XML: ", e))
 }
 
-/// Fault injection for tests: if `/run/vmbeam/fault-delay-<point>-ms` exists, the hook
-/// waits that long at `<point>` (with QEMU started and waiting for the stream), which gives
-/// a test a window to kill a destination QEMU or abort the job. Absent in production.
-fn fault_delay(point: &str) {
-    let path = format!("/run/vmbeam/fault-delay-{point}-ms");
-    if let Some(ms) = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-    {
-        warn!(ms, "fault injection: delaying the {point} hook");
-        std::thread::sleep(Duration::from_millis(ms.min(60_000)));
-    }
-}
-
 fn backend_err(e: BackendError) -> DaemonError {
     DaemonError::Backend(e)
 }
@@ -214,7 +200,7 @@ fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, DaemonErro
 /// QEMU is up and waiting for the stream. For zero-copy: `x-ignore-shared` on, then a watcher
 /// that resets it when the incoming migration is over.
 fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError> {
-    fault_delay("started");
+    crate::fault::hold("started");
     let zero_copy = ctx
         .tables
         .lock()
@@ -256,6 +242,7 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError
 /// The domain is gone from this host. Its pool file is deleted only by its owner, and only
 /// when no outgoing zero-copy migration still needs to settle who owns it.
 fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
+    crate::fault::hold("release");
     let id = &ctx.cfg.identity;
     let (running, outgoing) = {
         let mut t = ctx.tables.lock().expect("lock");

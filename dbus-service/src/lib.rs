@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fault;
 pub mod hooks;
 pub mod libvirt_conn;
 pub mod libvirt_job;

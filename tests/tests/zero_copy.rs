@@ -384,7 +384,7 @@ fn hex_decode(s: &str) -> Vec<u8> {
 /// held for `hold_ms` (QEMU up and waiting for the stream).
 fn held_migration(hold_ms: u64) -> std::thread::JoinHandle<Output> {
     std::fs::write(
-        "/run/vmbeam-lab/cvm2/run/vmbeam/fault-delay-started-ms",
+        "/run/vmbeam-lab/cvm2/run/vmbeam/fault-hold-started-ms",
         hold_ms.to_string(),
     )
     .unwrap();
@@ -392,7 +392,7 @@ fn held_migration(hold_ms: u64) -> std::thread::JoinHandle<Output> {
 }
 
 fn release_hold() {
-    let _ = std::fs::remove_file("/run/vmbeam-lab/cvm2/run/vmbeam/fault-delay-started-ms");
+    let _ = std::fs::remove_file("/run/vmbeam-lab/cvm2/run/vmbeam/fault-hold-started-ms");
 }
 
 #[track_caller]
