@@ -161,6 +161,22 @@ impl std::fmt::Display for Coded {
 }
 impl std::error::Error for Coded {}
 
+/// Logging for VMBeam's command-line programs (`vmbeam`, `vmbeam-lab`): `tracing` to stderr,
+/// filtered by `VMBEAM_LOG` (default `warn`); and libvirt's default error callback, which
+/// prints every error (even expected look-up misses), turned off: errors are returned and
+/// reported once instead.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMBEAM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    virt::error::clear_error_callback();
+}
+
 /// Ends a command: success, or the whole error chain on one line (`PROG: ...`, without the
 /// exit-code marker) and the exit code attached to it ([`exit::FAILED`] when none is).
 pub fn finish(prog: &str, r: anyhow::Result<()>) -> std::process::ExitCode {

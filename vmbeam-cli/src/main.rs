@@ -9,17 +9,7 @@ use clap::Parser;
 use vmbeam_cli::{Cli, Cmd};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMBEAM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // libvirt's default error callback prints every error (even expected look-up misses)
-    // to stderr; errors are returned and reported once instead.
-    virt::error::clear_error_callback();
+    vmbeam_cli::init_logging();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Migrate(a) => migrate_cmd::run(a),
