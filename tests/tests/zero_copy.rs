@@ -733,3 +733,169 @@ fn a_missing_or_hung_destination_daemon_fails_the_migration_cleanly() {
     assert_mode(&out, "zero-copy");
     check_on("lonely", "cvm2");
 }
+
+/// Runs `program args` inside cloud VM `cvm` as `nobody` (no capabilities, no groups).
+fn as_nobody_in(cvm: &str, program: &str, args: &[&str]) -> Output {
+    let mut a = vec![
+        "exec",
+        cvm,
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        program,
+    ];
+    a.extend_from_slice(args);
+    lab(&a)
+}
+
+/// The jobs vmbeamd on `cvm` has (its `Jobs` property), as busctl prints them.
+fn jobs_on(cvm: &str) -> String {
+    let o = lab(&[
+        "exec",
+        cvm,
+        "busctl",
+        "get-property",
+        "org.vmbeam.VMBeam1",
+        "/org/vmbeam/VMBeam1",
+        "org.vmbeam.VMBeam1.Manager",
+        "Jobs",
+    ]);
+    ok(&o)
+}
+
+/// What a caller may not do changes nothing: an unprivileged user's Migrate, Enable, Disable
+/// and Cancel are refused by vmbeamd itself (polkit, which the lab's buses do not run, is the
+/// only way to grant them; the lab's bus policy lets every call through, so the refusal is
+/// vmbeamd's), while Status stays readable; and a Migrate with an unknown option or a
+/// wrongly typed one is refused before vmbeamd acts: no job, the guest where it was.
+#[test]
+fn unprivileged_callers_and_bad_options_are_refused_and_change_nothing() {
+    let _lab = LabGuard::up(2, &[]);
+    create("victim", "192", "500", "cvm1", &[]);
+    let boot = boot_id("victim");
+    let bin = vmbeam_bin();
+    let bin = bin.to_str().unwrap();
+    let dest = cvm_uri(2);
+    for args in [
+        vec!["migrate", "--zero-copy", "--live", "victim", dest.as_str()],
+        vec!["enable", "victim"],
+        vec!["disable", "victim"],
+    ] {
+        let o = as_nobody_in("cvm1", bin, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains("polkit") && err.contains("uid 65534"),
+            "{args:?}: {err}"
+        );
+    }
+    let o = as_nobody_in("cvm1", bin, &["status"]);
+    assert!(ok(&o).contains("victim"), "status stays readable");
+    assert!(jobs_on("cvm1").contains("ao 0"), "no job was made");
+    // Cancel of root's job by nobody: refused, and the migration completes.
+    let m = held_migration(3000);
+    wait_dest_qemu();
+    let jobs = jobs_on("cvm1");
+    let path = jobs
+        .split_whitespace()
+        .find(|w| w.contains("/jobs/"))
+        .unwrap_or_else(|| panic!("no job in {jobs}"))
+        .trim_matches('"')
+        .to_string();
+    let c = as_nobody_in(
+        "cvm1",
+        "busctl",
+        &[
+            "call",
+            "org.vmbeam.VMBeam1",
+            &path,
+            "org.vmbeam.VMBeam1.Job",
+            "Cancel",
+        ],
+    );
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(!c.status.success() && err.contains("polkit"), "{err}");
+    release_hold();
+    assert_mode(&ok(&m.join().unwrap()), "zero-copy");
+    check_on("victim", "cvm2");
+    // Unknown and mistyped options never reach vmbeamd's engine.
+    let back = cvm_uri(1);
+    for opts in [
+        vec!["1", "bogus", "b", "true"],
+        vec!["1", "live", "s", "yes"],
+    ] {
+        let mut a = vec![
+            "exec",
+            "cvm2",
+            "busctl",
+            "call",
+            "org.vmbeam.VMBeam1",
+            "/org/vmbeam/VMBeam1",
+            "org.vmbeam.VMBeam1.Manager",
+            "Migrate",
+            "ssa{sv}",
+            "victim",
+            back.as_str(),
+        ];
+        a.extend_from_slice(&opts);
+        let o = lab(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{opts:?} must be refused");
+        assert!(
+            err.contains("InvalidArgs") || err.contains("nvalid"),
+            "{opts:?}: {err}"
+        );
+    }
+    assert!(jobs_on("cvm2").contains("ao 0"), "no job was made");
+    check_on("victim", "cvm2");
+    assert_eq!(boot_id("victim"), boot);
+    settled_on("victim", "cvm2", 2);
+    assert_pool_clean(1);
+}
+
+/// Many migrations at once: four dirtying guests, two on each cloud VM, all moved zero-copy
+/// to the other side at the same time, then all back at the same time. Every guest stays
+/// intact (same boot, memory check), no two QEMUs ever run one guest, `x-ignore-shared` is off
+/// everywhere afterwards, and the pool holds exactly one file and record per guest.
+#[test]
+fn four_guests_migrating_both_ways_at_once_stay_intact() {
+    let _lab = LabGuard::up(2, &[]);
+    let guests = [("g1", 1u32), ("g2", 1), ("g3", 2), ("g4", 2)];
+    for (g, on) in guests {
+        create(g, "160", "500", &format!("cvm{on}"), &[]);
+    }
+    let boots: Vec<String> = guests.iter().map(|(g, _)| boot_id(g)).collect();
+    let watches: Vec<SplitBrainWatch> = guests
+        .iter()
+        .map(|(g, _)| SplitBrainWatch::start(g, 2))
+        .collect();
+    for round in 0..2u32 {
+        let threads: Vec<_> = guests
+            .iter()
+            .map(|&(g, on)| {
+                let from = if round == 0 { on } else { 3 - on };
+                std::thread::spawn(move || (g, from, migrate(from, 3 - from, g, &["--zero-copy"])))
+            })
+            .collect();
+        for t in threads {
+            let (g, from, o) = t.join().unwrap();
+            let out = ok(&o);
+            assert_mode(&out, "zero-copy");
+            check_on(g, &format!("cvm{}", 3 - from));
+        }
+    }
+    for w in watches {
+        w.finish();
+    }
+    for ((g, on), boot) in guests.iter().zip(&boots) {
+        check_on(g, &format!("cvm{on}"));
+        assert_eq!(&boot_id(g), boot, "{g} rebooted");
+        assert!(
+            !ignore_shared_on(&format!("cvm{on}"), &uuid_of(g)),
+            "{g}: x-ignore-shared must be off"
+        );
+    }
+    assert_eq!(qemu_pids("cvm1").len() + qemu_pids("cvm2").len(), 4);
+    assert_pool_clean(4);
+}
