@@ -198,7 +198,8 @@ fn reach(at: At) -> bool {
             let deadline = Instant::now() + t;
             while Instant::now() < deadline {
                 match source_migration_status(&mut client).as_deref() {
-                    Some("active") => return true,
+                    // The stream is on (RAM, then device state, then the switchover).
+                    Some("active" | "device" | "pre-switchover") => return true,
                     Some("completed") => return false,
                     _ => std::hint::spin_loop(),
                 }
