@@ -64,7 +64,9 @@ impl Doubt {
             Self::Nowhere => format!(
                 "in doubt: the guest is not running here and {dest} has not reported running it \
                  (its vmbeamd may be down, or the guest's QEMU died). The memory file is kept; \
-                 once {dest}'s vmbeamd reports the guest running, the hand-over completes"
+                 once {dest}'s vmbeamd reports the guest running, the hand-over completes. If \
+                 the guest runs nowhere, start it again (it boots on a fresh memory file) and \
+                 delete this file and its .owner record from the pool by hand"
             ),
         }
     }
