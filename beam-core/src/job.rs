@@ -42,6 +42,9 @@ pub enum JobError {
     /// `timeout_secs` without `live`, which virsh refuses too.
     #[error("a timeout requires a live migration")]
     TimeoutWithoutLive,
+    /// A persistent XML without `persistent`, which virsh refuses too.
+    #[error("a persistent XML requires a persistent migration (--persistent)")]
+    PersistXmlWithoutPersistent,
 }
 
 /// A job's phase, in the order a migration goes through them. `Completed`, `Failed` and
@@ -274,6 +277,16 @@ pub struct MigrateOptions {
     /// virsh's `migrateuri`: where QEMU's stream goes, e.g. `tcp://198.18.0.2`; default:
     /// libvirt's choice.
     pub migrate_uri: Option<String>,
+    /// `--xml`: the domain XML for the destination (Nova rewrites interfaces and listen
+    /// addresses there); default: the source's migratable XML. Zero-copy carries its ticket
+    /// in it, and needs it to keep the memory and VMBeam's metadata as they are
+    /// (`destination::zero_copy_differences`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_xml: Option<String>,
+    /// `--persistent-xml`: the persistent definition for the destination (with
+    /// `--persistent`); default: the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persist_xml: Option<String>,
 }
 
 /// A request, whatever front end it came from.
@@ -355,6 +368,17 @@ impl Operation {
                 check_uri("destination URI", dest_uri)?;
                 if let Some(uri) = &options.migrate_uri {
                     check_uri("migration URI", uri)?;
+                }
+                for (field, xml) in [
+                    ("destination XML", &options.dest_xml),
+                    ("persistent XML", &options.persist_xml),
+                ] {
+                    if xml.as_deref().is_some_and(|x| x.trim().is_empty()) {
+                        return Err(JobError::Empty(field));
+                    }
+                }
+                if options.persist_xml.is_some() && !options.persistent {
+                    return Err(JobError::PersistXmlWithoutPersistent);
                 }
                 match options.timeout_secs {
                     Some(0) => return Err(JobError::ZeroTimeout),

@@ -5,6 +5,7 @@
 //! - [`ids`]: validated host, cloud and domain identifiers, nonces, file identities.
 //! - [`metadata`]: VMBeam's element in a domain's `<metadata>`.
 //! - [`domain`]: the facts VMBeam reads from a domain XML.
+//! - [`destination`]: what a caller's destination XML must keep for zero-copy.
 //! - [`transform`]: the domain-XML rewrites behind `vmbeam enable` / `disable`.
 //! - [`identity`]: this cloud VM's identity (`/etc/vmbeam/vmbeam.conf`).
 //! - [`ticket`]: signed agreements between source and destination, replay protection.
@@ -20,6 +21,7 @@
 mod b64;
 pub mod backend;
 pub mod carrier;
+pub mod destination;
 pub mod domain;
 pub mod hook;
 pub mod host;

@@ -164,7 +164,9 @@ impl BeamError {
 /// `Migrate`'s options on the wire (`a{sv}`; every key optional, unknown keys refused by
 /// the daemon with `org.freedesktop.DBus.Error.InvalidArgs`). Keys: `mode` (s: `auto`,
 /// `zero-copy`, `traditional`), `live`, `persistent`, `undefine-source`, `tls` (b),
-/// `migrate-uri` (s), `timeout` (u: seconds before the guest is suspended).
+/// `migrate-uri` (s), `timeout` (u: seconds before the guest is suspended), `dest-xml` (s:
+/// the domain XML for the destination, virsh's `--xml`), `persist-xml` (s: the persistent
+/// definition there, virsh's `--persistent-xml`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Type)]
 #[zvariant(signature = "a{sv}")]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -183,6 +185,10 @@ pub struct MigrateOptionsDict {
     pub migrate_uri: Option<String>,
     #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub dest_xml: Option<String>,
+    #[serde(with = "as_value::optional", skip_serializing_if = "Option::is_none")]
+    pub persist_xml: Option<String>,
 }
 
 impl From<&MigrateOptions> for MigrateOptionsDict {
@@ -195,6 +201,8 @@ impl From<&MigrateOptions> for MigrateOptionsDict {
             tls: Some(o.tls),
             migrate_uri: o.migrate_uri.clone(),
             timeout: o.timeout_secs.map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+            dest_xml: o.dest_xml.clone(),
+            persist_xml: o.persist_xml.clone(),
         }
     }
 }
@@ -217,6 +225,8 @@ impl TryFrom<MigrateOptionsDict> for MigrateOptions {
             tls: d.tls.unwrap_or(false),
             migrate_uri: d.migrate_uri,
             timeout_secs: d.timeout.map(u64::from),
+            dest_xml: d.dest_xml,
+            persist_xml: d.persist_xml,
         })
     }
 }
@@ -477,8 +487,13 @@ mod prop_tests {
             tls in any::<Option<bool>>(),
             migrate_uri in proptest::option::of(any::<String>()),
             timeout in any::<Option<u32>>(),
+            dest_xml in proptest::option::of(any::<String>()),
+            persist_xml in proptest::option::of(any::<String>()),
         ) -> MigrateOptionsDict {
-            MigrateOptionsDict { mode, live, persistent, undefine_source, tls, migrate_uri, timeout }
+            MigrateOptionsDict {
+                mode, live, persistent, undefine_source, tls, migrate_uri, timeout, dest_xml,
+                persist_xml,
+            }
         }
     }
 
@@ -495,8 +510,13 @@ mod prop_tests {
             tls in any::<bool>(),
             migrate_uri in proptest::option::of(any::<String>()),
             timeout_secs in proptest::option::of(0..=u64::from(u32::MAX)),
+            dest_xml in proptest::option::of(any::<String>()),
+            persist_xml in proptest::option::of(any::<String>()),
         ) -> MigrateOptions {
-            MigrateOptions { mode, live, persistent, undefine_source, tls, migrate_uri, timeout_secs }
+            MigrateOptions {
+                mode, live, persistent, undefine_source, tls, migrate_uri, timeout_secs,
+                dest_xml, persist_xml,
+            }
         }
     }
 

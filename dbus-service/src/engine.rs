@@ -238,8 +238,9 @@ pub fn run(
         dest_uri: dest_uri.into(),
         migrate_uri: opts.migrate_uri.clone(),
         flags,
-        dest_xml: None,
-        persist_xml: None,
+        // A copy takes the caller's XMLs as they are (libvirt checks the guest ABI).
+        dest_xml: opts.dest_xml.clone(),
+        persist_xml: opts.persist_xml.clone(),
         suspend_after: opts.timeout_secs.map(Duration::from_secs),
     };
     let progress = |p: libvirt_job::Progress| job.ratio(p.processed, p.total);
@@ -253,11 +254,18 @@ pub fn run(
 
     // Zero-copy.
     job.phase(Phase::IssuingTicket);
-    let migratable = dom
-        .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
-        .map_err(lv)?;
+    // The caller's destination XML (already checked to keep what zero-copy needs) carries
+    // the ticket; without one, the source's migratable XML.
+    let migratable = match &opts.dest_xml {
+        Some(x) => x.clone(),
+        None => dom
+            .get_xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE)
+            .map_err(lv)?,
+    };
     let inactive = if !opts.persistent {
         None
+    } else if let Some(x) = &opts.persist_xml {
+        Some(x.clone())
     } else if dom.is_persistent().unwrap_or(false) {
         Some(
             dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_MIGRATABLE)
@@ -371,6 +379,30 @@ fn plan_migration(
         v.mode = Some(planned.mode);
         v.mode_reason = reason.clone();
     });
+    // The caller's destination XML must keep what zero-copy needs; what else it changes
+    // (interfaces, listen addresses) is libvirt's to check.
+    let dest_differs = match &opts.dest_xml {
+        Some(dest) if zero_copy => vmbeam_core::destination::zero_copy_differences(xml, dest)
+            .map_err(|e| DaemonError::InvalidArgs(e.to_string()))?,
+        _ => Vec::new(),
+    };
+    let zero_copy = if dest_differs.is_empty() {
+        zero_copy
+    } else {
+        let why = format!(
+            "the destination XML changes what zero-copy needs: {}",
+            dest_differs.join("; ")
+        );
+        if opts.mode == RequestedMode::RequireZeroCopy {
+            return Err(DaemonError::ZeroCopyRefused(why));
+        }
+        info!(%why, "planned again: traditional");
+        job.update(|v| {
+            v.mode = Some(MigrationMode::Traditional);
+            v.mode_reason = why.clone();
+        });
+        false
+    };
     if !zero_copy {
         // A copy must carry all of RAM: a source whose `x-ignore-shared` a crashed daemon
         // left on would send none of the shared memory.

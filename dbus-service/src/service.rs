@@ -209,7 +209,12 @@ pub struct Manager {
 
 #[interface(name = "org.vmbeam.VMBeam1.Manager")]
 impl Manager {
-    /// Starts a migration and returns its job object.
+    /// Starts a migration and returns its job object. Options (a{sv}, every key optional,
+    /// any other key refused): mode (s: auto, zero-copy, traditional), live, persistent,
+    /// undefine-source, tls (b), migrate-uri (s), timeout (u), dest-xml and persist-xml (s:
+    /// the domain XML and persistent definition for the destination, as virsh migrate's
+    /// xml and persistent-xml options). (No double hyphen here: this text becomes an XML
+    /// comment in the introspection data.)
     async fn migrate(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -651,6 +656,24 @@ mod tests {
                 "domain must not be empty",
             ),
             ("web1", "cvm2", dict(true, "auto"), "is not a URI"),
+            (
+                "web1",
+                "qemu+tcp://cvm2/system",
+                MigrateOptionsDict {
+                    persist_xml: Some("<domain/>".into()),
+                    ..dict(true, "auto")
+                },
+                "requires a persistent migration",
+            ),
+            (
+                "web1",
+                "qemu+tcp://cvm2/system",
+                MigrateOptionsDict {
+                    dest_xml: Some(" \n".into()),
+                    ..dict(true, "auto")
+                },
+                "destination XML must not be empty",
+            ),
         ];
         for (d, u, o, want) in bad {
             match migrate_operation(d.into(), u.into(), o) {
@@ -679,15 +702,26 @@ mod tests {
             ("undefine-source", Value::from(true)),
             ("tls", Value::from(false)),
             ("migrate-uri", Value::from("tcp://198.18.0.12")),
+            ("dest-xml", Value::from("<domain type='kvm'/>")),
+            (
+                "persist-xml",
+                Value::from("<domain type='kvm'><name>x</name></domain>"),
+            ),
         ]);
         let (d, _): (MigrateOptionsDict, _) = nova.deserialize().unwrap();
         let o = MigrateOptions::try_from(d).unwrap();
         assert!(o.live && o.persistent && o.undefine_source && !o.tls);
         assert_eq!(o.migrate_uri.as_deref(), Some("tcp://198.18.0.12"));
+        assert_eq!(o.dest_xml.as_deref(), Some("<domain type='kvm'/>"));
+        assert!(o
+            .persist_xml
+            .as_deref()
+            .is_some_and(|x| x.contains("<name>x</name>")));
         for bad in [
             vec![("bogus", Value::from(true))],
             vec![("live", Value::from("yes"))],
             vec![("timeout", Value::from("30"))],
+            vec![("dest-xml", Value::from(true))],
         ] {
             let b = encode(bad);
             assert!(b.deserialize::<MigrateOptionsDict>().is_err());

@@ -67,6 +67,12 @@ pub struct MigrateArgs {
     /// Suspend the guest after S seconds of live migration (virsh --timeout)
     #[arg(long, value_name = "S")]
     pub timeout: Option<u32>,
+    /// The domain XML for the destination (it must keep the memory and VMBeam's metadata for zero-copy)
+    #[arg(long = "xml", value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub xml: Option<std::path::PathBuf>,
+    /// The persistent definition for the destination (with --persistent)
+    #[arg(long = "persistent-xml", value_name = "FILE", value_hint = ValueHint::FilePath, requires = "persistent")]
+    pub persistent_xml: Option<std::path::PathBuf>,
     /// Domain name
     pub domain: String,
     /// Destination libvirt URI, e.g. qemu+tcp://cvm2/system

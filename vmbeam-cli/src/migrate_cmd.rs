@@ -44,8 +44,21 @@ pub fn daemon_err(e: BeamError) -> anyhow::Error {
 }
 
 /// virsh's arguments in the operation model.
-fn options_of(a: &MigrateArgs) -> MigrateOptions {
-    MigrateOptions {
+/// Reads an XML file named on the command line (`--xml`, `--persistent-xml`).
+fn read_xml(what: &str, path: &Option<std::path::PathBuf>) -> anyhow::Result<Option<String>> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("{what} {}", p.display()))
+                .context(Coded(exit::BAD_INPUT))
+        })
+        .transpose()
+}
+
+fn options_of(a: &MigrateArgs) -> anyhow::Result<MigrateOptions> {
+    Ok(MigrateOptions {
+        dest_xml: read_xml("--xml", &a.xml)?,
+        persist_xml: read_xml("--persistent-xml", &a.persistent_xml)?,
         mode: if a.zero_copy {
             RequestedMode::RequireZeroCopy
         } else if a.no_zero_copy {
@@ -59,7 +72,7 @@ fn options_of(a: &MigrateArgs) -> MigrateOptions {
         timeout_secs: a.timeout.map(u64::from),
         tls: a.tls,
         migrate_uri: a.migrateuri.clone(),
-    }
+    })
 }
 
 fn human_bytes(b: u64) -> String {
@@ -75,7 +88,7 @@ fn human_bytes(b: u64) -> String {
 pub fn run(a: MigrateArgs) -> anyhow::Result<()> {
     let conn = bus()?;
     let mgr = ManagerProxyBlocking::new(&conn)?;
-    let opts = MigrateOptionsDict::from(&options_of(&a));
+    let opts = MigrateOptionsDict::from(&options_of(&a)?);
     let started = Instant::now();
     let path = mgr
         .migrate(&a.domain, &a.desturi, opts)

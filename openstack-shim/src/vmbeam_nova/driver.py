@@ -19,6 +19,7 @@ Written against Nova's private driver methods: see pyproject.toml for the
 Nova releases it is tested with.
 """
 
+import copy
 import dataclasses
 import functools
 import threading
@@ -59,6 +60,10 @@ class _Plan:
     migrate_uri: str
     flags: int
     reason: str
+    #: Nova's domain XML for the destination (ports, listen addresses, volumes
+    #: rewritten), with the source's memory backing kept: vmbeamd carries its
+    #: ticket in it.
+    dest_xml: str = None
 
 
 class _Migration:
@@ -75,50 +80,25 @@ class _Migration:
         self.cancel_sending = False
 
 
-def _canonical(xml):
-    parser = etree.XMLParser(remove_blank_text=True)
-    return etree.fromstring(xml.encode() if isinstance(xml, str) else xml, parser)
-
-
-def xml_difference(old, new):
-    """Where two domain XMLs differ (first difference), or None when they
-    are the same document apart from formatting."""
-
-    def walk(a, b, path):
-        if a.tag != b.tag:
-            return "%s: <%s> instead of <%s>" % (path, b.tag, a.tag)
-        here = "%s/%s" % (path, a.tag) if path else a.tag
-        if dict(a.attrib) != dict(b.attrib):
-            return "%s: attributes %s -> %s" % (here, dict(a.attrib), dict(b.attrib))
-        if (a.text or "").strip() != (b.text or "").strip():
-            return "%s: text %r -> %r" % (here, (a.text or "").strip(), (b.text or "").strip())
-        ca = [c for c in a if isinstance(c.tag, str)]
-        cb = [c for c in b if isinstance(c.tag, str)]
-        for x, y in zip(ca, cb, strict=False):
-            d = walk(x, y, here)
-            if d:
-                return d
-        if len(ca) != len(cb):
-            return "%s: %d child elements -> %d" % (here, len(ca), len(cb))
-        return None
-
-    return walk(_without_file_backing(_canonical(old)),
-                _without_file_backing(_canonical(new)), "")
-
-
-def _without_file_backing(root):
-    """Nova's destination XML always drops the file-backed memory elements
-    (nova.virt.libvirt.migration._update_memory_backing_xml) unless the
-    destination itself uses [libvirt] file_backed_memory: for a zero-copy
-    migration they are the point and vmbeamd keeps them, so they are not a
-    difference that matters."""
-    for mb in root.findall("./memoryBacking"):
-        for name in ("access", "source", "allocation", "discard"):
-            for el in mb.findall(name):
-                mb.remove(el)
-        if len(mb) == 0:
-            root.remove(mb)
-    return root
+def with_memory_backing_of(new, old):
+    """``new`` (a domain XML) with ``old``'s <memoryBacking> in place of its
+    own (or none, if ``old`` has none)."""
+    parser = etree.XMLParser(remove_blank_text=False)
+    n = etree.fromstring(new.encode() if isinstance(new, str) else new, parser)
+    o = etree.fromstring(old.encode() if isinstance(old, str) else old, parser)
+    kept = o.find("./memoryBacking")
+    mine = n.find("./memoryBacking")
+    if mine is not None:
+        n.remove(mine)
+    if kept is not None:
+        anchor = n.find("./currentMemory")
+        if anchor is None:
+            anchor = n.find("./memory")
+        if anchor is not None:
+            anchor.addnext(copy.deepcopy(kept))
+        else:
+            n.insert(0, copy.deepcopy(kept))
+    return etree.tostring(n, encoding="unicode")
 
 
 class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
@@ -258,12 +238,10 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
             uri_dest = migrate_data.target_connect_addr
             migrate_uri = self._migrate_uri(uri_dest)
         dest_uri = self._live_migration_uri(uri_dest)
-        differs = self._vmbeam_destination_xml_change(instance, guest,
-                                                      migrate_data)
-        if differs:
-            return None, ("Nova rewrites the guest XML for the destination "
-                          "(%s) and vmbeamd migrates the source's as it is"
-                          % differs)
+        dest_xml, why = self._vmbeam_destination_xml(instance, guest,
+                                                     migrate_data)
+        if dest_xml is None:
+            return None, why
         try:
             with self._vmbeam() as c:
                 ok, host, why = c.co_location(dest_uri)
@@ -276,13 +254,17 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
             return None, ("vmbeamd says %s is not co-located: %s"
                           % (dest_uri, why))
         return _Plan(dest_uri, migrate_uri, flags,
-                     "vmbeamd: %s" % why), None
+                     "vmbeamd: %s" % why, dest_xml), None
 
-    def _vmbeam_destination_xml_change(self, instance, guest, migrate_data):
-        """What Nova would change in the guest XML for the destination
-        (graphics and serial listen addresses, volumes, ports, ...), or None.
-        vmbeamd's Migrate sends the source's migratable XML (with its ticket),
-        so a migration that needs changes goes Nova's own way."""
+    def _vmbeam_destination_xml(self, instance, guest, migrate_data):
+        """(Nova's domain XML for the destination, None), or (None, why it
+        cannot be had). It is what the parent would send
+        (nova.virt.libvirt.migration.get_updated_guest_xml: interfaces for the
+        destination's ports, graphics and serial listen addresses, volumes),
+        with the source's memory backing put back: Nova drops the file backing
+        unless the destination sets [libvirt] file_backed_memory, and a
+        zero-copy migration keeps the guest's memory as it is. vmbeamd checks
+        it keeps everything else zero-copy needs and names what it does not."""
         get_vif_config = None
         if 'vifs' in migrate_data and migrate_data.vifs:
             direct = [
@@ -291,7 +273,8 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                 v.source_vif['vnic_type'] in
                 network_model.VNIC_TYPES_DIRECT_PASSTHROUGH]
             if direct:
-                return "direct passthrough ports to detach"
+                return None, ("direct passthrough ports must be detached "
+                              "first: Nova's own migration does that")
             get_vif_config = functools.partial(
                 self.vif_driver.get_config,
                 instance=instance,
@@ -309,8 +292,9 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                 get_vif_config=get_vif_config, new_resources=new_resources)
             old = guest.get_xml_desc(dump_migratable=True)
         except Exception as e:
-            return "Nova's destination XML cannot be computed here: %r" % e
-        return xml_difference(old, new)
+            return None, ("Nova's destination XML cannot be computed here: %r"
+                          % e)
+        return with_memory_backing_of(new, old), None
 
     def _vmbeam_migrate(self, instance, guest, migrate_data, plan, rec):
         """Runs the migration through vmbeamd. True: done (migrated); False:
@@ -332,6 +316,12 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
         }
         if plan.migrate_uri:
             options["migrate-uri"] = plan.migrate_uri
+        if plan.dest_xml:
+            # As the parent passes its new XML as both (VIR_MIGRATE_PARAM_DEST_XML
+            # and, persisting, VIR_MIGRATE_PARAM_PERSIST_XML).
+            options["dest-xml"] = plan.dest_xml
+            if options["persistent"]:
+                options["persist-xml"] = plan.dest_xml
         serial_ports = []
         if CONF.serial_console.enabled:
             serial_ports = list(self._get_serial_ports_from_guest(guest))

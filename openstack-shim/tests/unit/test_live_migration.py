@@ -41,11 +41,16 @@ class LiveMigrationTest(base.DriverTestCase):
         (job,) = self.vmbeamd.jobs.values()
         self.assertEqual(guest.name, job.domain)
         self.assertEqual(base.DEST_URI, job.dest)
-        # Nova's flags (LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE) as options.
+        # Nova's flags (LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE) as options,
+        # and Nova's destination XML as both the domain and the persistent XML.
+        dest_xml = job.options.pop("dest-xml")
+        self.assertEqual(dest_xml, job.options.pop("persist-xml"))
         self.assertEqual(
             {"mode": "zero-copy", "live": True, "persistent": True, "undefine-source": True, "tls": False},
             job.options,
         )
+        self.assertIn("<uuid>%s</uuid>" % inst.uuid, dest_xml)
+        self.assertIn("<source type=\"file\"/>", dest_xml)
         self.assertEqual("completed", job.phase)
         self.assertFalse(guest.is_active())
         log = self.log()
@@ -114,16 +119,23 @@ class LiveMigrationTest(base.DriverTestCase):
         self.migrate_to_uri3.assert_called_once()
         self.assertIn("[vmbeam] live_migration is off", self.log())
 
-    def test_destination_xml_changes_run_the_parent(self):
-        # A VNC listen address Nova must rewrite for the destination: vmbeamd
-        # would send the source's, so Nova's own migration goes.
+    def test_nova_s_destination_xml_goes_to_vmbeamd_with_the_memory_kept(self):
+        # A VNC listen address Nova rewrites for the destination: vmbeamd gets
+        # Nova's XML (and checks it keeps what zero-copy needs), with the
+        # source's file memory backing that Nova's rewrite drops when the
+        # destination has no [libvirt] file_backed_memory.
         self.flags(server_listen="192.0.2.1", group="vnc")
         self.vmbeamd.colocation[base.DEST_URI] = PROVEN
         inst, guest = self.beam_guest()
         self.operation(inst, guest, self.migrate_data(graphics_listen_addr_vnc="192.0.2.2"))
-        self.migrate_to_uri3.assert_called_once()
-        self.assertIn("Nova rewrites the guest XML for the destination (domain/devices/graphics", self.log())
-        self.assertEqual({}, self.vmbeamd.jobs)
+        self.migrate_to_uri3.assert_not_called()
+        (job,) = self.vmbeamd.jobs.values()
+        dest_xml = job.options["dest-xml"]
+        self.assertIn("192.0.2.2", dest_xml)
+        self.assertNotIn("192.0.2.1", dest_xml)
+        self.assertIn("<memoryBacking>", dest_xml)
+        self.assertIn("<access mode=\"shared\"/>", dest_xml)
+        self.assertEqual("completed", job.phase)
 
     def test_vmbeamd_absent_runs_the_parent(self):
         inst, guest = self.beam_guest(follow_domain=False)
