@@ -470,7 +470,29 @@ impl BeamPool {
     /// the source instead of resuming it.
     pub fn mark_ran(&self, file_name: &str) -> Result<(), PoolError> {
         let path = self.ran_path(file_name)?;
-        fs::write(&path, b"ran\n").map_err(io_err("write", &path))
+        // Not `fs::write`: the pool is shared, and whatever already sits at the marker's name
+        // (a symlink to a file elsewhere, a hard link to another's file) would be followed and
+        // truncated, and the marker would get the umask's mode. The marker is written to a
+        // new private file (0600; `create_new` never follows a symlink) and renamed over
+        // whatever is there, as the owner records are.
+        let tmp = self.temp_path(&format!("{file_name}{RAN_SUFFIX}"));
+        let result = create_private(&tmp).and_then(|mut f| {
+            f.write_all(b"ran\n").map_err(io_err("write", &tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// A fresh, unguessable name for a temporary file that will become `name` (classified
+    /// [`PoolFileKind::Temporary`]).
+    fn temp_path(&self, name: &str) -> PathBuf {
+        let mut rnd = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut rnd);
+        self.dir
+            .join(format!(".{name}.{}{TMP_SUFFIX}", hex::encode(rnd)))
     }
 
     /// Whether the destination left the marker of [`BeamPool::mark_ran`] for `file_name`.
@@ -728,13 +750,7 @@ impl BeamPool {
     /// place (`exclusive`: fails if a record exists) or renamed over the old one.
     fn write_record(&self, record: &OwnerRecord, exclusive: bool) -> Result<(), PoolError> {
         let target = self.record_path(&record.pool_file)?;
-        let mut rnd = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut rnd);
-        let tmp = self.dir.join(format!(
-            ".{}{OWNER_SUFFIX}.{}{TMP_SUFFIX}",
-            record.pool_file,
-            hex::encode(rnd)
-        ));
+        let tmp = self.temp_path(&format!("{}{OWNER_SUFFIX}", record.pool_file));
         let json = serde_json::to_vec_pretty(record).map_err(|source| PoolError::BadRecord {
             path: target.clone(),
             source,
@@ -1389,5 +1405,148 @@ mod prop_tests {
             let record = pool.claim(&file, &uuid, generation, &host).unwrap();
             prop_assert_eq!(pool.read_owner(&file).unwrap(), Some(record));
         }
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    //! The pool is shared with other cloud VMs: hostile ground. Whatever sits at a name the
+    //! pool code uses (a symlink or a hard link to a file elsewhere, a directory, a FIFO, a
+    //! record of any size and content), the pool code never writes, links, truncates or
+    //! deletes anything outside the pool, never blocks, and leaves its own files mode 0600.
+
+    use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
+
+    fn uuid() -> DomainUuid {
+        DomainUuid::new(UUID).unwrap()
+    }
+
+    fn host(s: &str) -> HostId {
+        HostId::new(s).unwrap()
+    }
+
+    /// A file (and its directory) outside the pool, which nothing done in the pool may
+    /// change.
+    struct Outside {
+        dir: tempfile::TempDir,
+        file: PathBuf,
+        content: Vec<u8>,
+        ino: u64,
+    }
+
+    impl Outside {
+        fn new(content: &[u8]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("sentinel");
+            fs::write(&file, content).unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+            let ino = fs::metadata(&file).unwrap().ino();
+            Outside {
+                dir,
+                file,
+                content: content.to_vec(),
+                ino,
+            }
+        }
+
+        /// Still there, the same file, the same content and mode, and nothing new beside it.
+        #[track_caller]
+        fn assert_untouched(&self) {
+            let meta = fs::symlink_metadata(&self.file).expect("the outside file is gone");
+            assert!(meta.is_file(), "the outside file was replaced");
+            assert_eq!(meta.ino(), self.ino, "the outside file was replaced");
+            assert_eq!(
+                meta.mode() & 0o777,
+                0o644,
+                "the outside file's mode changed"
+            );
+            assert_eq!(
+                fs::read(&self.file).unwrap(),
+                self.content,
+                "the outside file was written"
+            );
+            assert_eq!(
+                names(self.dir.path()),
+                ["sentinel"],
+                "a file appeared outside"
+            );
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[track_caller]
+    fn assert_private_file(path: &Path) {
+        let meta = fs::symlink_metadata(path).unwrap();
+        assert!(meta.is_file(), "{} is not a regular file", path.display());
+        assert_eq!(meta.mode() & 0o777, 0o600, "{}", path.display());
+    }
+
+    #[track_caller]
+    fn assert_no_temporaries(dir: &Path) {
+        let tmp: Vec<String> = names(dir)
+            .into_iter()
+            .filter(|n| classify(n) == PoolFileKind::Temporary)
+            .collect();
+        assert!(tmp.is_empty(), "temporary files left behind: {tmp:?}");
+    }
+
+    /// Regression: `mark_ran` wrote with `fs::write`, which follows a symlink at the
+    /// marker's name (and writes through a hard link), truncating a file outside the pool,
+    /// and created the marker with the umask's mode (0644).
+    #[test]
+    fn mark_ran_replaces_what_sits_at_its_name_and_never_writes_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        let ran = dir.path().join(format!("{name}{RAN_SUFFIX}"));
+        let outside = Outside::new(b"someone else's file\n");
+        let check_marker = || {
+            assert_private_file(&ran);
+            assert_eq!(fs::read(&ran).unwrap(), b"ran\n");
+            assert!(pool.has_ran(&name).unwrap());
+            assert_no_temporaries(dir.path());
+            outside.assert_untouched();
+        };
+
+        // A fresh marker.
+        pool.mark_ran(&name).unwrap();
+        check_marker();
+        // A symlink to a file outside, to a directory outside, to a name outside.
+        for target in [
+            outside.file.clone(),
+            outside.dir.path().to_path_buf(),
+            outside.dir.path().join("created"),
+        ] {
+            fs::remove_file(&ran).unwrap();
+            symlink(&target, &ran).unwrap();
+            pool.mark_ran(&name).unwrap();
+            check_marker();
+        }
+        // A hard link to a file outside.
+        fs::remove_file(&ran).unwrap();
+        fs::hard_link(&outside.file, &ran).unwrap();
+        pool.mark_ran(&name).unwrap();
+        check_marker();
+        assert_ne!(fs::metadata(&ran).unwrap().ino(), outside.ino);
+        // A directory: refused and kept as it is, no temporary file left.
+        fs::remove_file(&ran).unwrap();
+        fs::create_dir(&ran).unwrap();
+        fs::write(ran.join("inner"), "x").unwrap();
+        assert!(pool.mark_ran(&name).is_err());
+        assert_eq!(names(&ran), ["inner"]);
+        assert!(pool.has_ran(&name).unwrap(), "anything at the name counts");
+        assert_no_temporaries(dir.path());
+        outside.assert_untouched();
     }
 }
