@@ -421,7 +421,17 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
     if !before.file_type().is_file() {
         return Err(PoolError::NotRegular(path.to_path_buf()));
     }
-    let file = File::open(path).map_err(|e| not_found_or(e, "open", path))?;
+    // The pool is shared: between the check above and the open, the name can be swapped for a
+    // symlink (the open must not follow it) or a FIFO (whose open would block until a writer
+    // comes: O_NONBLOCK). Either is then refused below, on the opened file.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => PoolError::NotRegular(path.to_path_buf()),
+            _ => not_found_or(e, "open", path),
+        })?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
     if !meta.file_type().is_file()
         || FileIdentity::from_metadata(&meta) != FileIdentity::from_metadata(&before)
@@ -1499,6 +1509,99 @@ mod hostile_tests {
             .filter(|n| classify(n) == PoolFileKind::Temporary)
             .collect();
         assert!(tmp.is_empty(), "temporary files left behind: {tmp:?}");
+    }
+
+    /// Makes a FIFO at `path`.
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that lives across the call.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(
+            rc,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// Runs `f` on a thread of its own and fails the test if it has not returned within
+    /// 10 s (an open blocked on a FIFO never returns).
+    #[track_caller]
+    fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what}: still blocked after 10 s"))
+    }
+
+    /// Sets the flag when dropped (stops a helper thread even when the test fails).
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Regression: `open_regular` checked the name with `lstat` and then opened it with a
+    /// plain `open`. A record swapped for a FIFO in between blocked the reader (`read_owner`,
+    /// so `list`, `release`, the daemon's hooks) until someone opened the FIFO for writing;
+    /// a symlink swapped in was followed. Another cloud VM sharing the pool can do either.
+    #[test]
+    fn a_record_swapped_for_a_fifo_never_blocks_its_reader() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        pool.claim(&name, &uuid(), 1, &host("cvm1")).unwrap();
+        let record = pool.record_path(&name).unwrap();
+        let spare = tempfile::tempdir().unwrap();
+        let fifo = spare.path().join("fifo");
+        mkfifo(&fifo);
+        let regular = spare.path().join("regular");
+        fs::copy(&record, &regular).unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let _stop = StopOnDrop(stop.clone());
+        let swapper = {
+            let (stop, spare) = (stop.clone(), spare.path().to_path_buf());
+            std::thread::spawn(move || {
+                let next = spare.join("next");
+                while !stop.load(Ordering::SeqCst) {
+                    for src in [&fifo, &regular] {
+                        let _ = fs::remove_file(&next);
+                        // (Errors only once the test is over and its directories are gone.)
+                        if fs::hard_link(src, &next).is_err() || fs::rename(&next, &record).is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let (read, refused) = within("read_owner of a record swapped for a FIFO", move || {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let (mut read, mut refused) = (0u32, 0u32);
+            while Instant::now() < deadline {
+                match pool.read_owner(&name) {
+                    Ok(Some(_)) => read += 1,
+                    Err(PoolError::NotRegular(_)) => refused += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+            (read, refused)
+        });
+        stop.store(true, Ordering::SeqCst);
+        swapper.join().unwrap();
+        assert!(read > 0 && refused > 0, "read {read}, refused {refused}");
     }
 
     /// Regression: `mark_ran` wrote with `fs::write`, which follows a symlink at the
