@@ -466,11 +466,15 @@ impl BeamPool {
         Ok(self.dir.join(file_name))
     }
 
+    // The pool file's name is checked too, not only the name made from it: "" or "." would
+    // give `.owner`, `..ran`…, names of no pool file that may be another program's files.
     fn record_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(file_name)?;
         self.path_of(&format!("{file_name}{OWNER_SUFFIX}"))
     }
 
     fn ran_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(file_name)?;
         self.path_of(&format!("{file_name}{RAN_SUFFIX}"))
     }
 
@@ -1602,6 +1606,90 @@ mod hostile_tests {
         stop.store(true, Ordering::SeqCst);
         swapper.join().unwrap();
         assert!(read > 0 && refused > 0, "read {read}, refused {refused}");
+    }
+
+    /// Every file under `dir` (recursively, symlinks not followed) with its content.
+    fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for name in names(dir) {
+            let path = dir.join(name);
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                out.extend(tree(&path));
+            } else if meta.is_file() {
+                out.push((path.clone(), fs::read(&path).unwrap()));
+            } else {
+                out.push((path.clone(), Vec::new()));
+            }
+        }
+        out
+    }
+
+    /// Regression: only the record's and the marker's names were checked, not the pool
+    /// file's name they are made from: "" gave `.owner` and `.ran`, "." gave `..owner`…,
+    /// names of no pool file, so `clear_ran("")` deleted another program's `.ran` and
+    /// `claim("")` wrote a `.owner`.
+    #[test]
+    fn every_method_refuses_a_name_that_is_not_a_plain_file_name() {
+        let top = tempfile::tempdir().unwrap();
+        let pool_dir = top.path().join("pool");
+        fs::create_dir(&pool_dir).unwrap();
+        // What an escaping name would reach: files beside the pool, and foreign files in it
+        // that a name made from an empty or dotted one would hit.
+        for n in ["x", "x.owner", "x.ran", "b.owner", "b.ran"] {
+            fs::write(top.path().join(n), "beside the pool").unwrap();
+        }
+        for n in [".owner", ".ran", "..owner", "..ran", "...owner", "...ran"] {
+            fs::write(pool_dir.join(n), "not VMBeam's").unwrap();
+        }
+        let before = tree(top.path());
+        let pool = BeamPool::new(&pool_dir);
+        let (a, b) = (host("cvm1"), host("cvm2"));
+        let absolute = top.path().join("x").to_str().unwrap().to_owned();
+        let long = "x".repeat(256);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "../b",
+            "./../x",
+            "x/../../x",
+            "a/b",
+            "/etc/passwd",
+            absolute.as_str(),
+            "a\0b",
+            "x.ram\0",
+            long.as_str(),
+        ] {
+            let is_bad = |r: Result<(), PoolError>| matches!(r, Err(PoolError::BadName(_)));
+            let results = [
+                ("path_of", is_bad(pool.path_of(bad).map(drop))),
+                ("mark_ran", is_bad(pool.mark_ran(bad))),
+                ("has_ran", is_bad(pool.has_ran(bad).map(drop))),
+                ("clear_ran", is_bad(pool.clear_ran(bad))),
+                ("check_file", is_bad(pool.check_file(bad, 4096).map(drop))),
+                ("read_owner", is_bad(pool.read_owner(bad).map(drop))),
+                ("claim", is_bad(pool.claim(bad, &uuid(), 1, &a).map(drop))),
+                (
+                    "begin_hand_over",
+                    is_bad(pool.begin_hand_over(bad, &a, &b).map(drop)),
+                ),
+                (
+                    "complete_hand_over",
+                    is_bad(pool.complete_hand_over(bad, &a, &b, 2).map(drop)),
+                ),
+                (
+                    "abort_hand_over",
+                    is_bad(pool.abort_hand_over(bad, &a).map(drop)),
+                ),
+                ("release", is_bad(pool.release(bad, &a))),
+            ];
+            for (method, refused) in results {
+                assert!(refused, "{method}({bad:?}) was not refused as a bad name");
+            }
+            assert_eq!(tree(top.path()), before, "after {bad:?}");
+        }
     }
 
     /// Regression: `mark_ran` wrote with `fs::write`, which follows a symlink at the
