@@ -590,9 +590,19 @@ impl BeamPool {
             Err(e) => return Err(e),
         };
         let mut text = Vec::new();
-        file.take(MAX_RECORD_LEN)
+        // One byte past the cap tells a record at the cap from a longer one, which is corrupt:
+        // judged on its first 64 KiB alone, it could parse (a record padded with blanks).
+        file.take(MAX_RECORD_LEN + 1)
             .read_to_end(&mut text)
             .map_err(io_err("read", &path))?;
+        if text.len() as u64 > MAX_RECORD_LEN {
+            return Err(PoolError::BadRecord {
+                path,
+                source: <serde_json::Error as serde::de::Error>::custom(format_args!(
+                    "longer than {MAX_RECORD_LEN} bytes"
+                )),
+            });
+        }
         let record: OwnerRecord =
             serde_json::from_slice(&text).map_err(|source| PoolError::BadRecord {
                 path: path.clone(),
@@ -1690,6 +1700,58 @@ mod hostile_tests {
             }
             assert_eq!(tree(top.path()), before, "after {bad:?}");
         }
+    }
+
+    /// Regression: a record was read up to the 64 KiB cap and judged on that part alone,
+    /// so a record longer than the cap whose head parses (a record padded with blanks, then
+    /// anything) was taken as valid.
+    #[test]
+    fn a_record_over_the_cap_is_corrupt_even_when_its_head_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        let record = pool.claim(&name, &uuid(), 1, &host("cvm1")).unwrap();
+        let path = pool.record_path(&name).unwrap();
+        let json = serde_json::to_vec(&record).unwrap();
+        let cap = MAX_RECORD_LEN as usize;
+        let padded = |len: usize, tail: &[u8]| {
+            let mut v = json.clone();
+            v.resize(len - tail.len(), b' ');
+            v.extend_from_slice(tail);
+            v
+        };
+        // At the cap: a record.
+        fs::write(&path, padded(cap, b"\n")).unwrap();
+        assert_eq!(pool.read_owner(&name).unwrap(), Some(record.clone()));
+        // One byte more, or a tail past the cap that is not JSON: corrupt.
+        for content in [padded(cap + 1, b"\n"), padded(cap + 10, b"garbage")] {
+            fs::write(&path, &content).unwrap();
+            assert!(
+                matches!(pool.read_owner(&name), Err(PoolError::BadRecord { .. })),
+                "{} bytes",
+                content.len()
+            );
+            assert!(matches!(
+                pool.list().unwrap()[0].record,
+                RecordStatus::Corrupt(_)
+            ));
+            assert!(matches!(
+                pool.release(&name, &host("cvm1")),
+                Err(PoolError::BadRecord { .. })
+            ));
+            assert!(
+                dir.path().join(&name).exists(),
+                "released on a corrupt record"
+            );
+        }
+        // A huge (sparse) record is not read whole.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let r = within("reading a 1 TiB record", move || {
+            matches!(pool.read_owner(&name), Err(PoolError::BadRecord { .. }))
+        });
+        assert!(r);
     }
 
     /// Regression: `mark_ran` wrote with `fs::write`, which follows a symlink at the
