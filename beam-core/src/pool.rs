@@ -1702,6 +1702,471 @@ mod hostile_tests {
         }
     }
 
+    /// What another cloud VM may leave at a name the pool code uses.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Planted {
+        SymlinkToFile,
+        SymlinkToDir,
+        DanglingSymlink,
+        HardLink,
+        Dir,
+        Fifo,
+    }
+
+    const PLANTED: [Planted; 6] = [
+        Planted::SymlinkToFile,
+        Planted::SymlinkToDir,
+        Planted::DanglingSymlink,
+        Planted::HardLink,
+        Planted::Dir,
+        Planted::Fifo,
+    ];
+
+    /// Leaves `what` at `at`, pointing (where it points) at `outside`.
+    fn plant(what: Planted, at: &Path, outside: &Outside) {
+        match what {
+            Planted::SymlinkToFile => symlink(&outside.file, at).unwrap(),
+            Planted::SymlinkToDir => symlink(outside.dir.path(), at).unwrap(),
+            Planted::DanglingSymlink => symlink(outside.dir.path().join("created"), at).unwrap(),
+            Planted::HardLink => fs::hard_link(&outside.file, at).unwrap(),
+            Planted::Dir => {
+                fs::create_dir(at).unwrap();
+                fs::write(at.join("inner"), "inner").unwrap();
+            }
+            Planted::Fifo => mkfifo(at),
+        }
+    }
+
+    fn active_record(name: &str, owner: &HostId) -> OwnerRecord {
+        OwnerRecord {
+            owner: owner.clone(),
+            domain_uuid: uuid(),
+            generation: 1,
+            pool_file: name.to_owned(),
+            state: OwnerState::Active,
+            handing_over_to: None,
+        }
+    }
+
+    #[test]
+    fn a_pool_file_that_is_a_link_or_no_file_is_never_written_through() {
+        for what in PLANTED {
+            within(&format!("pool file: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let pool = BeamPool::new(dir.path());
+                let me = host("cvm1");
+                let outside = Outside::new(b"another guest's memory");
+                let name = pool_file_name(&uuid(), 1);
+                let path = dir.path().join(&name);
+                plant(what, &path, &outside);
+
+                assert!(
+                    matches!(
+                        pool.create_file(&uuid(), 1, 4096, None),
+                        Err(PoolError::Exists(_))
+                    ),
+                    "{what:?}"
+                );
+                let checked = pool.check_file(&name, 4096);
+                if what == Planted::HardLink {
+                    // A regular file, but not the guest's size (nor its file).
+                    assert!(
+                        matches!(checked, Err(PoolError::WrongSize { .. })),
+                        "{checked:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(checked, Err(PoolError::NotRegular(_))),
+                        "{what:?}: {checked:?}"
+                    );
+                }
+                let list = pool.list().unwrap();
+                assert_eq!((list.len(), &list[0].record), (1, &RecordStatus::Missing));
+                outside.assert_untouched();
+
+                // Owned by this host: releasing deletes the name, never what it points at.
+                pool.claim(&name, &uuid(), 1, &me).unwrap();
+                assert_private_file(&pool.record_path(&name).unwrap());
+                let released = pool.release(&name, &me);
+                if what == Planted::Dir {
+                    assert!(
+                        matches!(released, Err(PoolError::Io { op: "remove", .. })),
+                        "{released:?}"
+                    );
+                    assert_eq!(names(&path), ["inner"]);
+                } else {
+                    released.unwrap();
+                    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+                }
+                assert!(pool
+                    .leftovers(std::time::Duration::ZERO)
+                    .unwrap()
+                    .is_empty());
+                assert_no_temporaries(dir.path());
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    #[test]
+    fn an_owner_record_that_is_a_link_or_no_file_is_never_followed_or_written_through() {
+        for what in PLANTED {
+            within(&format!("owner record: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let pool = BeamPool::new(dir.path());
+                let (me, other) = (host("cvm1"), host("cvm2"));
+                let name = pool_file_name(&uuid(), 1);
+                pool.create_file(&uuid(), 1, 4096, None).unwrap();
+                // Followed, the link would give a valid record naming this host.
+                let record = active_record(&name, &me);
+                let outside = Outside::new(&serde_json::to_vec(&record).unwrap());
+                let rec = pool.record_path(&name).unwrap();
+                plant(what, &rec, &outside);
+                let hard = what == Planted::HardLink;
+
+                let read = pool.read_owner(&name);
+                if hard {
+                    assert_eq!(read.unwrap(), Some(record.clone()));
+                } else {
+                    assert!(
+                        matches!(read, Err(PoolError::NotRegular(_))),
+                        "{what:?}: {read:?}"
+                    );
+                }
+                let claimed = pool.claim(&name, &uuid(), 1, &other);
+                assert!(
+                    matches!(claimed, Err(PoolError::Exists(_))),
+                    "{what:?}: {claimed:?}"
+                );
+                let listed = pool.list().unwrap().remove(0).record;
+                if hard {
+                    assert_eq!(listed, RecordStatus::Valid(record.clone()));
+                } else {
+                    assert!(matches!(listed, RecordStatus::Corrupt(_)), "{listed:?}");
+                }
+                let orphans = pool.orphans(&me, &HashSet::new()).unwrap();
+                assert_eq!(orphans.len(), usize::from(hard));
+                outside.assert_untouched();
+
+                // The owner's transitions and its release: refused on anything but a regular
+                // record; on a hard link, a new record replaces the name and the file
+                // outside keeps its content.
+                let handed = pool.begin_hand_over(&name, &me, &other);
+                if hard {
+                    handed.unwrap();
+                    assert_private_file(&rec);
+                    assert_ne!(fs::metadata(&rec).unwrap().ino(), outside.ino);
+                    pool.abort_hand_over(&name, &me).unwrap();
+                    fs::remove_file(&rec).unwrap();
+                    fs::hard_link(&outside.file, &rec).unwrap();
+                } else {
+                    assert!(
+                        matches!(handed, Err(PoolError::NotRegular(_))),
+                        "{handed:?}"
+                    );
+                }
+                outside.assert_untouched();
+                let released = pool.release(&name, &me);
+                if hard {
+                    released.unwrap();
+                    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+                } else {
+                    assert!(
+                        matches!(released, Err(PoolError::NotRegular(_))),
+                        "{released:?}"
+                    );
+                    assert!(dir.path().join(&name).exists(), "released without a record");
+                }
+                assert_no_temporaries(dir.path());
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    #[test]
+    fn a_ran_marker_that_is_a_link_or_no_file_is_only_ever_unlinked() {
+        for what in PLANTED {
+            within(&format!("ran marker: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let pool = BeamPool::new(dir.path());
+                let outside = Outside::new(b"someone else's file\n");
+                let name = pool_file_name(&uuid(), 1);
+                let ran = pool.ran_path(&name).unwrap();
+                plant(what, &ran, &outside);
+                assert!(pool.has_ran(&name).unwrap(), "anything at the name counts");
+                // No pool file: a leftover, listed, not deleted.
+                assert_eq!(
+                    pool.leftovers(std::time::Duration::ZERO).unwrap(),
+                    std::slice::from_ref(&ran)
+                );
+                assert!(fs::symlink_metadata(&ran).is_ok());
+                let cleared = pool.clear_ran(&name);
+                if what == Planted::Dir {
+                    assert!(cleared.is_err());
+                    assert_eq!(names(&ran), ["inner"]);
+                } else {
+                    cleared.unwrap();
+                    assert!(!pool.has_ran(&name).unwrap());
+                }
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    #[test]
+    fn a_proof_that_is_a_link_or_no_file_is_never_followed_or_written_through() {
+        for what in PLANTED {
+            within(&format!("proof: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let outside = Outside::new(b"vmbeam-proof-v1\n");
+                let nonce = Nonce::random();
+                let path = dir.path().join(format!("{nonce}{PROOF_SUFFIX}"));
+                plant(what, &path, &outside);
+                let written = write_proof(dir.path(), &nonce);
+                assert!(
+                    matches!(written, Err(PoolError::Exists(_))),
+                    "{what:?}: {written:?}"
+                );
+                // A token whose content matches the file outside; the identity the source
+                // reported is not that file's.
+                let token = ProofToken {
+                    nonce,
+                    sha256: hex::encode(Sha256::digest(&outside.content)),
+                    identity: FileIdentity { dev: 0, ino: 0 },
+                };
+                let read = read_proof(dir.path(), &token);
+                if what == Planted::HardLink {
+                    assert!(
+                        matches!(read, Err(PoolError::ProofIdentityMismatch { .. })),
+                        "{read:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(read, Err(PoolError::NotRegular(_))),
+                        "{what:?}: {read:?}"
+                    );
+                }
+                let removed = remove_proof(dir.path(), &token);
+                if what == Planted::Dir {
+                    assert!(removed.is_err());
+                    assert_eq!(names(&path), ["inner"]);
+                } else {
+                    removed.unwrap();
+                    assert!(names(dir.path()).is_empty());
+                }
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    /// Links at the temporary names an attacker could guess are neither followed nor
+    /// deleted (VMBeam's temporary names are random and created new); they are listed as
+    /// leftovers for the operator.
+    #[test]
+    fn links_at_guessable_temporary_names_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let (me, other) = (host("cvm1"), host("cvm2"));
+        let outside = Outside::new(b"someone else's file\n");
+        let name = pool_file_name(&uuid(), 1);
+        let mut planted = Vec::new();
+        for n in [
+            format!(".{name}{OWNER_SUFFIX}{TMP_SUFFIX}"),
+            format!(".{name}{OWNER_SUFFIX}.0000000000000000{TMP_SUFFIX}"),
+            format!(".{name}{RAN_SUFFIX}{TMP_SUFFIX}"),
+            format!(".{name}{RAN_SUFFIX}.0000000000000000{TMP_SUFFIX}"),
+        ] {
+            let p = dir.path().join(n);
+            symlink(&outside.file, &p).unwrap();
+            planted.push(p);
+        }
+        planted.sort();
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        pool.claim(&name, &uuid(), 1, &me).unwrap();
+        pool.begin_hand_over(&name, &me, &other).unwrap();
+        pool.mark_ran(&name).unwrap();
+        pool.complete_hand_over(&name, &me, &other, 2).unwrap();
+        outside.assert_untouched();
+        let mut leftovers = pool.leftovers(std::time::Duration::ZERO).unwrap();
+        leftovers.retain(|p| {
+            classify(p.file_name().unwrap().to_str().unwrap()) == PoolFileKind::Temporary
+        });
+        assert_eq!(leftovers, planted);
+        pool.release(&name, &other).unwrap();
+        pool.clear_ran(&name).unwrap();
+        for p in &planted {
+            assert!(fs::symlink_metadata(p).unwrap().file_type().is_symlink());
+        }
+        outside.assert_untouched();
+    }
+
+    /// Records of any content: typed errors, listed as corrupt, never acted on.
+    #[test]
+    fn a_malformed_owner_record_is_corrupt_and_never_acted_on() {
+        let name = pool_file_name(&uuid(), 1);
+        let me = host("cvm1");
+        let good = serde_json::to_vec(&active_record(&name, &me)).unwrap();
+        let with = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+            f(&mut v);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let mut non_utf8 = good.clone();
+        non_utf8[12] = 0xff;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("truncated", good[..good.len() / 2].to_vec()),
+            ("truncated by one byte", good[..good.len() - 1].to_vec()),
+            ("not UTF-8", non_utf8),
+            ("UTF-16", {
+                let s = String::from_utf8(good.clone()).unwrap();
+                s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+            }),
+            ("NUL bytes", vec![0; 100]),
+            ("null", b"null".to_vec()),
+            ("an array", b"[]".to_vec()),
+            (
+                "deeply nested",
+                [vec![b'['; 100_000], vec![b']'; 100_000]].concat(),
+            ),
+            ("over the cap", {
+                let mut v = good.clone();
+                v.resize(MAX_RECORD_LEN as usize + 1, b' ');
+                v
+            }),
+            ("two records", [good.clone(), good.clone()].concat()),
+            ("an unknown field", with(&|v| v["x"] = 1.into())),
+            ("a bad owner", with(&|v| v["owner"] = "../etc".into())),
+            (
+                "another pool file",
+                with(&|v| v["pool_file"] = "../x".into()),
+            ),
+            (
+                "a NUL in the pool file",
+                with(&|v| v["pool_file"] = format!("{name}\0").into()),
+            ),
+            (
+                "handing over to nobody",
+                with(&|v| v["state"] = "handing-over".into()),
+            ),
+            (
+                "active with a recipient",
+                with(&|v| v["handing_over_to"] = "cvm2".into()),
+            ),
+            ("an unknown state", with(&|v| v["state"] = "gone".into())),
+            (
+                "a negative generation",
+                with(&|v| v["generation"] = (-1).into()),
+            ),
+        ];
+        for (what, content) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let pool = BeamPool::new(dir.path());
+            pool.create_file(&uuid(), 1, 4096, None).unwrap();
+            let rec = pool.record_path(&name).unwrap();
+            fs::write(&rec, &content).unwrap();
+            pool.mark_ran(&name).unwrap();
+            let before = tree(dir.path());
+
+            let read = pool.read_owner(&name);
+            assert!(
+                matches!(
+                    read,
+                    Err(PoolError::BadRecord { .. } | PoolError::RecordMismatch(_))
+                ),
+                "{what}: {read:?}"
+            );
+            let listed = pool.list().unwrap().remove(0).record;
+            assert!(
+                matches!(listed, RecordStatus::Corrupt(_)),
+                "{what}: {listed:?}"
+            );
+            assert!(
+                pool.orphans(&me, &HashSet::new()).unwrap().is_empty(),
+                "{what}"
+            );
+            // Its marker is not ours to judge as left over.
+            assert!(
+                pool.leftovers(std::time::Duration::ZERO)
+                    .unwrap()
+                    .is_empty(),
+                "{what}"
+            );
+            assert!(pool.claim(&name, &uuid(), 1, &me).is_err(), "{what}");
+            assert!(
+                pool.begin_hand_over(&name, &me, &host("cvm2")).is_err(),
+                "{what}"
+            );
+            assert!(pool.abort_hand_over(&name, &me).is_err(), "{what}");
+            assert!(pool.release(&name, &me).is_err(), "{what}");
+            assert_eq!(tree(dir.path()), before, "{what}: the pool changed");
+        }
+    }
+
+    /// Every file VMBeam creates in the pool is its owner's alone (0600), whatever the
+    /// umask lets through.
+    #[test]
+    fn every_file_vmbeam_creates_in_the_pool_is_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        // The check means something only if a plain create is readable by others here.
+        let control = dir.path().join("control");
+        fs::write(&control, "").unwrap();
+        assert_ne!(
+            fs::metadata(&control).unwrap().mode() & 0o044,
+            0,
+            "this test needs a umask that lets a plain create be readable by others (022)"
+        );
+        fs::remove_file(&control).unwrap();
+
+        let (me, other) = (host("cvm1"), host("cvm2"));
+        let name = pool_file_name(&uuid(), 1);
+        let file = pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        assert_private_file(&file);
+        let rec = pool.record_path(&name).unwrap();
+        pool.claim(&name, &uuid(), 1, &me).unwrap();
+        assert_private_file(&rec);
+        pool.begin_hand_over(&name, &me, &other).unwrap();
+        assert_private_file(&rec);
+        pool.abort_hand_over(&name, &me).unwrap();
+        assert_private_file(&rec);
+        pool.begin_hand_over(&name, &me, &other).unwrap();
+        pool.complete_hand_over(&name, &me, &other, 2).unwrap();
+        assert_private_file(&rec);
+        pool.mark_ran(&name).unwrap();
+        assert_private_file(&pool.ran_path(&name).unwrap());
+        let token = write_proof(dir.path(), &Nonce::random()).unwrap();
+        assert_private_file(&dir.path().join(token.file_name()));
+        assert_no_temporaries(dir.path());
+        for n in names(dir.path()) {
+            assert_private_file(&dir.path().join(n));
+        }
+    }
+
+    /// Only root may give a pool file to QEMU's user. As root the file is given and stays
+    /// 0600; otherwise the chown fails and no file is left behind.
+    #[test]
+    fn a_pool_file_given_to_another_user_is_given_or_not_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let nobody = (65534, 65534);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let created = pool.create_file(&uuid(), 1, 4096, Some(nobody));
+        if root {
+            let path = created.unwrap();
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), nobody);
+            assert_private_file(&path);
+        } else {
+            assert!(
+                matches!(created, Err(PoolError::Io { op: "chown", .. })),
+                "{created:?}"
+            );
+            assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        }
+    }
+
     /// Regression: a record was read up to the 64 KiB cap and judged on that part alone,
     /// so a record longer than the cap whose head parses (a record padded with blanks, then
     /// anything) was taken as valid.
