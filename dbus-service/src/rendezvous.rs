@@ -5,6 +5,8 @@
 
 use std::error::Error as _;
 use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,12 +55,26 @@ impl RendezvousError {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // The pool is shared with other cloud VMs: a fixed temporary name (`.<nonce>.rdv-resp.tmp`,
+    // guessable once the request is visible) could be planted beforehand as a symlink to any
+    // file, which `fs::write` would follow and truncate. The temporary file gets a random name
+    // and is created new (`create_new` never follows a symlink), mode 0600 like every file
+    // VMBeam leaves in the pool.
     let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("rdv")
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("rdv"),
+        Nonce::random()
     ));
-    fs::write(&tmp, bytes)?;
-    fs::rename(&tmp, path)
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let written = file.write_all(bytes).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Source side: asks the destination whose libvirt host UUID is `dest_libvirt_uuid` to
@@ -253,5 +269,167 @@ mod tests {
             matches!(e, RendezvousError::Answer(MessageError::BadMac { .. })),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    //! The pool is shared with other cloud VMs: whatever they leave at the rendezvous' names
+    //! must not make either side write outside the pool, block, or leave its files readable
+    //! by others.
+
+    use std::os::unix::fs::{symlink, MetadataExt as _};
+
+    use super::*;
+    use vmbeam_core::{CloudId, HostId};
+
+    fn ident(dir: &Path, host: &str) -> Identity {
+        format!(
+            "host_id = \"{host}\"\ncloud = \"acme\"\npool_dir = \"{}\"\nkey_file = \"/nonexistent\"\n",
+            dir.display()
+        )
+        .parse()
+        .unwrap()
+    }
+
+    fn key() -> TicketKey {
+        TicketKey::from_bytes(vec![7; 32]).unwrap()
+    }
+
+    /// A file outside the pool that nothing may change.
+    struct Outside {
+        dir: tempfile::TempDir,
+        file: PathBuf,
+        content: Vec<u8>,
+    }
+
+    impl Outside {
+        fn new(content: &[u8]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("sentinel");
+            fs::write(&file, content).unwrap();
+            Outside {
+                dir,
+                file,
+                content: content.to_vec(),
+            }
+        }
+
+        #[track_caller]
+        fn assert_untouched(&self) {
+            assert!(fs::symlink_metadata(&self.file).unwrap().is_file());
+            assert_eq!(
+                String::from_utf8_lossy(&fs::read(&self.file).unwrap()),
+                String::from_utf8_lossy(&self.content),
+                "the file outside the pool was written"
+            );
+            assert_eq!(fs::read_dir(self.dir.path()).unwrap().count(), 1);
+        }
+    }
+
+    #[track_caller]
+    fn assert_private_file(path: &Path) {
+        let meta = fs::symlink_metadata(path).unwrap();
+        assert!(meta.is_file(), "{}", path.display());
+        assert_eq!(meta.mode() & 0o777, 0o600, "{}", path.display());
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A request addressed to `uuid-b`, written into `dir` as the source writes it.
+    fn request_in(dir: &Path) -> (Nonce, PathBuf) {
+        let nonce = Nonce::random();
+        let proof = pool::write_proof(dir, &nonce).unwrap();
+        let req = Request::new(
+            HostId::new("cvm1").unwrap(),
+            CloudId::new("acme").unwrap(),
+            "uuid-b",
+            proof,
+            None,
+            now_secs() + 60,
+        );
+        let path = dir.join(rdv::request_file_name(&nonce));
+        write_atomic(&path, &req.encode()).unwrap();
+        (nonce, path)
+    }
+
+    /// Regression: the request and the answer were written with `fs::write` to a fixed
+    /// temporary name, `.<name>.tmp`. Another cloud VM that sees a request in the pool could
+    /// plant a symlink at `.<nonce>.rdv-resp.tmp`, and the destination's vmbeamd (root)
+    /// truncated and wrote the file it points at. Both were also left mode 0644.
+    #[test]
+    fn messages_are_written_private_and_never_through_a_planted_link() {
+        let pool = tempfile::tempdir().unwrap();
+        let outside = Outside::new(b"root's file\n");
+        let (nonce, req_path) = request_in(pool.path());
+        assert_private_file(&req_path);
+        let planted = pool
+            .path()
+            .join(format!(".{}.tmp", rdv::response_file_name(&nonce)));
+        symlink(&outside.file, &planted).unwrap();
+
+        assert_eq!(serve_once(&ident(pool.path(), "cvm2"), &key(), "uuid-b"), 1);
+        outside.assert_untouched();
+        let resp_path = pool.path().join(rdv::response_file_name(&nonce));
+        assert_private_file(&resp_path);
+        let report = rdv::read_answer(
+            &fs::read(&resp_path).unwrap(),
+            &key(),
+            &nonce,
+            &CloudId::new("acme").unwrap(),
+            "uuid-b",
+        )
+        .unwrap();
+        assert_eq!(report.proof, ProofStatus::Proven);
+        // The planted link is left as it was; no temporary file of ours is left beside it.
+        let mut expected = vec![
+            format!("{nonce}.proof"),
+            rdv::request_file_name(&nonce),
+            rdv::response_file_name(&nonce),
+            planted.file_name().unwrap().to_str().unwrap().to_owned(),
+        ];
+        expected.sort();
+        assert_eq!(names(pool.path()), expected);
+        assert!(fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    /// What the source leaves in the pool while it waits (the proof, the request) is 0600.
+    #[test]
+    fn the_sources_files_are_private_while_it_waits() {
+        let pool = tempfile::tempdir().unwrap();
+        let dir = pool.path().to_path_buf();
+        let dst = ident(&dir, "cvm2");
+        let t = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                let mine: Vec<String> = names(&dir)
+                    .into_iter()
+                    .filter(|n| n.ends_with(".rdv-req") || n.ends_with(".proof"))
+                    .collect();
+                if mine.len() == 2 {
+                    for n in &mine {
+                        assert_private_file(&dir.join(n));
+                    }
+                    assert_eq!(serve_once(&dst, &key(), "uuid-b"), 1);
+                    return mine;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            panic!("no request seen");
+        });
+        let src = ident(pool.path(), "cvm1");
+        let r = probe(&src, &key(), "uuid-b", None, Duration::from_secs(5)).unwrap();
+        assert_eq!(r.proof, ProofStatus::Proven);
+        assert_eq!(t.join().unwrap().len(), 2);
     }
 }
