@@ -414,6 +414,28 @@ pub fn remove_proof(pool_dir: &Path, token: &ProofToken) -> Result<(), PoolError
     }
 }
 
+/// The most a message read from the pool ([`read_message`]) may hold.
+pub const MAX_MESSAGE_LEN: u64 = 64 * 1024;
+
+/// Reads a message that another cloud VM may have left in the pool (a rendezvous request
+/// or answer): only a regular file, not through a symlink, without blocking on a FIFO, and
+/// at most [`MAX_MESSAGE_LEN`] bytes (a longer one is an error, not read whole).
+/// [`PoolError::Missing`] when there is none.
+pub fn read_message(path: &Path) -> Result<Vec<u8>, PoolError> {
+    let (file, _) = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MESSAGE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", path))?;
+    if bytes.len() as u64 > MAX_MESSAGE_LEN {
+        return Err(io_err("read", path)(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("longer than {MAX_MESSAGE_LEN} bytes"),
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Opens `path` for reading, refusing symlinks and non-regular files; the check is made on
 /// the opened file, so the path cannot be swapped in between.
 fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
@@ -2164,6 +2186,49 @@ mod hostile_tests {
                 "{created:?}"
             );
             assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        }
+    }
+
+    #[test]
+    fn read_message_reads_only_a_regular_file_of_at_most_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        assert!(matches!(read_message(&path), Err(PoolError::Missing(_))));
+        let cap = MAX_MESSAGE_LEN as usize;
+        for len in [0, 1, cap] {
+            fs::write(&path, vec![b'x'; len]).unwrap();
+            assert_eq!(read_message(&path).unwrap().len(), len);
+        }
+        fs::write(&path, vec![b'x'; cap + 1]).unwrap();
+        assert!(matches!(
+            read_message(&path),
+            Err(PoolError::Io { op: "read", .. })
+        ));
+        // Huge (sparse): refused without being read whole.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let p = path.clone();
+        assert!(within("reading a 1 TiB message", move || read_message(&p).is_err()));
+        fs::remove_file(&path).unwrap();
+        for what in PLANTED {
+            let outside = Outside::new(b"{}");
+            plant(what, &path, &outside);
+            let p = path.clone();
+            let read = within(&format!("message: {what:?}"), move || read_message(&p));
+            if what == Planted::HardLink {
+                assert_eq!(read.unwrap(), b"{}");
+            } else {
+                assert!(
+                    matches!(read, Err(PoolError::NotRegular(_))),
+                    "{what:?}: {read:?}"
+                );
+            }
+            outside.assert_untouched();
+            if what == Planted::Dir {
+                fs::remove_dir_all(&path).unwrap();
+            } else {
+                fs::remove_file(&path).unwrap();
+            }
         }
     }
 

@@ -33,6 +33,8 @@ pub enum RendezvousError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pool: cannot read {}", .0.display())]
+    Read(PathBuf, #[source] PoolError),
     #[error("no VMBeam daemon answered through the pool within {0:?}: the destination does not share this pool (or its vmbeamd is not running)")]
     NoAnswer(Duration),
     #[error(transparent)]
@@ -115,12 +117,14 @@ pub fn probe(
     }
     let deadline = Instant::now() + timeout;
     let answer = loop {
-        match fs::read(&resp_path) {
+        // Not `fs::read`: another cloud VM sharing the pool could leave a FIFO at the answer's
+        // name (the read would block for good) or a symlink to an endless file.
+        match pool::read_message(&resp_path) {
             Ok(b) => break Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(PoolError::Missing(_)) => {}
             Err(e) => {
                 cleanup();
-                return Err(io("read", &resp_path)(e));
+                return Err(RendezvousError::Read(resp_path.clone(), e));
             }
         }
         if Instant::now() >= deadline {
@@ -158,7 +162,8 @@ pub fn serve_once(identity: &Identity, key: &TicketKey, my_libvirt_uuid: &str) -
         if resp_path.exists() {
             continue;
         }
-        let Ok(bytes) = fs::read(e.path()) else {
+        // (Bounded, regular files only, never blocking: see `probe`.)
+        let Ok(bytes) = pool::read_message(&e.path()) else {
             continue;
         };
         let Ok(req) = Request::decode(&bytes) else {
@@ -401,6 +406,107 @@ mod hostile_tests {
             .unwrap()
             .file_type()
             .is_symlink());
+    }
+
+    fn mkfifo(path: &Path) {
+        let st = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mkfifo {}", path.display());
+    }
+
+    /// Runs `f` on a thread of its own and fails the test if it has not returned within
+    /// 10 s (a read blocked on a FIFO never returns).
+    #[track_caller]
+    fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what}: still blocked after 10 s"))
+    }
+
+    /// Regression: the destination read requests with `fs::read`: a FIFO left at a request's
+    /// name blocked its scan of the pool for good (no co-location request was ever answered
+    /// again), and a symlink was followed to whatever it points at, read whole.
+    #[test]
+    fn a_request_that_is_no_regular_file_is_skipped_without_blocking() {
+        let pool = tempfile::tempdir().unwrap();
+        let dst = ident(pool.path(), "cvm2");
+        // A valid request addressed to this host, kept outside the pool.
+        let (nonce, req_path) = request_in(pool.path());
+        let outside = Outside::new(&fs::read(&req_path).unwrap());
+        fs::remove_file(&req_path).unwrap();
+
+        symlink(&outside.file, &req_path).unwrap();
+        let d = dst.clone();
+        assert_eq!(
+            within("symlink", move || serve_once(&d, &key(), "uuid-b")),
+            0
+        );
+        fs::remove_file(&req_path).unwrap();
+        mkfifo(&req_path);
+        let d = dst.clone();
+        assert_eq!(within("FIFO", move || serve_once(&d, &key(), "uuid-b")), 0);
+        fs::remove_file(&req_path).unwrap();
+        // Over the cap: the valid request padded with blanks.
+        let mut padded = outside.content.clone();
+        padded.resize(pool::MAX_MESSAGE_LEN as usize + 1, b' ');
+        fs::write(&req_path, &padded).unwrap();
+        let d = dst.clone();
+        assert_eq!(within("long", move || serve_once(&d, &key(), "uuid-b")), 0);
+        assert!(!pool.path().join(rdv::response_file_name(&nonce)).exists());
+        outside.assert_untouched();
+        // The same request as a plain file is answered.
+        fs::write(&req_path, &outside.content).unwrap();
+        assert_eq!(serve_once(&dst, &key(), "uuid-b"), 1);
+    }
+
+    /// Regression: the source read the answer with `fs::read`: a FIFO left at the answer's
+    /// name blocked the migration's probe for good (its timeout was never reached), and a
+    /// symlink was followed.
+    #[test]
+    fn an_answer_that_is_no_regular_file_fails_the_probe_at_once() {
+        for fifo in [true, false] {
+            let pool = tempfile::tempdir().unwrap();
+            let outside = Outside::new(b"not an answer");
+            let dir = pool.path().to_path_buf();
+            let target = outside.file.clone();
+            // Another cloud VM that sees the request plants something at the answer's name.
+            let planter = std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    let nonce = names(&dir)
+                        .iter()
+                        .find_map(|n| rdv::parse_request_file_name(n));
+                    if let Some(nonce) = nonce {
+                        let at = dir.join(rdv::response_file_name(&nonce));
+                        if fifo {
+                            mkfifo(&at);
+                        } else {
+                            symlink(&target, &at).unwrap();
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                panic!("no request seen");
+            });
+            let src = ident(pool.path(), "cvm1");
+            let r = within(&format!("probe (FIFO: {fifo})"), move || {
+                probe(&src, &key(), "uuid-b", None, Duration::from_secs(5))
+            });
+            planter.join().unwrap();
+            assert!(
+                matches!(r, Err(RendezvousError::Read(_, PoolError::NotRegular(_)))),
+                "{r:?}"
+            );
+            // The source cleaned up after itself (the planted name included).
+            assert!(names(pool.path()).is_empty(), "{:?}", names(pool.path()));
+            outside.assert_untouched();
+        }
     }
 
     /// What the source leaves in the pool while it waits (the proof, the request) is 0600.
