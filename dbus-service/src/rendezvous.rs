@@ -283,9 +283,10 @@ mod hostile_tests {
     //! must not make either side write outside the pool, block, or leave its files readable
     //! by others.
 
-    use std::os::unix::fs::{symlink, MetadataExt as _};
+    use std::os::unix::fs::symlink;
 
     use super::*;
+    use crate::hostile_support::{assert_private_file, mkfifo, names, within, Outside};
     use vmbeam_core::{CloudId, HostId};
 
     fn ident(dir: &Path, host: &str) -> Identity {
@@ -299,53 +300,6 @@ mod hostile_tests {
 
     fn key() -> TicketKey {
         TicketKey::from_bytes(vec![7; 32]).unwrap()
-    }
-
-    /// A file outside the pool that nothing may change.
-    struct Outside {
-        dir: tempfile::TempDir,
-        file: PathBuf,
-        content: Vec<u8>,
-    }
-
-    impl Outside {
-        fn new(content: &[u8]) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let file = dir.path().join("sentinel");
-            fs::write(&file, content).unwrap();
-            Outside {
-                dir,
-                file,
-                content: content.to_vec(),
-            }
-        }
-
-        #[track_caller]
-        fn assert_untouched(&self) {
-            assert!(fs::symlink_metadata(&self.file).unwrap().is_file());
-            assert_eq!(
-                String::from_utf8_lossy(&fs::read(&self.file).unwrap()),
-                String::from_utf8_lossy(&self.content),
-                "the file outside the pool was written"
-            );
-            assert_eq!(fs::read_dir(self.dir.path()).unwrap().count(), 1);
-        }
-    }
-
-    #[track_caller]
-    fn assert_private_file(path: &Path) {
-        let meta = fs::symlink_metadata(path).unwrap();
-        assert!(meta.is_file(), "{}", path.display());
-        assert_eq!(meta.mode() & 0o777, 0o600, "{}", path.display());
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
     }
 
     /// A request addressed to `uuid-b`, written into `dir` as the source writes it.
@@ -406,26 +360,6 @@ mod hostile_tests {
             .unwrap()
             .file_type()
             .is_symlink());
-    }
-
-    fn mkfifo(path: &Path) {
-        let st = std::process::Command::new("mkfifo")
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mkfifo {}", path.display());
-    }
-
-    /// Runs `f` on a thread of its own and fails the test if it has not returned within
-    /// 10 s (a read blocked on a FIFO never returns).
-    #[track_caller]
-    fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(f());
-        });
-        rx.recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("{what}: still blocked after 10 s"))
     }
 
     /// Regression: the destination read requests with `fs::read`: a FIFO left at a request's
