@@ -211,8 +211,10 @@ impl QmpEvent {
     fn parse(v: &Value, received: Instant) -> Option<Self> {
         let name = v.get("event")?.as_str()?.to_owned();
         let ts = &v["timestamp"];
+        // `checked_add`: QEMU's numbers are outside input, and a sum past `Duration`'s range
+        // (seconds near u64::MAX) made `+` panic. Such a timestamp is no timestamp.
         let timestamp = match (ts["seconds"].as_u64(), ts["microseconds"].as_u64()) {
-            (Some(s), Some(us)) => Some(Duration::from_secs(s) + Duration::from_micros(us)),
+            (Some(s), Some(us)) => Duration::from_secs(s).checked_add(Duration::from_micros(us)),
             _ => None,
         };
         Some(QmpEvent {
@@ -1311,6 +1313,27 @@ mod tests {
         let e = QmpClient::connect(dir.path().join("none.sock"), &o).expect_err("no socket");
         assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    /// Regression: an event whose timestamp overflows `Duration` (seconds near u64::MAX)
+    /// panicked the client ("overflow when adding durations").
+    #[test]
+    fn an_event_timestamp_out_of_range_is_no_timestamp() {
+        let v = json!({
+            "event": "STOP",
+            "timestamp": {"seconds": u64::MAX, "microseconds": 1_000_000u64},
+        });
+        let ev = QmpEvent::parse(&v, Instant::now()).expect("an event");
+        assert_eq!((ev.name.as_str(), ev.timestamp), ("STOP", None));
+        let v = json!({
+            "event": "STOP",
+            "timestamp": {"seconds": u64::MAX, "microseconds": 999_999u64},
+        });
+        let ev = QmpEvent::parse(&v, Instant::now()).expect("an event");
+        assert_eq!(
+            ev.timestamp,
+            Some(Duration::from_secs(u64::MAX) + Duration::from_micros(999_999))
+        );
     }
 
     #[test]
