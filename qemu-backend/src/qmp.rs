@@ -965,25 +965,19 @@ impl QmpClient {
     /// `query-status`, whole answer.
     pub fn query_status_info(&mut self) -> Result<StatusInfo, QmpError> {
         let v = self.execute("query-status", None)?;
-        decode("query-status", v)
+        parse_status(v)
     }
 
     /// `query-migrate`.
     pub fn query_migrate(&mut self) -> Result<MigrateInfo, QmpError> {
         let v = self.execute("query-migrate", None)?;
-        decode("query-migrate", v)
+        parse_migrate_info(v)
     }
 
     /// `query-migrate-capabilities`, as capability name -> state.
     pub fn query_migrate_capabilities(&mut self) -> Result<BTreeMap<String, bool>, QmpError> {
-        #[derive(Deserialize)]
-        struct Cap {
-            capability: String,
-            state: bool,
-        }
         let v = self.execute("query-migrate-capabilities", None)?;
-        let caps: Vec<Cap> = decode("query-migrate-capabilities", v)?;
-        Ok(caps.into_iter().map(|c| (c.capability, c.state)).collect())
+        parse_migrate_capabilities(v)
     }
 
     /// One migration capability's state; a protocol error if QEMU does not know it.
@@ -1022,7 +1016,7 @@ impl QmpClient {
     /// `query-memdev`, each entry completed with its QOM type and `mem-path` (`qom-get`).
     pub fn query_memdev(&mut self) -> Result<Vec<Memdev>, QmpError> {
         let v = self.execute("query-memdev", None)?;
-        let raw: Vec<RawMemdev> = decode("query-memdev", v)?;
+        let raw = parse_memdevs(v)?;
         let mut out = Vec::with_capacity(raw.len());
         for r in raw {
             let mut kind = BackendKind::Unknown;
@@ -1148,6 +1142,35 @@ impl QmpClient {
 fn decode<T: serde::de::DeserializeOwned>(command: &str, v: Value) -> Result<T, QmpError> {
     serde_json::from_value(v)
         .map_err(|e| QmpError::Protocol(format!("unexpected answer to `{command}`: {e}")))
+}
+
+// The typed answers' parsers, apart from the socket (QEMU's answers are outside input; the
+// property tests feed them anything).
+
+/// `query-status`'s `return` member.
+fn parse_status(v: Value) -> Result<StatusInfo, QmpError> {
+    decode("query-status", v)
+}
+
+/// `query-migrate`'s `return` member.
+fn parse_migrate_info(v: Value) -> Result<MigrateInfo, QmpError> {
+    decode("query-migrate", v)
+}
+
+/// `query-migrate-capabilities`' `return` member, as capability name -> state.
+fn parse_migrate_capabilities(v: Value) -> Result<BTreeMap<String, bool>, QmpError> {
+    #[derive(Deserialize)]
+    struct Cap {
+        capability: String,
+        state: bool,
+    }
+    let caps: Vec<Cap> = decode("query-migrate-capabilities", v)?;
+    Ok(caps.into_iter().map(|c| (c.capability, c.state)).collect())
+}
+
+/// `query-memdev`'s `return` member, before `qom-get` completes each entry.
+fn parse_memdevs(v: Value) -> Result<Vec<RawMemdev>, QmpError> {
+    decode("query-memdev", v)
 }
 
 /// Wall-clock now as a Duration since the epoch (for comparing with event timestamps).
