@@ -414,6 +414,28 @@ pub fn remove_proof(pool_dir: &Path, token: &ProofToken) -> Result<(), PoolError
     }
 }
 
+/// The most a message read from the pool ([`read_message`]) may hold.
+pub const MAX_MESSAGE_LEN: u64 = 64 * 1024;
+
+/// Reads a message that another cloud VM may have left in the pool (a rendezvous request
+/// or answer): only a regular file, not through a symlink, without blocking on a FIFO, and
+/// at most [`MAX_MESSAGE_LEN`] bytes (a longer one is an error, not read whole).
+/// [`PoolError::Missing`] when there is none.
+pub fn read_message(path: &Path) -> Result<Vec<u8>, PoolError> {
+    let (file, _) = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MESSAGE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", path))?;
+    if bytes.len() as u64 > MAX_MESSAGE_LEN {
+        return Err(io_err("read", path)(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("longer than {MAX_MESSAGE_LEN} bytes"),
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Opens `path` for reading, refusing symlinks and non-regular files; the check is made on
 /// the opened file, so the path cannot be swapped in between.
 fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
@@ -421,7 +443,17 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), PoolError> {
     if !before.file_type().is_file() {
         return Err(PoolError::NotRegular(path.to_path_buf()));
     }
-    let file = File::open(path).map_err(|e| not_found_or(e, "open", path))?;
+    // The pool is shared: between the check above and the open, the name can be swapped for a
+    // symlink (the open must not follow it) or a FIFO (whose open would block until a writer
+    // comes: O_NONBLOCK). Either is then refused below, on the opened file.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => PoolError::NotRegular(path.to_path_buf()),
+            _ => not_found_or(e, "open", path),
+        })?;
     let meta = file.metadata().map_err(io_err("stat", path))?;
     if !meta.file_type().is_file()
         || FileIdentity::from_metadata(&meta) != FileIdentity::from_metadata(&before)
@@ -456,11 +488,15 @@ impl BeamPool {
         Ok(self.dir.join(file_name))
     }
 
+    // The pool file's name is checked too, not only the name made from it: "" or "." would
+    // give `.owner`, `..ran`…, names of no pool file that may be another program's files.
     fn record_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(file_name)?;
         self.path_of(&format!("{file_name}{OWNER_SUFFIX}"))
     }
 
     fn ran_path(&self, file_name: &str) -> Result<PathBuf, PoolError> {
+        self.path_of(file_name)?;
         self.path_of(&format!("{file_name}{RAN_SUFFIX}"))
     }
 
@@ -470,7 +506,29 @@ impl BeamPool {
     /// the source instead of resuming it.
     pub fn mark_ran(&self, file_name: &str) -> Result<(), PoolError> {
         let path = self.ran_path(file_name)?;
-        fs::write(&path, b"ran\n").map_err(io_err("write", &path))
+        // Not `fs::write`: the pool is shared, and whatever already sits at the marker's name
+        // (a symlink to a file elsewhere, a hard link to another's file) would be followed and
+        // truncated, and the marker would get the umask's mode. The marker is written to a
+        // new private file (0600; `create_new` never follows a symlink) and renamed over
+        // whatever is there, as the owner records are.
+        let tmp = self.temp_path(&format!("{file_name}{RAN_SUFFIX}"));
+        let result = create_private(&tmp).and_then(|mut f| {
+            f.write_all(b"ran\n").map_err(io_err("write", &tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// A fresh, unguessable name for a temporary file that will become `name` (classified
+    /// [`PoolFileKind::Temporary`]).
+    fn temp_path(&self, name: &str) -> PathBuf {
+        let mut rnd = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut rnd);
+        self.dir
+            .join(format!(".{name}.{}{TMP_SUFFIX}", hex::encode(rnd)))
     }
 
     /// Whether the destination left the marker of [`BeamPool::mark_ran`] for `file_name`.
@@ -554,9 +612,19 @@ impl BeamPool {
             Err(e) => return Err(e),
         };
         let mut text = Vec::new();
-        file.take(MAX_RECORD_LEN)
+        // One byte past the cap tells a record at the cap from a longer one, which is corrupt:
+        // judged on its first 64 KiB alone, it could parse (a record padded with blanks).
+        file.take(MAX_RECORD_LEN + 1)
             .read_to_end(&mut text)
             .map_err(io_err("read", &path))?;
+        if text.len() as u64 > MAX_RECORD_LEN {
+            return Err(PoolError::BadRecord {
+                path,
+                source: <serde_json::Error as serde::de::Error>::custom(format_args!(
+                    "longer than {MAX_RECORD_LEN} bytes"
+                )),
+            });
+        }
         let record: OwnerRecord =
             serde_json::from_slice(&text).map_err(|source| PoolError::BadRecord {
                 path: path.clone(),
@@ -728,13 +796,7 @@ impl BeamPool {
     /// place (`exclusive`: fails if a record exists) or renamed over the old one.
     fn write_record(&self, record: &OwnerRecord, exclusive: bool) -> Result<(), PoolError> {
         let target = self.record_path(&record.pool_file)?;
-        let mut rnd = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut rnd);
-        let tmp = self.dir.join(format!(
-            ".{}{OWNER_SUFFIX}.{}{TMP_SUFFIX}",
-            record.pool_file,
-            hex::encode(rnd)
-        ));
+        let tmp = self.temp_path(&format!("{}{OWNER_SUFFIX}", record.pool_file));
         let json = serde_json::to_vec_pretty(record).map_err(|source| PoolError::BadRecord {
             path: target.clone(),
             source,
@@ -1389,5 +1451,885 @@ mod prop_tests {
             let record = pool.claim(&file, &uuid, generation, &host).unwrap();
             prop_assert_eq!(pool.read_owner(&file).unwrap(), Some(record));
         }
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    //! The pool is shared with other cloud VMs: hostile ground. Whatever sits at a name the
+    //! pool code uses (a symlink or a hard link to a file elsewhere, a directory, a FIFO, a
+    //! record of any size and content), the pool code never writes, links, truncates or
+    //! deletes anything outside the pool, never blocks, and leaves its own files mode 0600.
+
+    use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
+
+    fn uuid() -> DomainUuid {
+        DomainUuid::new(UUID).unwrap()
+    }
+
+    fn host(s: &str) -> HostId {
+        HostId::new(s).unwrap()
+    }
+
+    /// A file (and its directory) outside the pool, which nothing done in the pool may
+    /// change.
+    struct Outside {
+        dir: tempfile::TempDir,
+        file: PathBuf,
+        content: Vec<u8>,
+        ino: u64,
+    }
+
+    impl Outside {
+        fn new(content: &[u8]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("sentinel");
+            fs::write(&file, content).unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+            let ino = fs::metadata(&file).unwrap().ino();
+            Outside {
+                dir,
+                file,
+                content: content.to_vec(),
+                ino,
+            }
+        }
+
+        /// Still there, the same file, the same content and mode, and nothing new beside it.
+        #[track_caller]
+        fn assert_untouched(&self) {
+            let meta = fs::symlink_metadata(&self.file).expect("the outside file is gone");
+            assert!(meta.is_file(), "the outside file was replaced");
+            assert_eq!(meta.ino(), self.ino, "the outside file was replaced");
+            assert_eq!(
+                meta.mode() & 0o777,
+                0o644,
+                "the outside file's mode changed"
+            );
+            assert_eq!(
+                fs::read(&self.file).unwrap(),
+                self.content,
+                "the outside file was written"
+            );
+            assert_eq!(
+                names(self.dir.path()),
+                ["sentinel"],
+                "a file appeared outside"
+            );
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[track_caller]
+    fn assert_private_file(path: &Path) {
+        let meta = fs::symlink_metadata(path).unwrap();
+        assert!(meta.is_file(), "{} is not a regular file", path.display());
+        assert_eq!(meta.mode() & 0o777, 0o600, "{}", path.display());
+    }
+
+    #[track_caller]
+    fn assert_no_temporaries(dir: &Path) {
+        let tmp: Vec<String> = names(dir)
+            .into_iter()
+            .filter(|n| classify(n) == PoolFileKind::Temporary)
+            .collect();
+        assert!(tmp.is_empty(), "temporary files left behind: {tmp:?}");
+    }
+
+    /// Makes a FIFO at `path`.
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that lives across the call.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(
+            rc,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+
+    /// Runs `f` on a thread of its own and fails the test if it has not returned within
+    /// 10 s (an open blocked on a FIFO never returns).
+    #[track_caller]
+    fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what}: still blocked after 10 s"))
+    }
+
+    /// Sets the flag when dropped (stops a helper thread even when the test fails).
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Regression: `open_regular` checked the name with `lstat` and then opened it with a
+    /// plain `open`. A record swapped for a FIFO in between blocked the reader (`read_owner`,
+    /// so `list`, `release`, the daemon's hooks) until someone opened the FIFO for writing;
+    /// a symlink swapped in was followed. Another cloud VM sharing the pool can do either.
+    #[test]
+    fn a_record_swapped_for_a_fifo_never_blocks_its_reader() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        pool.claim(&name, &uuid(), 1, &host("cvm1")).unwrap();
+        let record = pool.record_path(&name).unwrap();
+        let spare = tempfile::tempdir().unwrap();
+        let fifo = spare.path().join("fifo");
+        mkfifo(&fifo);
+        let regular = spare.path().join("regular");
+        fs::copy(&record, &regular).unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let _stop = StopOnDrop(stop.clone());
+        let swapper = {
+            let (stop, spare) = (stop.clone(), spare.path().to_path_buf());
+            std::thread::spawn(move || {
+                let next = spare.join("next");
+                while !stop.load(Ordering::SeqCst) {
+                    for src in [&fifo, &regular] {
+                        let _ = fs::remove_file(&next);
+                        // (Errors only once the test is over and its directories are gone.)
+                        if fs::hard_link(src, &next).is_err() || fs::rename(&next, &record).is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let (read, refused) = within("read_owner of a record swapped for a FIFO", move || {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let (mut read, mut refused) = (0u32, 0u32);
+            while Instant::now() < deadline {
+                match pool.read_owner(&name) {
+                    Ok(Some(_)) => read += 1,
+                    Err(PoolError::NotRegular(_)) => refused += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+            (read, refused)
+        });
+        stop.store(true, Ordering::SeqCst);
+        swapper.join().unwrap();
+        assert!(read > 0 && refused > 0, "read {read}, refused {refused}");
+    }
+
+    /// Every file under `dir` (recursively, symlinks not followed) with its content.
+    fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for name in names(dir) {
+            let path = dir.join(name);
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                out.extend(tree(&path));
+            } else if meta.is_file() {
+                out.push((path.clone(), fs::read(&path).unwrap()));
+            } else {
+                out.push((path.clone(), Vec::new()));
+            }
+        }
+        out
+    }
+
+    /// Regression: only the record's and the marker's names were checked, not the pool
+    /// file's name they are made from: "" gave `.owner` and `.ran`, "." gave `..owner`…,
+    /// names of no pool file, so `clear_ran("")` deleted another program's `.ran` and
+    /// `claim("")` wrote a `.owner`.
+    #[test]
+    fn every_method_refuses_a_name_that_is_not_a_plain_file_name() {
+        let top = tempfile::tempdir().unwrap();
+        let pool_dir = top.path().join("pool");
+        fs::create_dir(&pool_dir).unwrap();
+        // What an escaping name would reach: files beside the pool, and foreign files in it
+        // that a name made from an empty or dotted one would hit.
+        for n in ["x", "x.owner", "x.ran", "b.owner", "b.ran"] {
+            fs::write(top.path().join(n), "beside the pool").unwrap();
+        }
+        for n in [".owner", ".ran", "..owner", "..ran", "...owner", "...ran"] {
+            fs::write(pool_dir.join(n), "not VMBeam's").unwrap();
+        }
+        let before = tree(top.path());
+        let pool = BeamPool::new(&pool_dir);
+        let (a, b) = (host("cvm1"), host("cvm2"));
+        let absolute = top.path().join("x").to_str().unwrap().to_owned();
+        let long = "x".repeat(256);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "../b",
+            "./../x",
+            "x/../../x",
+            "a/b",
+            "/etc/passwd",
+            absolute.as_str(),
+            "a\0b",
+            "x.ram\0",
+            long.as_str(),
+        ] {
+            let is_bad = |r: Result<(), PoolError>| matches!(r, Err(PoolError::BadName(_)));
+            let results = [
+                ("path_of", is_bad(pool.path_of(bad).map(drop))),
+                ("mark_ran", is_bad(pool.mark_ran(bad))),
+                ("has_ran", is_bad(pool.has_ran(bad).map(drop))),
+                ("clear_ran", is_bad(pool.clear_ran(bad))),
+                ("check_file", is_bad(pool.check_file(bad, 4096).map(drop))),
+                ("read_owner", is_bad(pool.read_owner(bad).map(drop))),
+                ("claim", is_bad(pool.claim(bad, &uuid(), 1, &a).map(drop))),
+                (
+                    "begin_hand_over",
+                    is_bad(pool.begin_hand_over(bad, &a, &b).map(drop)),
+                ),
+                (
+                    "complete_hand_over",
+                    is_bad(pool.complete_hand_over(bad, &a, &b, 2).map(drop)),
+                ),
+                (
+                    "abort_hand_over",
+                    is_bad(pool.abort_hand_over(bad, &a).map(drop)),
+                ),
+                ("release", is_bad(pool.release(bad, &a))),
+            ];
+            for (method, refused) in results {
+                assert!(refused, "{method}({bad:?}) was not refused as a bad name");
+            }
+            assert_eq!(tree(top.path()), before, "after {bad:?}");
+        }
+    }
+
+    /// What another cloud VM may leave at a name the pool code uses.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Planted {
+        SymlinkToFile,
+        SymlinkToDir,
+        DanglingSymlink,
+        HardLink,
+        Dir,
+        Fifo,
+    }
+
+    const PLANTED: [Planted; 6] = [
+        Planted::SymlinkToFile,
+        Planted::SymlinkToDir,
+        Planted::DanglingSymlink,
+        Planted::HardLink,
+        Planted::Dir,
+        Planted::Fifo,
+    ];
+
+    /// Leaves `what` at `at`, pointing (where it points) at `outside`.
+    fn plant(what: Planted, at: &Path, outside: &Outside) {
+        match what {
+            Planted::SymlinkToFile => symlink(&outside.file, at).unwrap(),
+            Planted::SymlinkToDir => symlink(outside.dir.path(), at).unwrap(),
+            Planted::DanglingSymlink => symlink(outside.dir.path().join("created"), at).unwrap(),
+            Planted::HardLink => fs::hard_link(&outside.file, at).unwrap(),
+            Planted::Dir => {
+                fs::create_dir(at).unwrap();
+                fs::write(at.join("inner"), "inner").unwrap();
+            }
+            Planted::Fifo => mkfifo(at),
+        }
+    }
+
+    fn active_record(name: &str, owner: &HostId) -> OwnerRecord {
+        OwnerRecord {
+            owner: owner.clone(),
+            domain_uuid: uuid(),
+            generation: 1,
+            pool_file: name.to_owned(),
+            state: OwnerState::Active,
+            handing_over_to: None,
+        }
+    }
+
+    #[test]
+    fn a_pool_file_that_is_a_link_or_no_file_is_never_written_through() {
+        for what in PLANTED {
+            within(&format!("pool file: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let pool = BeamPool::new(dir.path());
+                let me = host("cvm1");
+                let outside = Outside::new(b"another guest's memory");
+                let name = pool_file_name(&uuid(), 1);
+                let path = dir.path().join(&name);
+                plant(what, &path, &outside);
+
+                assert!(
+                    matches!(
+                        pool.create_file(&uuid(), 1, 4096, None),
+                        Err(PoolError::Exists(_))
+                    ),
+                    "{what:?}"
+                );
+                let checked = pool.check_file(&name, 4096);
+                if what == Planted::HardLink {
+                    // A regular file, but not the guest's size (nor its file).
+                    assert!(
+                        matches!(checked, Err(PoolError::WrongSize { .. })),
+                        "{checked:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(checked, Err(PoolError::NotRegular(_))),
+                        "{what:?}: {checked:?}"
+                    );
+                }
+                let list = pool.list().unwrap();
+                assert_eq!((list.len(), &list[0].record), (1, &RecordStatus::Missing));
+                outside.assert_untouched();
+
+                // Owned by this host: releasing deletes the name, never what it points at.
+                pool.claim(&name, &uuid(), 1, &me).unwrap();
+                assert_private_file(&pool.record_path(&name).unwrap());
+                let released = pool.release(&name, &me);
+                if what == Planted::Dir {
+                    assert!(
+                        matches!(released, Err(PoolError::Io { op: "remove", .. })),
+                        "{released:?}"
+                    );
+                    assert_eq!(names(&path), ["inner"]);
+                } else {
+                    released.unwrap();
+                    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+                }
+                assert!(pool
+                    .leftovers(std::time::Duration::ZERO)
+                    .unwrap()
+                    .is_empty());
+                assert_no_temporaries(dir.path());
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    #[test]
+    fn an_owner_record_that_is_a_link_or_no_file_is_never_followed_or_written_through() {
+        for what in PLANTED {
+            within(&format!("owner record: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let pool = BeamPool::new(dir.path());
+                let (me, other) = (host("cvm1"), host("cvm2"));
+                let name = pool_file_name(&uuid(), 1);
+                pool.create_file(&uuid(), 1, 4096, None).unwrap();
+                // Followed, the link would give a valid record naming this host.
+                let record = active_record(&name, &me);
+                let outside = Outside::new(&serde_json::to_vec(&record).unwrap());
+                let rec = pool.record_path(&name).unwrap();
+                plant(what, &rec, &outside);
+                let hard = what == Planted::HardLink;
+
+                let read = pool.read_owner(&name);
+                if hard {
+                    assert_eq!(read.unwrap(), Some(record.clone()));
+                } else {
+                    assert!(
+                        matches!(read, Err(PoolError::NotRegular(_))),
+                        "{what:?}: {read:?}"
+                    );
+                }
+                let claimed = pool.claim(&name, &uuid(), 1, &other);
+                assert!(
+                    matches!(claimed, Err(PoolError::Exists(_))),
+                    "{what:?}: {claimed:?}"
+                );
+                let listed = pool.list().unwrap().remove(0).record;
+                if hard {
+                    assert_eq!(listed, RecordStatus::Valid(record.clone()));
+                } else {
+                    assert!(matches!(listed, RecordStatus::Corrupt(_)), "{listed:?}");
+                }
+                let orphans = pool.orphans(&me, &HashSet::new()).unwrap();
+                assert_eq!(orphans.len(), usize::from(hard));
+                outside.assert_untouched();
+
+                // The owner's transitions and its release: refused on anything but a regular
+                // record; on a hard link, a new record replaces the name and the file
+                // outside keeps its content.
+                let handed = pool.begin_hand_over(&name, &me, &other);
+                if hard {
+                    handed.unwrap();
+                    assert_private_file(&rec);
+                    assert_ne!(fs::metadata(&rec).unwrap().ino(), outside.ino);
+                    pool.abort_hand_over(&name, &me).unwrap();
+                    fs::remove_file(&rec).unwrap();
+                    fs::hard_link(&outside.file, &rec).unwrap();
+                } else {
+                    assert!(
+                        matches!(handed, Err(PoolError::NotRegular(_))),
+                        "{handed:?}"
+                    );
+                }
+                outside.assert_untouched();
+                let released = pool.release(&name, &me);
+                if hard {
+                    released.unwrap();
+                    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+                } else {
+                    assert!(
+                        matches!(released, Err(PoolError::NotRegular(_))),
+                        "{released:?}"
+                    );
+                    assert!(dir.path().join(&name).exists(), "released without a record");
+                }
+                assert_no_temporaries(dir.path());
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    #[test]
+    fn a_ran_marker_that_is_a_link_or_no_file_is_only_ever_unlinked() {
+        for what in PLANTED {
+            within(&format!("ran marker: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let pool = BeamPool::new(dir.path());
+                let outside = Outside::new(b"someone else's file\n");
+                let name = pool_file_name(&uuid(), 1);
+                let ran = pool.ran_path(&name).unwrap();
+                plant(what, &ran, &outside);
+                assert!(pool.has_ran(&name).unwrap(), "anything at the name counts");
+                // No pool file: a leftover, listed, not deleted.
+                assert_eq!(
+                    pool.leftovers(std::time::Duration::ZERO).unwrap(),
+                    std::slice::from_ref(&ran)
+                );
+                assert!(fs::symlink_metadata(&ran).is_ok());
+                let cleared = pool.clear_ran(&name);
+                if what == Planted::Dir {
+                    assert!(cleared.is_err());
+                    assert_eq!(names(&ran), ["inner"]);
+                } else {
+                    cleared.unwrap();
+                    assert!(!pool.has_ran(&name).unwrap());
+                }
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    #[test]
+    fn a_proof_that_is_a_link_or_no_file_is_never_followed_or_written_through() {
+        for what in PLANTED {
+            within(&format!("proof: {what:?}"), move || {
+                let dir = tempfile::tempdir().unwrap();
+                let outside = Outside::new(b"vmbeam-proof-v1\n");
+                let nonce = Nonce::random();
+                let path = dir.path().join(format!("{nonce}{PROOF_SUFFIX}"));
+                plant(what, &path, &outside);
+                let written = write_proof(dir.path(), &nonce);
+                assert!(
+                    matches!(written, Err(PoolError::Exists(_))),
+                    "{what:?}: {written:?}"
+                );
+                // A token whose content matches the file outside; the identity the source
+                // reported is not that file's.
+                let token = ProofToken {
+                    nonce,
+                    sha256: hex::encode(Sha256::digest(&outside.content)),
+                    identity: FileIdentity { dev: 0, ino: 0 },
+                };
+                let read = read_proof(dir.path(), &token);
+                if what == Planted::HardLink {
+                    assert!(
+                        matches!(read, Err(PoolError::ProofIdentityMismatch { .. })),
+                        "{read:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(read, Err(PoolError::NotRegular(_))),
+                        "{what:?}: {read:?}"
+                    );
+                }
+                let removed = remove_proof(dir.path(), &token);
+                if what == Planted::Dir {
+                    assert!(removed.is_err());
+                    assert_eq!(names(&path), ["inner"]);
+                } else {
+                    removed.unwrap();
+                    assert!(names(dir.path()).is_empty());
+                }
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    /// Links at the temporary names an attacker could guess are neither followed nor
+    /// deleted (VMBeam's temporary names are random and created new); they are listed as
+    /// leftovers for the operator.
+    #[test]
+    fn links_at_guessable_temporary_names_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let (me, other) = (host("cvm1"), host("cvm2"));
+        let outside = Outside::new(b"someone else's file\n");
+        let name = pool_file_name(&uuid(), 1);
+        let mut planted = Vec::new();
+        for n in [
+            format!(".{name}{OWNER_SUFFIX}{TMP_SUFFIX}"),
+            format!(".{name}{OWNER_SUFFIX}.0000000000000000{TMP_SUFFIX}"),
+            format!(".{name}{RAN_SUFFIX}{TMP_SUFFIX}"),
+            format!(".{name}{RAN_SUFFIX}.0000000000000000{TMP_SUFFIX}"),
+        ] {
+            let p = dir.path().join(n);
+            symlink(&outside.file, &p).unwrap();
+            planted.push(p);
+        }
+        planted.sort();
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        pool.claim(&name, &uuid(), 1, &me).unwrap();
+        pool.begin_hand_over(&name, &me, &other).unwrap();
+        pool.mark_ran(&name).unwrap();
+        pool.complete_hand_over(&name, &me, &other, 2).unwrap();
+        outside.assert_untouched();
+        let mut leftovers = pool.leftovers(std::time::Duration::ZERO).unwrap();
+        leftovers.retain(|p| {
+            classify(p.file_name().unwrap().to_str().unwrap()) == PoolFileKind::Temporary
+        });
+        assert_eq!(leftovers, planted);
+        pool.release(&name, &other).unwrap();
+        pool.clear_ran(&name).unwrap();
+        for p in &planted {
+            assert!(fs::symlink_metadata(p).unwrap().file_type().is_symlink());
+        }
+        outside.assert_untouched();
+    }
+
+    /// Records of any content: typed errors, listed as corrupt, never acted on.
+    #[test]
+    fn a_malformed_owner_record_is_corrupt_and_never_acted_on() {
+        let name = pool_file_name(&uuid(), 1);
+        let me = host("cvm1");
+        let good = serde_json::to_vec(&active_record(&name, &me)).unwrap();
+        let with = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+            f(&mut v);
+            serde_json::to_vec(&v).unwrap()
+        };
+        let mut non_utf8 = good.clone();
+        non_utf8[12] = 0xff;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("truncated", good[..good.len() / 2].to_vec()),
+            ("truncated by one byte", good[..good.len() - 1].to_vec()),
+            ("not UTF-8", non_utf8),
+            ("UTF-16", {
+                let s = String::from_utf8(good.clone()).unwrap();
+                s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+            }),
+            ("NUL bytes", vec![0; 100]),
+            ("null", b"null".to_vec()),
+            ("an array", b"[]".to_vec()),
+            (
+                "deeply nested",
+                [vec![b'['; 100_000], vec![b']'; 100_000]].concat(),
+            ),
+            ("over the cap", {
+                let mut v = good.clone();
+                v.resize(MAX_RECORD_LEN as usize + 1, b' ');
+                v
+            }),
+            ("two records", [good.clone(), good.clone()].concat()),
+            ("an unknown field", with(&|v| v["x"] = 1.into())),
+            ("a bad owner", with(&|v| v["owner"] = "../etc".into())),
+            (
+                "another pool file",
+                with(&|v| v["pool_file"] = "../x".into()),
+            ),
+            (
+                "a NUL in the pool file",
+                with(&|v| v["pool_file"] = format!("{name}\0").into()),
+            ),
+            (
+                "handing over to nobody",
+                with(&|v| v["state"] = "handing-over".into()),
+            ),
+            (
+                "active with a recipient",
+                with(&|v| v["handing_over_to"] = "cvm2".into()),
+            ),
+            ("an unknown state", with(&|v| v["state"] = "gone".into())),
+            (
+                "a negative generation",
+                with(&|v| v["generation"] = (-1).into()),
+            ),
+        ];
+        for (what, content) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let pool = BeamPool::new(dir.path());
+            pool.create_file(&uuid(), 1, 4096, None).unwrap();
+            let rec = pool.record_path(&name).unwrap();
+            fs::write(&rec, &content).unwrap();
+            pool.mark_ran(&name).unwrap();
+            let before = tree(dir.path());
+
+            let read = pool.read_owner(&name);
+            assert!(
+                matches!(
+                    read,
+                    Err(PoolError::BadRecord { .. } | PoolError::RecordMismatch(_))
+                ),
+                "{what}: {read:?}"
+            );
+            let listed = pool.list().unwrap().remove(0).record;
+            assert!(
+                matches!(listed, RecordStatus::Corrupt(_)),
+                "{what}: {listed:?}"
+            );
+            assert!(
+                pool.orphans(&me, &HashSet::new()).unwrap().is_empty(),
+                "{what}"
+            );
+            // Its marker is not ours to judge as left over.
+            assert!(
+                pool.leftovers(std::time::Duration::ZERO)
+                    .unwrap()
+                    .is_empty(),
+                "{what}"
+            );
+            assert!(pool.claim(&name, &uuid(), 1, &me).is_err(), "{what}");
+            assert!(
+                pool.begin_hand_over(&name, &me, &host("cvm2")).is_err(),
+                "{what}"
+            );
+            assert!(pool.abort_hand_over(&name, &me).is_err(), "{what}");
+            assert!(pool.release(&name, &me).is_err(), "{what}");
+            assert_eq!(tree(dir.path()), before, "{what}: the pool changed");
+        }
+    }
+
+    /// Every file VMBeam creates in the pool is its owner's alone (0600), whatever the
+    /// umask lets through.
+    #[test]
+    fn every_file_vmbeam_creates_in_the_pool_is_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        // The check means something only if a plain create is readable by others here.
+        let control = dir.path().join("control");
+        fs::write(&control, "").unwrap();
+        assert_ne!(
+            fs::metadata(&control).unwrap().mode() & 0o044,
+            0,
+            "this test needs a umask that lets a plain create be readable by others (022)"
+        );
+        fs::remove_file(&control).unwrap();
+
+        let (me, other) = (host("cvm1"), host("cvm2"));
+        let name = pool_file_name(&uuid(), 1);
+        let file = pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        assert_private_file(&file);
+        let rec = pool.record_path(&name).unwrap();
+        pool.claim(&name, &uuid(), 1, &me).unwrap();
+        assert_private_file(&rec);
+        pool.begin_hand_over(&name, &me, &other).unwrap();
+        assert_private_file(&rec);
+        pool.abort_hand_over(&name, &me).unwrap();
+        assert_private_file(&rec);
+        pool.begin_hand_over(&name, &me, &other).unwrap();
+        pool.complete_hand_over(&name, &me, &other, 2).unwrap();
+        assert_private_file(&rec);
+        pool.mark_ran(&name).unwrap();
+        assert_private_file(&pool.ran_path(&name).unwrap());
+        let token = write_proof(dir.path(), &Nonce::random()).unwrap();
+        assert_private_file(&dir.path().join(token.file_name()));
+        assert_no_temporaries(dir.path());
+        for n in names(dir.path()) {
+            assert_private_file(&dir.path().join(n));
+        }
+    }
+
+    /// Only root may give a pool file to QEMU's user. As root the file is given and stays
+    /// 0600; otherwise the chown fails and no file is left behind.
+    #[test]
+    fn a_pool_file_given_to_another_user_is_given_or_not_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let nobody = (65534, 65534);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let created = pool.create_file(&uuid(), 1, 4096, Some(nobody));
+        if root {
+            let path = created.unwrap();
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), nobody);
+            assert_private_file(&path);
+        } else {
+            assert!(
+                matches!(created, Err(PoolError::Io { op: "chown", .. })),
+                "{created:?}"
+            );
+            assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        }
+    }
+
+    #[test]
+    fn read_message_reads_only_a_regular_file_of_at_most_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        assert!(matches!(read_message(&path), Err(PoolError::Missing(_))));
+        let cap = MAX_MESSAGE_LEN as usize;
+        for len in [0, 1, cap] {
+            fs::write(&path, vec![b'x'; len]).unwrap();
+            assert_eq!(read_message(&path).unwrap().len(), len);
+        }
+        fs::write(&path, vec![b'x'; cap + 1]).unwrap();
+        assert!(matches!(
+            read_message(&path),
+            Err(PoolError::Io { op: "read", .. })
+        ));
+        // Huge (sparse): refused without being read whole.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let p = path.clone();
+        assert!(within("reading a 1 TiB message", move || read_message(&p).is_err()));
+        fs::remove_file(&path).unwrap();
+        for what in PLANTED {
+            let outside = Outside::new(b"{}");
+            plant(what, &path, &outside);
+            let p = path.clone();
+            let read = within(&format!("message: {what:?}"), move || read_message(&p));
+            if what == Planted::HardLink {
+                assert_eq!(read.unwrap(), b"{}");
+            } else {
+                assert!(
+                    matches!(read, Err(PoolError::NotRegular(_))),
+                    "{what:?}: {read:?}"
+                );
+            }
+            outside.assert_untouched();
+            if what == Planted::Dir {
+                fs::remove_dir_all(&path).unwrap();
+            } else {
+                fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+
+    /// Regression: a record was read up to the 64 KiB cap and judged on that part alone,
+    /// so a record longer than the cap whose head parses (a record padded with blanks, then
+    /// anything) was taken as valid.
+    #[test]
+    fn a_record_over_the_cap_is_corrupt_even_when_its_head_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        pool.create_file(&uuid(), 1, 4096, None).unwrap();
+        let record = pool.claim(&name, &uuid(), 1, &host("cvm1")).unwrap();
+        let path = pool.record_path(&name).unwrap();
+        let json = serde_json::to_vec(&record).unwrap();
+        let cap = MAX_RECORD_LEN as usize;
+        let padded = |len: usize, tail: &[u8]| {
+            let mut v = json.clone();
+            v.resize(len - tail.len(), b' ');
+            v.extend_from_slice(tail);
+            v
+        };
+        // At the cap: a record.
+        fs::write(&path, padded(cap, b"\n")).unwrap();
+        assert_eq!(pool.read_owner(&name).unwrap(), Some(record.clone()));
+        // One byte more, or a tail past the cap that is not JSON: corrupt.
+        for content in [padded(cap + 1, b"\n"), padded(cap + 10, b"garbage")] {
+            fs::write(&path, &content).unwrap();
+            assert!(
+                matches!(pool.read_owner(&name), Err(PoolError::BadRecord { .. })),
+                "{} bytes",
+                content.len()
+            );
+            assert!(matches!(
+                pool.list().unwrap()[0].record,
+                RecordStatus::Corrupt(_)
+            ));
+            assert!(matches!(
+                pool.release(&name, &host("cvm1")),
+                Err(PoolError::BadRecord { .. })
+            ));
+            assert!(
+                dir.path().join(&name).exists(),
+                "released on a corrupt record"
+            );
+        }
+        // A huge (sparse) record is not read whole.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let r = within("reading a 1 TiB record", move || {
+            matches!(pool.read_owner(&name), Err(PoolError::BadRecord { .. }))
+        });
+        assert!(r);
+    }
+
+    /// Regression: `mark_ran` wrote with `fs::write`, which follows a symlink at the
+    /// marker's name (and writes through a hard link), truncating a file outside the pool,
+    /// and created the marker with the umask's mode (0644).
+    #[test]
+    fn mark_ran_replaces_what_sits_at_its_name_and_never_writes_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BeamPool::new(dir.path());
+        let name = pool_file_name(&uuid(), 1);
+        let ran = dir.path().join(format!("{name}{RAN_SUFFIX}"));
+        let outside = Outside::new(b"someone else's file\n");
+        let check_marker = || {
+            assert_private_file(&ran);
+            assert_eq!(fs::read(&ran).unwrap(), b"ran\n");
+            assert!(pool.has_ran(&name).unwrap());
+            assert_no_temporaries(dir.path());
+            outside.assert_untouched();
+        };
+
+        // A fresh marker.
+        pool.mark_ran(&name).unwrap();
+        check_marker();
+        // A symlink to a file outside, to a directory outside, to a name outside.
+        for target in [
+            outside.file.clone(),
+            outside.dir.path().to_path_buf(),
+            outside.dir.path().join("created"),
+        ] {
+            fs::remove_file(&ran).unwrap();
+            symlink(&target, &ran).unwrap();
+            pool.mark_ran(&name).unwrap();
+            check_marker();
+        }
+        // A hard link to a file outside.
+        fs::remove_file(&ran).unwrap();
+        fs::hard_link(&outside.file, &ran).unwrap();
+        pool.mark_ran(&name).unwrap();
+        check_marker();
+        assert_ne!(fs::metadata(&ran).unwrap().ino(), outside.ino);
+        // A directory: refused and kept as it is, no temporary file left.
+        fs::remove_file(&ran).unwrap();
+        fs::create_dir(&ran).unwrap();
+        fs::write(ran.join("inner"), "x").unwrap();
+        assert!(pool.mark_ran(&name).is_err());
+        assert_eq!(names(&ran), ["inner"]);
+        assert!(pool.has_ran(&name).unwrap(), "anything at the name counts");
+        assert_no_temporaries(dir.path());
+        outside.assert_untouched();
     }
 }

@@ -682,3 +682,160 @@ mod tests {
         assert!(cloud.pool_names().is_empty());
     }
 }
+
+#[cfg(test)]
+mod hostile_tests {
+    //! `release end` and the leftover report on a pool that other cloud VMs may have
+    //! tampered with: only names in the pool are ever deleted, never what they point at,
+    //! nothing is deleted on a record that cannot be trusted, and nothing blocks.
+
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    use vmbeam_core::pool::{
+        classify, pool_file_name, PoolFileKind, RDV_REQ_SUFFIX, RDV_RESP_SUFFIX,
+    };
+    use vmbeam_core::Nonce;
+
+    use super::*;
+    use crate::hostile_support::{age, mkfifo, names, within, Outside};
+    use crate::testing::{domain_xml, uuid, Cloud};
+
+    fn release(ctx: &SharedCtx) {
+        let args = ["web1", "release", "end", "-"].map(String::from);
+        handle(ctx, &args, &domain_xml("cvm1")).unwrap();
+    }
+
+    fn running(ctx: &SharedCtx, pool_file: &str) {
+        ctx.tables.lock().unwrap().running.insert(
+            uuid(),
+            Running {
+                pool_file: pool_file.to_owned(),
+                zero_copy: false,
+            },
+        );
+    }
+
+    #[test]
+    fn release_end_unlinks_links_in_the_pool_never_what_they_point_at() {
+        for hard in [false, true] {
+            let cloud = Cloud::new();
+            let file = cloud.source_file();
+            let src = cloud.host("cvm1");
+            let memory = Outside::new(b"another guest's memory");
+            let marker = Outside::new(b"another marker");
+            let link = |target: &std::path::Path, at: std::path::PathBuf| {
+                if hard {
+                    fs::hard_link(target, at).unwrap();
+                } else {
+                    symlink(target, at).unwrap();
+                }
+            };
+            // The pool file and its ran marker are links to files outside the pool.
+            fs::remove_file(cloud.pool_dir().join(&file)).unwrap();
+            link(&memory.file, cloud.pool_dir().join(&file));
+            link(&marker.file, cloud.pool_dir().join(format!("{file}.ran")));
+            running(&src.ctx, &file);
+            release(&src.ctx);
+            assert!(cloud.pool_names().is_empty(), "{:?}", cloud.pool_names());
+            memory.assert_untouched();
+            marker.assert_untouched();
+        }
+    }
+
+    /// Followed or trusted, each of these records would name cvm1 the active owner of the
+    /// pool file, and `release end` would delete it.
+    #[test]
+    fn release_end_deletes_nothing_on_a_record_it_cannot_trust() {
+        for what in ["symlink", "FIFO", "directory", "another file's", "garbage"] {
+            within(&format!("release end, record: {what}"), move || {
+                let cloud = Cloud::new();
+                let file = cloud.source_file();
+                let src = cloud.host("cvm1");
+                let rec = cloud.pool_dir().join(format!("{file}.owner"));
+                let good = fs::read(&rec).unwrap();
+                let outside = Outside::new(&good);
+                fs::remove_file(&rec).unwrap();
+                match what {
+                    "symlink" => symlink(&outside.file, &rec).unwrap(),
+                    "FIFO" => mkfifo(&rec),
+                    "directory" => fs::create_dir(&rec).unwrap(),
+                    "another file's" => {
+                        let other = pool_file_name(&uuid(), 9);
+                        let text = String::from_utf8(good.clone()).unwrap();
+                        fs::write(&rec, text.replace(&file, &other)).unwrap();
+                    }
+                    _ => fs::write(&rec, b"\xff{\"owner\":").unwrap(),
+                }
+                let before = cloud.pool_names();
+                running(&src.ctx, &file);
+                release(&src.ctx);
+                assert_eq!(cloud.pool_names(), before, "{what}");
+                outside.assert_untouched();
+            });
+        }
+    }
+
+    /// A pool file name in the daemon's tables that is no plain name (it came through a
+    /// ticket or the metadata) never reaches outside the pool.
+    #[test]
+    fn release_end_never_leaves_the_pool_for_a_bad_name() {
+        let cloud = Cloud::new();
+        let src = cloud.host("cvm1");
+        // What `../x` would reach: a file beside the pool with a record naming cvm1 its
+        // active owner under that very name.
+        let beside = cloud.dir.path();
+        fs::write(beside.join("x"), "beside the pool").unwrap();
+        let record = format!(
+            r#"{{"owner":"cvm1","domain_uuid":"{}","generation":3,"pool_file":"../x","state":"active"}}"#,
+            crate::testing::UUID
+        );
+        fs::write(beside.join("x.owner"), record).unwrap();
+        let before = names(beside);
+        for bad in ["../x", "", ".", "..", "/x", "a/../../x"] {
+            running(&src.ctx, bad);
+            release(&src.ctx);
+            assert_eq!(names(beside), before, "{bad:?}");
+            assert!(cloud.pool_names().is_empty(), "{bad:?}");
+            assert!(src.ctx.tables.lock().unwrap().running.is_empty());
+        }
+    }
+
+    #[test]
+    fn leftovers_are_reported_never_deleted_and_never_block() {
+        let (names_before, reported, expected) = within("report_leftovers", || {
+            let cloud = Cloud::new();
+            let file = cloud.source_file();
+            let dir = cloud.pool_dir();
+            let outside = Outside::new(b"someone else's file");
+            let n = Nonce::random();
+            let mut expected = Vec::new();
+            let mut planted = |name: String, how: &dyn Fn(&std::path::Path)| {
+                let path = dir.join(&name);
+                how(&path);
+                age(&path);
+                if classify(&name) != PoolFileKind::Foreign {
+                    expected.push(path);
+                }
+            };
+            planted(format!("{n}{RDV_REQ_SUFFIX}"), &|p| mkfifo(p));
+            planted(format!("{n}{RDV_RESP_SUFFIX}"), &|p| {
+                symlink(&outside.file, p).unwrap()
+            });
+            planted(format!("{n}.proof"), &|p| fs::create_dir(p).unwrap());
+            planted(format!(".{file}.owner.0011.tmp"), &|p| {
+                symlink(outside.dir.path(), p).unwrap()
+            });
+            planted(format!("{file}.ran"), &|p| mkfifo(p));
+            planted("README".into(), &|p| mkfifo(p));
+            expected.sort();
+            let before = cloud.pool_names();
+            let src = cloud.host("cvm1");
+            let reported = report_leftovers(&src.ctx);
+            outside.assert_untouched();
+            (before == cloud.pool_names(), reported, expected)
+        });
+        assert!(names_before, "the leftover report deleted something");
+        assert_eq!(reported, expected);
+    }
+}

@@ -17,4 +17,6 @@ pub mod service;
 pub mod state;
 
 #[cfg(test)]
+mod hostile_support;
+#[cfg(test)]
 mod testing;
