@@ -623,7 +623,7 @@ mod prop_tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::test_support::{mutate_text, proptest_config};
+    use crate::proptest_support::{mutate_text, proptest_config};
 
     proptest! {
         #![proptest_config(proptest_config())]

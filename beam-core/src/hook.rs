@@ -311,7 +311,7 @@ mod prop_tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::test_support::proptest_config;
+    use crate::proptest_support::proptest_config;
 
     fn arg() -> impl Strategy<Value = String> {
         prop_oneof![

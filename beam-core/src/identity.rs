@@ -466,7 +466,7 @@ mod prop_tests {
 
     use super::tests::GOOD;
     use super::*;
-    use crate::test_support::{mutate_text, proptest_config};
+    use crate::proptest_support::{mutate_text, proptest_config};
 
     proptest! {
         #![proptest_config(proptest_config())]

@@ -37,8 +37,8 @@ pub mod ticket;
 pub mod transform;
 mod xml;
 
-#[cfg(test)]
-pub(crate) mod test_support;
+#[cfg(any(test, feature = "proptest-support"))]
+pub mod proptest_support;
 
 pub use domain::DomainFacts;
 pub use hook::HookEvent;

@@ -575,7 +575,7 @@ mod prop_tests {
 
     use super::*;
     use crate::domain::tests::RUNNING;
-    use crate::test_support::{mutate_text, proptest_config};
+    use crate::proptest_support::{mutate_text, proptest_config};
 
     prop_compose! {
         fn metadata()(

@@ -1349,7 +1349,7 @@ mod prop_tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::test_support::{mutate, proptest_config};
+    use crate::proptest_support::{mutate, proptest_config};
 
     const UUID: &str = "6e3b1e9a-1b2c-4d5e-8f90-0123456789ab";
 

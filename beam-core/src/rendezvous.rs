@@ -479,7 +479,7 @@ mod prop_tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::test_support::{mutate, proptest_config};
+    use crate::proptest_support::{mutate, proptest_config};
 
     fn key() -> TicketKey {
         TicketKey::from_bytes(vec![5u8; 32]).unwrap()

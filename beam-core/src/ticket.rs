@@ -1000,7 +1000,7 @@ mod prop_tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::test_support::proptest_config;
+    use crate::proptest_support::proptest_config;
 
     fn key() -> TicketKey {
         TicketKey::from_bytes(vec![7u8; 32]).unwrap()

@@ -450,24 +450,11 @@ pub trait Hook {
 #[cfg(test)]
 mod prop_tests {
     use proptest::prelude::*;
-    use proptest::test_runner::Config as ProptestConfig;
+    use vmbeam_core::proptest_support::proptest_config;
     use zbus::zvariant::serialized::{Context, Data};
     use zbus::zvariant::{to_bytes, LE};
 
     use super::*;
-
-    /// `VMBEAM_PROPTEST_CASES` cases per property (default 256), as in vmbeam-core.
-    fn proptest_config() -> ProptestConfig {
-        let cases = std::env::var("VMBEAM_PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(256);
-        ProptestConfig {
-            cases,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
 
     fn mode_name() -> impl Strategy<Value = String> {
         prop_oneof![

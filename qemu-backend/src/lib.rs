@@ -22,9 +22,6 @@ pub mod ramlink;
 #[cfg(any(test, feature = "testing"))]
 pub mod launcher;
 
-#[cfg(test)]
-mod test_support;
-
 pub use caps::{CapsError, IgnoreSharedGuard, ResetOutcome, X_IGNORE_SHARED};
 pub use qmp::{
     MigrateInfo, MigrationStats, MigrationStatus, QmpClient, QmpError, QmpEvent, QmpOptions,

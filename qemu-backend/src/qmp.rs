@@ -1399,7 +1399,7 @@ mod prop_tests {
     use proptest::sample::{select, Index};
 
     use super::*;
-    use crate::test_support::{check, mutate};
+    use vmbeam_core::proptest_support::{check, mutate};
 
     // ----- real replies -----
 

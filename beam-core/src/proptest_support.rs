@@ -1,5 +1,6 @@
-//! Helpers shared by the unit tests: the property tests' budget and their count of cases,
-//! as in vmbeam-core's `test_support`.
+//! The property tests' shared helpers: their budget (`VMBEAM_PROPTEST_CASES`), a runner that
+//! prints how many cases it tried, and byte/text mutators. vmbeam-core's own tests use them,
+//! and other crates' tests through the `proptest-support` feature.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 
-/// The number of cases each property runs: `VMBEAM_PROPTEST_CASES`, default 256. The long
-/// run: `VMBEAM_PROPTEST_CASES=100000 cargo test -p vmbeam-qemu prop_`.
-pub(crate) fn proptest_config() -> ProptestConfig {
+/// The number of cases each property runs: `VMBEAM_PROPTEST_CASES`, default 256. A longer
+/// run: `VMBEAM_PROPTEST_CASES=100000 cargo test -p vmbeam-core prop_` (and `-p vmbeam-bus`,
+/// `-p vmbeam-qemu`).
+pub fn proptest_config() -> ProptestConfig {
     let cases = std::env::var("VMBEAM_PROPTEST_CASES")
         .ok()
         .and_then(|v| v.trim().parse().ok())
@@ -25,7 +27,7 @@ pub(crate) fn proptest_config() -> ProptestConfig {
 /// how many cases it tried, e.g. `prop_x: 256 cases tried, passed`. The line goes to the
 /// process's stderr itself, not through the test harness's capture, so that every run
 /// shows it. A failure panics with proptest's minimal failing case.
-pub(crate) fn check<S: Strategy>(
+pub fn check<S: Strategy>(
     name: &str,
     strategy: S,
     test: impl Fn(S::Value) -> Result<(), TestCaseError>,
@@ -51,7 +53,7 @@ pub(crate) fn check<S: Strategy>(
 
 /// `bytes` with one byte changed (XOR with a non-zero `b`), cut short at `pos`, extended by
 /// `b`, or with `b` inserted at `pos`, as `mode` picks.
-pub(crate) fn mutate(mut bytes: Vec<u8>, mode: u8, pos: proptest::sample::Index, b: u8) -> Vec<u8> {
+pub fn mutate(mut bytes: Vec<u8>, mode: u8, pos: proptest::sample::Index, b: u8) -> Vec<u8> {
     if bytes.is_empty() {
         bytes.push(b);
         return bytes;
@@ -64,4 +66,9 @@ pub(crate) fn mutate(mut bytes: Vec<u8>, mode: u8, pos: proptest::sample::Index,
         _ => bytes.insert(i, b),
     }
     bytes
+}
+
+/// [`mutate`] for text: the result is made valid UTF-8 (lossily).
+pub fn mutate_text(text: &str, mode: u8, pos: proptest::sample::Index, b: u8) -> String {
+    String::from_utf8_lossy(&mutate(text.as_bytes().to_vec(), mode, pos, b)).into_owned()
 }
