@@ -899,3 +899,85 @@ fn four_guests_migrating_both_ways_at_once_stay_intact() {
     assert_eq!(qemu_pids("cvm1").len() + qemu_pids("cvm2").len(), 4);
     assert_pool_clean(4);
 }
+
+/// `vmbeam migrate --xml FILE` (as Nova passes its rewritten XML): a destination XML that
+/// changes what libvirt lets change (here the description) moves zero-copy and the
+/// destination runs that XML; one that changes the memory is refused under `--zero-copy`,
+/// naming the difference, and changes nothing.
+#[test]
+fn a_callers_destination_xml_moves_zero_copy_when_it_keeps_the_memory() {
+    let _lab = LabGuard::up(2, &[]);
+    create("victim", "192", "500", "cvm1", &[]);
+    let boot = boot_id("victim");
+    let xml = ok(&virsh(&cvm_uri(1), &["dumpxml", "--migratable", "victim"]));
+    let dir = tempfile_dir();
+    let good = dir.join("dest.xml");
+    std::fs::write(
+        &good,
+        xml.replacen(
+            "</name>",
+            "</name>\n  <description>moved with the caller's XML</description>",
+            1,
+        ),
+    )
+    .unwrap();
+    let bad = dir.join("bigger.xml");
+    let mem = xml
+        .lines()
+        .find(|l| l.trim_start().starts_with("<memory"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &bad,
+        xml.replace(&mem, "  <memory unit='KiB'>393216</memory>"),
+    )
+    .unwrap();
+    let dest = cvm_uri(2);
+    let o = vmbeam_in(
+        "cvm1",
+        &[
+            "migrate",
+            "--zero-copy",
+            "--live",
+            "--xml",
+            bad.to_str().unwrap(),
+            "victim",
+            &dest,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("the memory size"), "{err}");
+    check_on("victim", "cvm1");
+    let watch = SplitBrainWatch::start("victim", 2);
+    let out = ok(&vmbeam_in(
+        "cvm1",
+        &[
+            "migrate",
+            "--zero-copy",
+            "--live",
+            "--persistent",
+            "--undefinesource",
+            "--xml",
+            good.to_str().unwrap(),
+            "victim",
+            &dest,
+        ],
+    ));
+    assert_mode(&out, "zero-copy");
+    watch.finish();
+    let there = ok(&virsh(&dest, &["dumpxml", "victim"]));
+    assert!(there.contains("moved with the caller's XML"), "{there}");
+    check_on("victim", "cvm2");
+    assert_eq!(boot_id("victim"), boot);
+    settled_on("victim", "cvm2", 2);
+    assert_pool_clean(1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A private directory under the host's /tmp (which the cloud VMs see as theirs).
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vmbeam-xml-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
