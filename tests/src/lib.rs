@@ -44,6 +44,16 @@ pub fn vmbeam(args: &[&str]) -> Output {
         .expect("run vmbeam")
 }
 
+/// Runs `virsh -c URI ARGS` on the host, returning its output.
+pub fn virsh(uri: &str, args: &[&str]) -> Output {
+    Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("virsh")
+}
+
 /// Runs `vmbeam-lab ARGS`, returning its output.
 pub fn lab(args: &[&str]) -> Output {
     Command::new(vmbeam_lab_bin())

@@ -23,7 +23,7 @@
 //! The suite runs one cell per fault (`suite_cells`); the whole matrix runs with
 //! `VMBEAM_FAULT_MATRIX=full` (scripts/fault-matrix.sh), printing the cell-by-cell table.
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -127,15 +127,6 @@ impl Drop for Holds {
     fn drop(&mut self) {
         release_holds();
     }
-}
-
-fn virsh(uri: &str, args: &[&str]) -> Output {
-    Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .expect("virsh")
 }
 
 /// The phase of the guest's job on the source, from `vmbeam status` (the job's `Phase`

@@ -44,15 +44,6 @@ fn ok(o: &Output) -> String {
     out
 }
 
-fn virsh(uri: &str, args: &[&str]) -> Output {
-    Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .expect("virsh")
-}
-
 fn create(name: &str, mem: &str, rate: &str, on: &str, extra: &[&str]) {
     let mut a = vec![
         "guest",
