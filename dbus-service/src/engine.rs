@@ -28,7 +28,7 @@ use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HostId, Phase, Progress
 use crate::libvirt_job::{self, Flags, Request};
 use crate::recover::{LibvirtView, LocalDomains};
 use crate::rendezvous;
-use crate::state::{now_secs, Ctx, Outgoing, SharedCtx};
+use crate::state::{now_secs, Ctx, Outgoing, SharedCtx, UndefineAfterHandOver};
 
 /// What a job's observers see; updated by the job, read by the D-Bus job object.
 #[derive(Debug, Clone)]
@@ -297,6 +297,7 @@ pub fn run(
         started,
         &LibvirtView::new(&ctx.cfg.libvirt_uri),
         was_paused,
+        opts.undefine_source,
     )
 }
 
@@ -651,6 +652,7 @@ fn settle_outcome(
     started: Instant,
     source: &dyn LocalDomains,
     was_paused: bool,
+    undefine_source: bool,
 ) -> Result<String, DaemonError> {
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
@@ -688,6 +690,11 @@ fn settle_outcome(
         let _ = armed.disarm(Duration::from_secs(1));
         match source.destroy(uuid) {
             Ok(()) => {
+                if undefine_source {
+                    if let Err(e) = source.undefine(uuid) {
+                        warn!(error = %e, "could not remove the fenced source's definition");
+                    }
+                }
                 match bpool.complete_hand_over(pool_file, &id.host_id, &zc.dest, generation) {
                     Ok(_) => {
                         info!(dest = %zc.dest, "source fenced; the pool file is the destination's, where the guest last ran")
@@ -704,6 +711,11 @@ fn settle_outcome(
             Err(e) => {
                 error!(error = %e, "the source could not be destroyed: the hand-over stays open and recovery fences it again");
                 entry.keep_marker = true;
+                if undefine_source {
+                    if let Err(e) = UndefineAfterHandOver(&ctx.cfg).insert(uuid) {
+                        warn!(error = %e, "cannot remember to undefine the source");
+                    }
+                }
                 format!(
                     "the guest had already run on {}, and destroying the source failed ({e}); vmbeamd keeps trying (see `vmbeam status`)",
                     zc.dest
@@ -732,6 +744,11 @@ fn settle_outcome(
                 // Where the guest is cannot be observed here: leave it to recovery, with the
                 // marker the destination may still leave.
                 entry.keep_marker = true;
+                if undefine_source {
+                    if let Err(e) = UndefineAfterHandOver(&ctx.cfg).insert(uuid) {
+                        warn!(error = %e, "cannot remember to undefine the source");
+                    }
+                }
                 let seen = match observed {
                     Ok(l) => format!("libvirt says it is {l}"),
                     Err(e) => format!("the source's libvirt cannot say ({e})"),
@@ -847,6 +864,8 @@ mod tests {
             Instant::now(),
             libvirt,
             false,
+            // As Nova and the lab migrate: --persistent --undefinesource.
+            true,
         )
     }
 
@@ -930,6 +949,19 @@ mod tests {
         );
         assert!(pool.has_ran(&file).unwrap(), "recovery needs the marker");
         assert_eq!(outgoing_job(&src), None);
+        assert!(libvirt.undefined.borrow().is_empty());
+        // libvirtd is back: recovery fences, hands over, and does what --undefinesource
+        // would have done in libvirt's Confirm.
+        libvirt.refuse_destroy.set(false);
+        crate::recover::reconcile(&src.ctx, &libvirt);
+        assert!(libvirt.fenced());
+        assert_eq!(*libvirt.undefined.borrow(), vec![uuid()]);
+        let r = record(&cloud, &file);
+        assert_eq!((r.state, r.owner), (OwnerState::Active, host_id("cvm2")));
+        assert!(
+            !UndefineAfterHandOver(&src.ctx.cfg).take(&uuid()),
+            "forgotten once done"
+        );
     }
 
     #[test]
@@ -985,6 +1017,7 @@ mod tests {
             Instant::now(),
             &libvirt,
             true,
+            false,
         );
         assert!(failure_text(out).contains("stays paused on the source"));
         assert_eq!(record(&cloud, &file).state, OwnerState::Active);
@@ -1047,6 +1080,7 @@ mod tests {
             libvirt_failed(),
             Instant::now(),
             &FakeLibvirt::new(Local::Running),
+            false,
             false,
         );
         assert!(
@@ -1117,6 +1151,7 @@ mod tests {
             libvirt_failed(),
             Instant::now(),
             &libvirt,
+            false,
             false,
         );
         assert!(out.is_err());

@@ -27,7 +27,7 @@ use vmbeam_core::{DomainFacts, DomainUuid};
 
 use crate::error::DaemonError;
 use crate::libvirt_conn::Conn;
-use crate::state::{Ctx, SharedCtx};
+use crate::state::{Ctx, SharedCtx, UndefineAfterHandOver};
 
 /// How often the pool's hand-overs are looked at.
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
@@ -46,6 +46,9 @@ pub trait LocalDomains {
     fn observe(&self, uuid: &DomainUuid) -> Result<Observed, DaemonError>;
     /// Destroys the domain's running instance (`virsh destroy`).
     fn destroy(&self, uuid: &DomainUuid) -> Result<(), DaemonError>;
+    /// Removes the domain's persistent definition if it is not running (what
+    /// `--undefinesource` would have done had libvirt's Confirm finished).
+    fn undefine(&self, uuid: &DomainUuid) -> Result<(), DaemonError>;
 }
 
 /// [`LocalDomains`] through libvirt (a connection opened on first use, and again after an
@@ -129,6 +132,15 @@ impl LocalDomains for LibvirtView {
                 Err(_) if !d.is_active().unwrap_or(true) => Ok(()),
                 Err(e) => Err(DaemonError::libvirt(e)),
             },
+        }
+    }
+
+    fn undefine(&self, uuid: &DomainUuid) -> Result<(), DaemonError> {
+        match self.lookup(uuid)? {
+            Some(d) if !d.is_active().map_err(DaemonError::libvirt)? => {
+                d.undefine().map_err(DaemonError::libvirt)
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -249,6 +261,13 @@ fn recover_source(
             Ok(_) => {
                 if let Err(e) = pool.clear_ran(file) {
                     warn!(error = %e, "could not delete the destination's ran marker");
+                }
+                // The job asked for --undefinesource, which libvirt's Confirm did not get to.
+                if UndefineAfterHandOver(&ctx.cfg).take(&r.domain_uuid) {
+                    match domains.undefine(&r.domain_uuid) {
+                        Ok(()) => info!("the source's definition removed (--undefinesource)"),
+                        Err(e) => warn!(error = %e, "could not remove the source's definition"),
+                    }
                 }
                 let what = format!("{file}: handed over to {to} ({how})");
                 info!("recovered: {what}");

@@ -2,6 +2,7 @@
 //! is their owner records in the pool; this is the in-flight part.
 
 use std::collections::{HashMap, HashSet};
+
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,36 @@ pub struct Tables {
     /// Pool files whose interrupted hand-over recovery cannot settle yet, with what the
     /// operator is told (`Status` shows it).
     pub in_doubt: HashMap<String, String>,
+}
+
+/// Domains whose job asked for `--undefinesource` but left its hand-over to recovery
+/// (libvirt's Confirm, which would have undefined the source, did not finish): recovery
+/// removes the source's definition once it hands the file over. Kept in the state
+/// directory (`undefine-after-hand-over/<uuid>`), since vmbeamd may be restarted with
+/// libvirtd before recovery can act.
+pub struct UndefineAfterHandOver<'a>(pub &'a DaemonConfig);
+
+impl UndefineAfterHandOver<'_> {
+    fn path(&self, uuid: &DomainUuid) -> std::path::PathBuf {
+        self.0
+            .state_dir
+            .join("undefine-after-hand-over")
+            .join(uuid.as_str())
+    }
+
+    /// Remembers that `uuid`'s source definition goes once its hand-over completes.
+    pub fn insert(&self, uuid: &DomainUuid) -> std::io::Result<()> {
+        let p = self.path(uuid);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(p, b"")
+    }
+
+    /// Whether `uuid` was remembered; forgets it.
+    pub fn take(&self, uuid: &DomainUuid) -> bool {
+        std::fs::remove_file(self.path(uuid)).is_ok()
+    }
 }
 
 /// Everything the hook handlers and jobs share.

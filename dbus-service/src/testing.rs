@@ -255,6 +255,8 @@ impl Cloud {
 pub struct FakeLibvirt {
     pub local: Cell<Local>,
     pub destroyed: RefCell<Vec<DomainUuid>>,
+    /// What it was asked to undefine.
+    pub undefined: RefCell<Vec<DomainUuid>>,
     /// `destroy` fails (the domain stays as it is).
     pub refuse_destroy: Cell<bool>,
     /// libvirt does not answer (libvirtd is gone).
@@ -266,6 +268,7 @@ impl FakeLibvirt {
         FakeLibvirt {
             local: Cell::new(local),
             destroyed: RefCell::new(Vec::new()),
+            undefined: RefCell::new(Vec::new()),
             refuse_destroy: Cell::new(false),
             unreachable: Cell::new(false),
         }
@@ -296,6 +299,11 @@ impl LocalDomains for FakeLibvirt {
         }
         self.destroyed.borrow_mut().push(uuid.clone());
         self.local.set(Local::Absent);
+        Ok(())
+    }
+
+    fn undefine(&self, uuid: &DomainUuid) -> Result<(), DaemonError> {
+        self.undefined.borrow_mut().push(uuid.clone());
         Ok(())
     }
 }

@@ -134,7 +134,9 @@ impl Drop for Holds {
 fn job_phase(m: Move) -> Option<String> {
     let o = vmbeam_in(&m.src(), &["status"]);
     let out = String::from_utf8_lossy(&o.stdout);
+    // The latest job of the guest (the daemon keeps finished jobs; they are listed by id).
     out.lines()
+        .rev()
         .find(|l| l.contains(&format!(" {GUEST} -> ")))
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("phase=")))
         .map(str::to_owned)
@@ -268,6 +270,11 @@ fn nix_kill(pid: u32) -> bool {
         .args(["-9", &pid.to_string()])
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether libvirt on cloud VM `cvm` knows the guest at all (running or only defined).
+fn defined_on(cvm: u32) -> bool {
+    virsh(&cvm_uri(cvm), &["domstate", GUEST]).status.success()
 }
 
 fn active_on(cvm: u32) -> bool {
@@ -466,6 +473,13 @@ fn faulted_migration(fault: Fault, at: At, m: Move, boot: &str) -> (Outcome, u32
                 "one file and its record: {context}"
             );
             assert_no_leftovers(&context);
+            // The migrations are --persistent --undefinesource: the guest is defined where it
+            // runs and nowhere else (no domain left behind on the other side).
+            assert!(
+                !defined_on(3 - c),
+                "a domain left on cvm{}: {context}",
+                3 - c
+            );
             (format!("runs on {cvm}, intact"), c, boot.to_string())
         }
         None => {
