@@ -243,6 +243,7 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError
 /// when no outgoing zero-copy migration still needs to settle who owns it.
 fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
     crate::fault::hold("release");
+    remove_private_monitor_socket(facts);
     let id = &ctx.cfg.identity;
     let (running, outgoing) = {
         let mut t = ctx.tables.lock().expect("lock");
@@ -284,6 +285,27 @@ fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
             Ok(None) => {}
             Err(e) => warn!(pool_file = %f, error = %e, "unreadable owner record"),
         }
+    }
+}
+
+/// The domain's QEMU is gone from this host: its private QMP socket (VMBeam's, so libvirt
+/// does not clean it) goes too. QEMU unlinks it when it exits normally; a killed QEMU
+/// leaves it behind. Only a socket is removed, never anything else at that path.
+fn remove_private_monitor_socket(facts: &DomainFacts) {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(sock) = &facts.private_qmp else {
+        return;
+    };
+    match std::fs::symlink_metadata(sock) {
+        Ok(m) if m.file_type().is_socket() => match std::fs::remove_file(sock) {
+            Ok(()) => {
+                info!(socket = %sock.display(), "a dead QEMU's private monitor socket removed")
+            }
+            Err(e) => {
+                warn!(socket = %sock.display(), error = %e, "cannot remove the private monitor socket")
+            }
+        },
+        _ => {}
     }
 }
 
@@ -663,6 +685,20 @@ mod tests {
             pool.release(&file, &host_id("cvm1")),
             Err(PoolError::WrongState { .. })
         ));
+    }
+
+    #[test]
+    fn a_dead_qemus_private_monitor_socket_goes_and_nothing_else_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join(format!("{}.sock", uuid()));
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mut f = crate::testing::facts();
+        f.private_qmp = Some(sock.clone());
+        remove_private_monitor_socket(&f);
+        assert!(!sock.exists(), "the socket is removed");
+        std::fs::write(&sock, b"not a socket").unwrap();
+        remove_private_monitor_socket(&f);
+        assert!(sock.exists(), "only a socket is ever removed");
     }
 
     #[test]

@@ -272,6 +272,27 @@ fn nix_kill(pid: u32) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// What a QEMU of the guest leaves on cloud VM `cvm`: VMBeam's private monitor socket and
+/// libvirt's per-domain RAM directory (where vmbeamd links `pc.ram` into the pool).
+fn qemu_residue_on(cvm: u32, uuid: &str) -> Vec<String> {
+    let root = format!("/run/vmbeam-lab/cvm{cvm}");
+    let mut v: Vec<String> = Vec::new();
+    let sock = format!("{root}/run/vmbeam/qmp/{uuid}.sock");
+    if std::fs::symlink_metadata(&sock).is_ok() {
+        v.push(sock);
+    }
+    let ram = format!("{root}/var-lib-libvirt/qemu/ram/libvirt/qemu");
+    for e in std::fs::read_dir(&ram).into_iter().flatten().flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .ends_with(&format!("-{GUEST}"))
+        {
+            v.push(e.path().display().to_string());
+        }
+    }
+    v
+}
+
 /// Whether libvirt on cloud VM `cvm` knows the guest at all (running or only defined).
 fn defined_on(cvm: u32) -> bool {
     virsh(&cvm_uri(cvm), &["domstate", GUEST]).status.success()
@@ -480,6 +501,8 @@ fn faulted_migration(fault: Fault, at: At, m: Move, boot: &str) -> (Outcome, u32
                 "a domain left on cvm{}: {context}",
                 3 - c
             );
+            let left = qemu_residue_on(3 - c, &uuid);
+            assert!(left.is_empty(), "left on cvm{}: {left:?}\n{context}", 3 - c);
             (format!("runs on {cvm}, intact"), c, boot.to_string())
         }
         None => {
@@ -499,6 +522,10 @@ fn faulted_migration(fault: Fault, at: At, m: Move, boot: &str) -> (Outcome, u32
                 .iter()
                 .filter(|f| f.ends_with(".ram"))
                 .count();
+            for c in 1..=2 {
+                let left = qemu_residue_on(c, &uuid);
+                assert!(left.is_empty(), "left on cvm{c}: {left:?}\n{context}");
+            }
             assert_no_leftovers(&context);
             let ended = if ram == 1 {
                 assert!(
