@@ -1,8 +1,9 @@
 //! The OpenStack Nova shim (openstack-shim/) on the real lab: Nova's own live-migration
 //! entry point of `VMBeamLibvirtDriver` (the operation thread and the real
 //! `_live_migration_monitor` from the nova package), run inside cloud VM 1 against its real
-//! libvirtd and vmbeamd, moves a running beam-enabled guest to cloud VM 2 zero-copy; the
-//! guest agent's memory check passes there. Python comes from the venv `scripts/test-nova.sh`
+//! libvirtd and vmbeamd, moves a running beam-enabled guest to cloud VM 2 zero-copy under
+//! eventlet, then back from cloud VM 2 under Nova 34's native threading (nova-compute's
+//! default); the guest agent's memory check passes after each. Python comes from the venv `scripts/test-nova.sh`
 //! makes (nova from PyPI); without it this test fails: run that script first.
 
 use std::path::{Path, PathBuf};
@@ -46,21 +47,44 @@ fn result_line(stdout: &str) -> serde_json::Value {
     serde_json::from_str(line).expect("RESULT is JSON")
 }
 
-/// Runs the harness inside cloud VM 1 for lab guest `name` (256 MiB, on cvm1) with
-/// destination cvm2; returns its RESULT after asserting every check it made passed.
-fn run_harness(venv: &Path, name: &str, expect: &str) -> serde_json::Value {
+/// Nova's concurrency mode for the harness (`OS_NOVA_DISABLE_EVENTLET_PATCHING`).
+#[derive(Clone, Copy, Debug)]
+enum Concurrency {
+    Eventlet,
+    Threading,
+}
+
+/// Runs the harness inside cloud VM `from` for lab guest `name` (256 MiB) with destination
+/// cloud VM `to`; returns its RESULT after asserting every check it made passed.
+fn run_harness(
+    venv: &Path,
+    name: &str,
+    expect: &str,
+    (from, to): (u32, u32),
+    concurrency: Concurrency,
+) -> serde_json::Value {
     let st = vmbeam_lab::require_state().expect("lab state");
     let uuid = st.guest(name).expect("guest").uuid.clone();
     let python = venv.join("bin/python");
     let script = repo().join("openstack-shim/tests/integration/lab_live_migration.py");
     // The shim from this checkout (first on the path), Nova and the rest from the venv.
     let pythonpath = format!("PYTHONPATH={}", repo().join("openstack-shim/src").display());
-    let source = cvm_uri(1);
+    let disable = format!(
+        "OS_NOVA_DISABLE_EVENTLET_PATCHING={}",
+        match concurrency {
+            Concurrency::Eventlet => 0,
+            Concurrency::Threading => 1,
+        }
+    );
+    let source = cvm_uri(from);
+    let (source_host, dest_host) = (format!("cvm{from}"), format!("cvm{to}"));
+    let dest_addr = format!("198.18.0.{}", 10 + to);
     let o = lab(&[
         "exec",
-        "cvm1",
+        &source_host,
         "env",
         &pythonpath,
+        &disable,
         &python.to_string_lossy(),
         &script.to_string_lossy(),
         "--uuid",
@@ -69,10 +93,12 @@ fn run_harness(venv: &Path, name: &str, expect: &str) -> serde_json::Value {
         "256",
         "--source-uri",
         &source,
+        "--source-host",
+        &source_host,
         "--dest-host",
-        "cvm2",
+        &dest_host,
         "--dest-addr",
-        "198.18.0.12",
+        &dest_addr,
         "--expect",
         expect,
     ]);
@@ -92,6 +118,11 @@ fn run_harness(venv: &Path, name: &str, expect: &str) -> serde_json::Value {
         .and_then(|a| a.last())
         .expect("the migration record was saved");
     assert_eq!(last_save["status"], "completed", "{r:#}");
+    let expected = match concurrency {
+        Concurrency::Eventlet => "eventlet",
+        Concurrency::Threading => "threading",
+    };
+    assert_eq!(r["concurrency"], expected, "{r:#}");
     for l in r["shim_log"].as_array().expect("log") {
         println!("  {}", l.as_str().unwrap_or_default());
     }
@@ -99,12 +130,16 @@ fn run_harness(venv: &Path, name: &str, expect: &str) -> serde_json::Value {
 }
 
 #[track_caller]
-fn on_cvm2_and_intact(name: &str) {
-    // The guest agent verifies every page it wrote, now on cloud VM 2.
+fn on_and_intact(name: &str, to: u32, from: u32) {
+    // The guest agent verifies every page it wrote, now on cloud VM `to`.
     let out = lab_ok(&["guest", "check", name]);
-    assert!(out.starts_with(&format!("PASS {name} on cvm2")), "{out}");
-    assert_eq!(qemu_pids("cvm1").len(), 0, "QEMU left on cvm1");
-    assert_eq!(qemu_pids("cvm2").len(), 1, "QEMU on cvm2");
+    assert!(out.starts_with(&format!("PASS {name} on cvm{to}")), "{out}");
+    assert_eq!(
+        qemu_pids(&format!("cvm{from}")).len(),
+        0,
+        "QEMU left on cvm{from}"
+    );
+    assert_eq!(qemu_pids(&format!("cvm{to}")).len(), 1, "QEMU on cvm{to}");
 }
 
 #[test]
@@ -114,17 +149,22 @@ fn nova_live_migration_through_the_shim_is_zero_copy() {
     lab_ok(&[
         "guest", "create", "nova1", "--memory", "256", "--on", "cvm1",
     ]);
-    let r = run_harness(&venv, "nova1", "zero-copy");
-    assert_eq!(r["job"]["Mode"], "zero-copy", "{r:#}");
-    assert_eq!(r["job"]["Phase"], "completed", "{r:#}");
-    assert!(
-        r["job"]["BytesTransferred"].as_u64().expect("bytes") < 16 << 20,
-        "{r:#}"
-    );
-    on_cvm2_and_intact("nova1");
-    assert_pool_clean(1);
-    println!(
-        "nova shim: zero-copy in {} s (Nova's loop), {} bytes on the wire, {} ms downtime",
-        r["elapsed_s"], r["job"]["BytesTransferred"], r["job"]["Downtime"]
-    );
+    for (from, to, concurrency) in [
+        (1, 2, Concurrency::Eventlet),
+        (2, 1, Concurrency::Threading),
+    ] {
+        let r = run_harness(&venv, "nova1", "zero-copy", (from, to), concurrency);
+        assert_eq!(r["job"]["Mode"], "zero-copy", "{r:#}");
+        assert_eq!(r["job"]["Phase"], "completed", "{r:#}");
+        assert!(
+            r["job"]["BytesTransferred"].as_u64().expect("bytes") < 16 << 20,
+            "{r:#}"
+        );
+        on_and_intact("nova1", to, from);
+        assert_pool_clean(1);
+        println!(
+            "nova shim ({concurrency:?}): cvm{from} -> cvm{to} zero-copy in {} s (Nova's loop), {} bytes on the wire, {} ms downtime",
+            r["elapsed_s"], r["job"]["BytesTransferred"], r["job"]["Downtime"]
+        );
+    }
 }

@@ -7,7 +7,21 @@
   device state crosses the network; otherwise the parent's code path,
   untouched;
 - abort mapped to the vmbeamd job's ``Cancel`` and a harmless force-complete
-  while vmbeamd runs the migration.
+  while vmbeamd runs the migration (or decides whether it can: the request is
+  kept and handed to the parent if the parent's migration runs after all);
+- ``live_migration_timeout_action = force_complete`` on a zero-copy job that
+  outlives Nova's completion timeout: there is no memory left to force, so
+  the job is cancelled (logged once) and the guest stays on the source;
+- a zero-copy migration's record ends with the guest's memory as its total,
+  the bytes that crossed the network as processed and nothing remaining
+  (``openstack server migration show``), even when it ended between two of
+  the monitor's samples.
+
+Nova's downtime steps (``live_migration_downtime*``) reach vmbeamd's job
+unchanged, as they would reach any libvirt job: they bound when QEMU may
+switch over, and with the guest's RAM shared what is left to send then is
+the device state and a few hundred KiB of ROM, within Nova's first step (50 ms
+with the defaults). vmbeamd sets no downtime of its own.
 
 vmbeamd runs the migration as libvirt's own job (``migrateToURI3`` on the
 source), so Nova's monitor (``_live_migration_monitor``, unchanged) sees it as
@@ -31,8 +45,10 @@ from nova import exception, objects
 from nova.console import serial as serial_console
 from nova.network import model as network_model
 from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import guest as libvirt_guest
 from nova.virt.libvirt import migration as libvirt_migrate
 from oslo_log import log as logging
+from oslo_utils import units
 
 from vmbeam_nova import bus, guest_config
 from vmbeam_nova import conf as vmbeam_conf
@@ -78,6 +94,10 @@ class _Migration:
         self.cancel_requested = False
         self.cancel_delivered = False
         self.cancel_sending = False
+        #: A force-complete arrived before the route was known.
+        self.force_requested = False
+        #: The completion-timeout action has been taken (it is taken once).
+        self.timeout_acted = False
 
 
 def with_memory_backing_of(new, old):
@@ -107,6 +127,14 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi, read_only)
         self._vmbeam_migrations = {}
+        #: instance uuid -> the figures of its completed zero-copy migration,
+        #: for the migration record (see _vmbeam_post).
+        self._vmbeam_results = {}
+        #: Which instance's migration the running thread monitors (Nova's
+        #: _live_migration_monitor calls live_migration_force_complete as its
+        #: completion-timeout action; an API request comes from elsewhere).
+        #: Green-thread local under eventlet, as threading is patched there.
+        self._vmbeam_local = threading.local()
 
     # -- vmbeamd ----------------------------------------------------------
 
@@ -193,6 +221,12 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                 if rec.cancel_requested:
                     raise exception.MigrationError(
                         reason="live migration aborted before it started")
+                forced = rec.force_requested
+            if forced:
+                LOG.info("VMBeam: the force-complete requested while the "
+                         "route was decided now goes to Nova's own "
+                         "migration", instance=instance)
+                super().live_migration_force_complete(instance)
             return super()._live_migration_operation(
                 context, instance, dest, block_migration, migrate_data,
                 guest, device_names)
@@ -341,6 +375,7 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                     rec.path = client.migrate(guest.name, plan.dest_uri,
                                               options)
                     rec.route = "vmbeam"
+                    forced = rec.force_requested
                 except bus.VMBeamError as e:
                     if (isinstance(e, bus.VMBeamUnavailable) or
                             e.short in _FALL_BACK_AT_START):
@@ -354,6 +389,8 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
             LOG.info("VMBeam: zero-copy live migration to %s through vmbeamd "
                      "(job %s): %s", plan.dest_uri, rec.path, plan.reason,
                      instance=instance)
+            if forced:
+                self._vmbeam_log_force_complete(rec, instance)
             props = self._vmbeam_follow(client, rec, instance, guest)
         if props is None:
             # Lost vmbeamd; libvirt's job has ended (see _vmbeam_follow).
@@ -373,6 +410,9 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                      instance=instance)
             for hostname, port in serial_ports:
                 serial_console.release_port(host=hostname, port=port)
+            self._vmbeam_results[instance.uuid] = (
+                instance.flavor.memory_mb * units.Mi,
+                int(props.get("BytesTransferred") or 0))
             return True
         name = props.get("ErrorName") or ""
         error = props.get("Error") or phase
@@ -501,16 +541,90 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
             return
         self._vmbeam_cancel(rec, instance)
 
+    def _live_migration_monitor(self, context, instance, guest, dest,
+                                post_method, recover_method, block_migration,
+                                migrate_data, future, disk_paths):
+        """Nova's monitor, unchanged, knowing which instance it watches (see
+        live_migration_force_complete) and with the zero-copy figures put in
+        the migration record before ``post_method``."""
+        def post(context, instance, dest, block_migration, migrate_data):
+            self._vmbeam_save_stats(instance, migrate_data)
+            return post_method(context, instance, dest, block_migration,
+                               migrate_data)
+
+        self._vmbeam_local.monitoring = instance.uuid
+        try:
+            return super()._live_migration_monitor(
+                context, instance, guest, dest, post, recover_method,
+                block_migration, migrate_data, future, disk_paths)
+        finally:
+            self._vmbeam_local.monitoring = None
+            self._vmbeam_results.pop(instance.uuid, None)
+
+    def _vmbeam_save_stats(self, instance, migrate_data):
+        """The record of a completed zero-copy migration: the guest's memory
+        as the total (it all moved), the bytes that crossed the network as
+        processed, none remaining. The monitor's own samples, if it took any,
+        count only what QEMU sends (x-ignore-shared leaves the guest's RAM
+        out: a few MiB for any guest), and a sub-second job often ends
+        between two samples, leaving the record empty."""
+        figures = self._vmbeam_results.pop(instance.uuid, None)
+        migration = migrate_data.migration if 'migration' in migrate_data \
+            else None
+        if figures is None or migration is None:
+            return
+        total, sent = figures
+        info = libvirt_guest.JobInfo(
+            type=_libvirt().VIR_DOMAIN_JOB_COMPLETED, memory_total=total,
+            memory_processed=sent, memory_remaining=0)
+        libvirt_migrate.save_stats(instance, migration, info, 0)
+        LOG.info("VMBeam: migration record: %d bytes of memory moved, %d "
+                 "bytes sent", total, sent, instance=instance)
+
+    def _vmbeam_log_force_complete(self, rec, instance):
+        LOG.info("VMBeam: force-complete of the zero-copy migration %s "
+                 "(%s): nothing to do, it copies no memory and its "
+                 "downtime is the device state's; the guest is neither "
+                 "paused nor switched to post-copy", rec.path, rec.phase,
+                 instance=instance)
+
     def live_migration_force_complete(self, instance):
         rec = self._vmbeam_migrations.get(instance.uuid)
-        if rec is not None and rec.route == "vmbeam":
-            if instance.uuid not in self.active_migrations:
-                raise exception.NoActiveMigrationForInstance(
-                    instance_id=instance.uuid)
-            LOG.info("VMBeam: force-complete of the zero-copy migration %s "
-                     "(%s): nothing to do, it copies no memory and its "
-                     "downtime is the device state's; the guest is neither "
-                     "paused nor switched to post-copy", rec.path, rec.phase,
+        if rec is None:
+            return super().live_migration_force_complete(instance)
+        timeout_action = (
+            getattr(self._vmbeam_local, "monitoring", None) == instance.uuid)
+        with rec.lock:
+            route = rec.route
+            if route is None:
+                rec.force_requested = True
+            if route != "libvirt" and timeout_action:
+                first = not rec.timeout_acted
+                rec.timeout_acted = True
+        if route == "libvirt":
+            return super().live_migration_force_complete(instance)
+        if instance.uuid not in self.active_migrations:
+            raise exception.NoActiveMigrationForInstance(
+                instance_id=instance.uuid)
+        if timeout_action:
+            # Nova's completion timeout, with [libvirt]
+            # live_migration_timeout_action = force_complete, on every 0.5 s
+            # poll from then on. A zero-copy job that long is stuck: forcing
+            # cannot help it (there is no memory to copy), waiting for ever
+            # is worse; it is cancelled, once, and the guest stays here.
+            if first:
+                LOG.warning("VMBeam: the zero-copy migration %s (%s) has "
+                            "outlived Nova's completion timeout; with "
+                            "live_migration_timeout_action = force_complete "
+                            "it is cancelled (there is no memory to force "
+                            "across) and the guest stays on the source",
+                            rec.path, rec.phase, instance=instance)
+                self.live_migration_abort(instance)
+            return
+        if route is None:
+            LOG.info("VMBeam: force-complete while the live migration's "
+                     "route is being decided: a zero-copy migration will "
+                     "ignore it, Nova's own migration will get it",
                      instance=instance)
             return
-        return super().live_migration_force_complete(instance)
+        self._vmbeam_log_force_complete(rec, instance)

@@ -9,13 +9,16 @@ records the monitor saves are recorded instead) and ``post_method`` /
 ``recover_method`` record their call; ``post_method`` marks the migration
 completed, as nova.compute.manager's ``_post_live_migration`` does.
 
+Runs under Nova 34's native threading or eventlet, as nova-compute does: chosen by
+``OS_NOVA_DISABLE_EVENTLET_PATCHING`` (1: native threading; 0: eventlet; unset: eventlet).
+
 Checks what it can from here and prints one JSON line (prefix ``RESULT ``) for
 the Rust test; exit status 0 only when every check passed.
 """
 
 from nova import monkey_patch
 
-monkey_patch.patch()  # as nova-compute does, before anything else
+monkey_patch.patch()  # as nova-compute does, before anything else (see above)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -69,6 +72,7 @@ def main():
     ap.add_argument("--uuid", required=True, help="the lab guest's domain UUID")
     ap.add_argument("--memory-mb", type=int, required=True)
     ap.add_argument("--source-uri", required=True, help="this cloud VM's libvirtd")
+    ap.add_argument("--source-host", default="cvm1", help="this cloud VM's Nova host name")
     ap.add_argument("--dest-host", required=True, help="the destination's Nova host name")
     ap.add_argument("--dest-addr", required=True,
                     help="its live_migration_inbound_addr (target_connect_addr)")
@@ -118,7 +122,7 @@ def main():
     objects.Instance.save = instance_save
 
     migration = objects.Migration(context=ctx, id=1, uuid=args.uuid, status="running",
-                                  migration_type="live-migration", source_compute="cvm1",
+                                  migration_type="live-migration", source_compute=args.source_host,
                                   dest_compute=args.dest_host, instance_uuid=args.uuid)
     md = objects.LibvirtLiveMigrateData(
         graphics_listen_addr_vnc=CONF.vnc.server_listen,
@@ -186,6 +190,10 @@ def main():
             "the job is this guest's, to that destination": (job.get("Domain"), job.get("Destination")) == (name, dest_uri),
             # 256 MiB of guest memory; zero-copy sends device state only.
             "less than 16 MiB on the wire": job.get("BytesTransferred") is not None and job["BytesTransferred"] < 16 << 20,
+            # What `openstack server migration show` reads at the end.
+            "the record shows the guest's memory moved and the bytes sent": bool(saved["migration"]) and any(
+                s.get("memory_total") == args.memory_mb << 20 and s.get("memory_remaining") == 0
+                and s.get("memory_processed") == job.get("BytesTransferred") for s in saved["migration"]),
         })
     else:
         checks = dict(common, **{
@@ -200,6 +208,7 @@ def main():
         "error": error,
         "elapsed_s": round(elapsed, 3),
         "virt_type": domain_type,
+        "concurrency": "eventlet" if monkey_patch.is_patched() else "threading",
         "domain": name,
         "job": job,
         "migration_saves": saved["migration"],

@@ -4,7 +4,7 @@
 import fixtures
 import nova.conf
 import os_vif
-from nova import context, objects, test
+from nova import context, objects, test, thread_pool_factory
 from nova.network import model as network_model
 from nova.tests import fixtures as nova_fixtures
 from nova.tests.fixtures import libvirt as fakelibvirt
@@ -93,6 +93,15 @@ class DriverTestCase(test.NoDBTestCase):
         self.drvr = VMBeamLibvirtDriver(fake.FakeVirtAPI(), False)
         # What init_host does with nova.conf's migration options.
         self.drvr._parse_migration_flags()
+        # And the delayed lifecycle events of Host._init_events: under native
+        # threading a domain's STOPPED event reaches Host at once (with no
+        # delay here: the driver has no compute manager to give it to).
+        host = self.drvr._host
+        if host._delayed_executor is None:
+            host._delayed_executor = thread_pool_factory.StaticallyDelayingCancellableTaskExecutorWrapper(
+                delay=0, executor=thread_pool_factory.get_executor(thread_pool_factory.ExecutorType.DEFAULT)
+            )
+            self.addCleanup(host._delayed_executor.shutdown, wait=True)
 
     def guest_config(self, instance):
         image_meta = objects.ImageMeta.from_dict({"disk_format": "raw"})

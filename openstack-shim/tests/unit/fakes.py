@@ -167,6 +167,8 @@ class FakeVMBeamd(fixtures.Fixture):
         self.jobs = {}
         self.calls = []
         self.cancel_refused_in = ("queued", "planning", "proving-colocation", "issuing-ticket")
+        #: Exceptions raised while answering (checked at clean-up).
+        self.crashes = []
 
     def _setUp(self):
         self.conn = open_dbus_connection(bus="SYSTEM")
@@ -180,12 +182,13 @@ class FakeVMBeamd(fixtures.Fixture):
         self.addCleanup(self._shutdown)
 
     def _shutdown(self):
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        self._thread.join(10)
-        self.conn.close()
+        if not self._closed:
+            self._closed = True
+            self._stop.set()
+            self._thread.join(10)
+            self.conn.close()
+        if self.crashes:
+            raise AssertionError("the fake vmbeamd failed answering: %r" % self.crashes)
 
     def hang(self):
         """vmbeamd keeps its name but answers nothing any more."""
@@ -213,6 +216,9 @@ class FakeVMBeamd(fixtures.Fixture):
                 reply = self._handle(msg)
             except _Err as e:
                 reply = new_error(msg, e.name, "s", (e.text,))
+            except Exception as e:  # a bug in the test or its doubles: shown, not hung on
+                self.crashes.append(e)
+                reply = new_error(msg, "org.freedesktop.DBus.Error.Failed", "s", ("fake vmbeamd: %r" % e,))
             self.conn.send(reply)
 
     def _handle(self, msg):

@@ -310,3 +310,38 @@ class AbortAndForceCompleteTest(base.DriverTestCase):
             self.context, self.inst, base.DEST, False, self.migrate_data(), self.guest, []
         )
         self.assertEqual(["force-complete"], list(self.drvr.active_migrations[self.inst.uuid]))
+
+    def force_while_deciding(self):
+        """Runs the operation with a force-complete arriving (from another
+        thread, as an API request) while vmbeamd is asked about co-location."""
+        real = bus.VMBeamClient.co_location
+
+        def slow_co_location(client, uri):
+            t = threading.Thread(target=self.drvr.live_migration_force_complete, args=(self.inst,))
+            t.start()
+            t.join(10)
+            return real(client, uri)
+
+        with mock.patch.object(bus.VMBeamClient, "co_location", slow_co_location):
+            self.drvr._live_migration_operation(
+                self.context, self.inst, base.DEST, False, self.migrate_data(), self.guest, []
+            )
+
+    def test_force_complete_while_deciding_a_zero_copy_migration_is_harmless(self):
+        self.force_while_deciding()
+        self.assertEqual([], list(self.drvr.active_migrations[self.inst.uuid]))
+        (job,) = self.vmbeamd.jobs.values()
+        self.assertEqual("completed", job.phase)
+        log = self.log()
+        self.assertIn("force-complete while the live migration's route is being decided", log)
+        self.assertIn("force-complete of the zero-copy migration %s" % job.path, log)
+
+    def test_force_complete_while_deciding_goes_to_nova_s_own_migration(self):
+        self.vmbeamd.colocation.clear()
+        self.force_while_deciding()
+        # Kept, then handed to Nova's run_tasks for the copying migration.
+        self.assertEqual(["force-complete"], list(self.drvr.active_migrations[self.inst.uuid]))
+        self.migrate_to_uri3.assert_called_once()
+        self.assertEqual({}, self.vmbeamd.jobs)
+        self.assertIn("now goes to Nova's own migration", self.log())
+

@@ -7,6 +7,7 @@ from unittest import mock
 import fixtures
 from nova import exception, objects
 from nova.tests.fixtures import libvirt as fakelibvirt
+from nova.virt.libvirt import migration as libvirt_migrate
 
 from . import base, fakes
 from .test_live_migration import PROVEN
@@ -48,6 +49,53 @@ class NovaMonitorTest(base.DriverTestCase):
         self.assertIn("Migration operation has completed", log)
         self.assertIn("zero-copy live migration to %s completed" % base.DEST_URI, log)
         self.assertNotIn(inst.uuid, self.drvr.active_migrations)
+
+    def test_the_record_of_a_zero_copy_migration_shows_its_memory_moved_and_bytes_sent(self):
+        # Ends between two of the monitor's samples, as a sub-second job does.
+        self.vmbeamd.script = fakes.success_script(migrating_reads=1)
+        inst, guest = self.beam_guest()
+        md = self.run_live_migration(inst)
+        m = md.migration
+        # The guest's 512 MiB moved; 456704 bytes crossed the network.
+        self.assertEqual(512 << 20, m.memory_total)
+        self.assertEqual(456704, m.memory_processed)
+        self.assertEqual(0, m.memory_remaining)
+        self.assertEqual(100, inst.progress)
+        self.save.assert_called()
+        self.post.assert_called_once()
+        self.assertIn("migration record: %d bytes of memory moved, 456704 bytes sent" % (512 << 20), self.log())
+
+    def test_nova_s_downtime_steps_reach_the_zero_copy_job(self):
+        set_downtime = self.useFixture(
+            fixtures.MockPatchObject(fakelibvirt.Domain, "migrateSetMaxDowntime")
+        ).mock
+        self.vmbeamd.script = fakes.success_script(migrating_reads=10)
+        inst, guest = self.beam_guest()
+        self.run_live_migration(inst)
+        data_gb = self.drvr._live_migration_data_gb(inst, [])
+        first = list(libvirt_migrate.downtime_steps(data_gb))[0][1]
+        # Honoured as on any libvirt job: Nova's first step, within what a
+        # zero-copy switchover needs (device state and ROMs).
+        set_downtime.assert_called_with(first)
+        self.post.assert_called_once()
+
+    def test_force_complete_timeout_action_cancels_a_stuck_zero_copy_job_once(self):
+        # 1 s per GiB, at least 2 GiB: Nova's completion timeout is 2 s.
+        self.flags(live_migration_completion_timeout=1, live_migration_timeout_action="force_complete", group="libvirt")
+        stuck = fakes.success_script(migrating_reads=100000)
+        self.vmbeamd.script = stuck
+        inst, guest = self.beam_guest()
+        self.assertRaises(exception.MigrationError, self.run_live_migration, inst)
+        (job,) = self.vmbeamd.jobs.values()
+        self.assertEqual("cancelled", job.phase)
+        self.assertEqual(["migrating"], job.cancels)
+        self.recover.assert_called_once()
+        self.post.assert_not_called()
+        self.assertTrue(guest.is_active())
+        log = self.log()
+        self.assertEqual(1, log.count("has outlived Nova's completion timeout"), log)
+        # Nothing queued for Nova's run_tasks (it would pause the guest).
+        self.assertNotIn("force-complete", log.replace("force-complete of", ""))
 
     def test_failed_zero_copy_is_nova_s_rollback(self):
         self.vmbeamd.script = fakes.failure_script("MigrationFailed", "migration failed: boom; the guest keeps running on the source")
