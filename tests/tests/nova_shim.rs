@@ -3,7 +3,8 @@
 //! `_live_migration_monitor` from the nova package), run inside cloud VM 1 against its real
 //! libvirtd and vmbeamd, moves a running beam-enabled guest to cloud VM 2 zero-copy under
 //! eventlet, then back from cloud VM 2 under Nova 34's native threading (nova-compute's
-//! default); the guest agent's memory check passes after each. Python comes from the venv `scripts/test-nova.sh`
+//! default); then to cloud VM 3, which does not share the pool, by Nova's own migration with
+//! a default nova.conf. The guest agent's memory check passes after each. Python comes from the venv `scripts/test-nova.sh`
 //! makes (nova from PyPI); without it this test fails: run that script first.
 
 use std::path::{Path, PathBuf};
@@ -145,7 +146,8 @@ fn on_and_intact(name: &str, to: u32, from: u32) {
 #[test]
 fn nova_live_migration_through_the_shim_is_zero_copy() {
     let venv = nova_venv();
-    let _lab = LabGuard::up(2, &[]);
+    // cvm3 does not share the beam pool: Nova's own migration moves the guest there.
+    let _lab = LabGuard::up(3, &["--own-pool", "cvm3"]);
     lab_ok(&[
         "guest", "create", "nova1", "--memory", "256", "--on", "cvm1",
     ]);
@@ -167,4 +169,24 @@ fn nova_live_migration_through_the_shim_is_zero_copy() {
             r["elapsed_s"], r["job"]["BytesTransferred"], r["job"]["Downtime"]
         );
     }
+    // Not co-located, with a default nova.conf (no [libvirt] file_backed_memory): Nova's own
+    // migration, the guest keeping its shared file memory (the harness checks the
+    // destination's XML), and a fresh pool file of its own there.
+    let r = run_harness(&venv, "nova1", "nova", (1, 3), Concurrency::Threading);
+    assert_eq!(r["dest_memory_backing"]["source"], "file", "{r:#}");
+    on_and_intact("nova1", 3, 1);
+    assert_pool_clean(0);
+    let mut own: Vec<String> = std::fs::read_dir("/run/vmbeam-lab/pool-cvm3")
+        .expect("cvm3's pool")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    own.sort();
+    assert!(
+        own.len() == 2 && own[0].ends_with(".ram") && own[1].ends_with(".ram.owner"),
+        "cvm3's own pool holds the guest's fresh file and its record: {own:?}"
+    );
+    println!(
+        "nova shim (Threading): cvm1 -> cvm3 (not co-located) by Nova's own migration in {} s",
+        r["elapsed_s"]
+    );
 }

@@ -121,6 +121,31 @@ def with_memory_backing_of(new, old):
     return etree.tostring(n, encoding="unicode")
 
 
+class _BeamFallbackGuest(libvirt_guest.Guest):
+    """A beam-enabled guest as the parent's ``_live_migration_operation``
+    sees it when Nova's own migration moves it (the destination is not
+    co-located): Nova's destination XML with the guest's own memory backing
+    (a shared file) put back. Nova's ``_update_memory_backing_xml`` strips the
+    file backing unless the destination sets ``[libvirt] file_backed_memory``,
+    and libvirt then refuses the migration ("Target memoryBacking source
+    'none' doesn't match source memoryBacking source 'file'"); with that
+    setting it adds ``<discard/>`` and immediate allocation, which must never
+    reach a pool file. The destination's vmbeamd gives the arriving guest a
+    fresh private pool file of its own (a copying migration), so the guest
+    stays beam-enabled there."""
+
+    def __init__(self, guest, source_xml):
+        super().__init__(guest._domain)
+        self._vmbeam_source_xml = source_xml
+
+    def migrate(self, destination, *args, destination_xml=None, **kwargs):
+        if destination_xml:
+            destination_xml = with_memory_backing_of(destination_xml,
+                                                     self._vmbeam_source_xml)
+        return super().migrate(destination, *args,
+                               destination_xml=destination_xml, **kwargs)
+
+
 class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
     """compute_driver = vmbeam.VMBeamLibvirtDriver"""
 
@@ -227,12 +252,32 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                          "route was decided now goes to Nova's own "
                          "migration", instance=instance)
                 super().live_migration_force_complete(instance)
+            guest = self._vmbeam_fallback_guest(guest, instance)
             return super()._live_migration_operation(
                 context, instance, dest, block_migration, migrate_data,
                 guest, device_names)
         finally:
             if self._vmbeam_migrations.get(instance.uuid) is rec:
                 del self._vmbeam_migrations[instance.uuid]
+
+    @staticmethod
+    def _vmbeam_fallback_guest(guest, instance):
+        """``guest``, or for a beam-enabled guest one whose migration keeps
+        its memory backing (see _BeamFallbackGuest)."""
+        try:
+            xml = guest.get_xml_desc(dump_migratable=True)
+        except Exception:
+            return guest
+        try:
+            if guest_config.metadata_of_domain_xml(xml) is None:
+                return guest
+        except (etree.XMLSyntaxError, ValueError):
+            return guest
+        LOG.info("VMBeam: Nova's own migration keeps the beam-enabled "
+                 "guest's memory backing (a shared file) in the destination "
+                 "XML; the destination gives it a fresh pool file",
+                 instance=instance)
+        return _BeamFallbackGuest(guest, xml)
 
     def _migration_flags(self, migrate_data):
         if migrate_data.block_migration:

@@ -158,8 +158,17 @@ def main():
     # Where the guest is now, asked of both libvirtds.
     dest_uri = "qemu+tcp://%s/system" % args.dest_addr
     on_source = args.uuid in [d.UUIDString() for d in libvirt.open(args.source_uri).listAllDomains()]
+    dest_backing = None
     try:
-        on_dest = bool(libvirt.open(dest_uri).lookupByUUIDString(args.uuid).isActive())
+        dest_dom = libvirt.open(dest_uri).lookupByUUIDString(args.uuid)
+        on_dest = bool(dest_dom.isActive())
+        mb = etree.fromstring(dest_dom.XMLDesc(0).encode()).find("./memoryBacking")
+        if mb is not None:
+            dest_backing = {
+                "source": mb.find("source").get("type") if mb.find("source") is not None else None,
+                "access": mb.find("access").get("mode") if mb.find("access") is not None else None,
+                "discard": mb.find("discard") is not None,
+            }
     except libvirt.libvirtError:
         on_dest = False
 
@@ -201,6 +210,9 @@ def main():
                 ln.startswith("INFO vmbeam_nova.driver") and "runs as Nova's own libvirt migration: vmbeamd says %s is not co-located" % dest_uri in ln
                 for ln in rec.lines),
             "no vmbeamd job": not paths,
+            # With a default nova.conf (no file_backed_memory) Nova's XML would drop it.
+            "the guest keeps its shared file memory on the destination": dest_backing == {
+                "source": "file", "access": "shared", "discard": False},
         })
     result = {
         "ok": all(checks.values()),
@@ -211,6 +223,7 @@ def main():
         "concurrency": "eventlet" if monkey_patch.is_patched() else "threading",
         "domain": name,
         "job": job,
+        "dest_memory_backing": dest_backing,
         "migration_saves": saved["migration"],
         "instance_saves": len(saved["instance"]),
         "shim_log": [ln for ln in rec.lines if "vmbeam" in ln or "Migration operation" in ln],

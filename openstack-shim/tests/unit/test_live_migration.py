@@ -7,6 +7,7 @@ import threading
 from unittest import mock
 
 import fixtures
+from lxml import etree
 from nova import exception
 from nova.tests.fixtures import libvirt as fakelibvirt
 from oslo_utils.fixture import uuidsentinel as uuids
@@ -89,6 +90,41 @@ class LiveMigrationTest(base.DriverTestCase):
             "runs as Nova's own libvirt migration: vmbeamd says %s is not co-located: no answer" % base.DEST_URI,
             self.log(),
         )
+
+    def parent_params(self):
+        """migrateToURI3's params of the parent's migration."""
+        args, kwargs = self.migrate_to_uri3.call_args
+        return kwargs.get("params", args[1] if len(args) > 1 else None)
+
+    def test_nova_s_own_migration_keeps_the_beam_memory_backing_with_a_default_nova_conf(self):
+        inst, guest = self.beam_guest()
+        # The destination's check_can_live_migrate_destination with
+        # [libvirt] file_backed_memory = 0 (the default).
+        self.operation(inst, guest, self.migrate_data(dst_wants_file_backed_memory=False))
+        params = self.parent_params()
+        dest_xml = params["destination_xml"]
+        self.assertEqual(dest_xml, params["persistent_xml"])
+        mb = etree.fromstring(dest_xml.encode()).find("./memoryBacking")
+        self.assertEqual("file", mb.find("source").get("type"))
+        self.assertEqual("shared", mb.find("access").get("mode"))
+        self.assertIn("keeps the beam-enabled guest's memory backing", self.log())
+
+    def test_nova_s_own_migration_never_gives_a_beam_guest_discard_or_immediate_allocation(self):
+        inst, guest = self.beam_guest()
+        # With [libvirt] file_backed_memory on the destination, Nova adds both.
+        self.operation(inst, guest, self.migrate_data(dst_wants_file_backed_memory=True))
+        mb = etree.fromstring(self.parent_params()["destination_xml"].encode()).find("./memoryBacking")
+        self.assertIsNone(mb.find("discard"))
+        self.assertIsNone(mb.find("allocation"))
+        self.assertEqual("file", mb.find("source").get("type"))
+
+    def test_nova_s_own_migration_of_a_plain_guest_is_nova_s_xml(self):
+        inst = base.make_instance()
+        guest, _ = self.running_guest(inst)
+        self.operation(inst, guest, self.migrate_data(dst_wants_file_backed_memory=False))
+        mb = etree.fromstring(self.parent_params()["destination_xml"].encode()).find("./memoryBacking")
+        self.assertTrue(mb is None or mb.find("source") is None)
+        self.assertNotIn("keeps the beam-enabled guest's memory backing", self.log())
 
     def test_plain_guest_runs_the_parent_without_asking_vmbeamd(self):
         self.vmbeamd.colocation[base.DEST_URI] = PROVEN
