@@ -187,9 +187,10 @@ host_link() { printf 'os-%s' "${NS:0:12}"; }
 ns_up() {
   local hl
   hl=$(host_link)
-  if [[ -e /run/netns/$NS ]]; then
-    log "namespace $NS exists: using it as it is (it is not removed by down)"
-    rm -f "$STATE/ns.created"
+  if [[ -e /run/netns/$NS && -f $STATE/ns.created ]]; then
+    log "namespace $NS (made by an earlier up) exists: reusing it"
+  elif [[ -e /run/netns/$NS ]]; then
+    log "namespace $NS exists: using it as it is (down leaves it)"
   else
     ip netns add "$NS"
     echo "$hl" >"$STATE/ns.created"
@@ -250,26 +251,49 @@ svc_pid() { [[ -f $RUN/$1.pid ]] && cat "$RUN/$1.pid"; }
 alive() { kill -0 "$1" 2>/dev/null; }
 group_alive() { pgrep -g "$1" >/dev/null 2>&1; }
 
-stop_svc() {
-  local name=$1 timeout=${2:-20} pid t
-  pid=$(svc_pid "$name") || return 0
-  if group_alive "$pid" || alive "$pid"; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for ((t = 0; t < timeout * 10; t++)); do
-      group_alive "$pid" || alive "$pid" || break
-      sleep 0.1
-    done
+# Stops services NAME... at once: SIGTERM to each group, SIGKILL to what is left after
+# TIMEOUT seconds.
+stop_svcs() {
+  local timeout=$1 name pid t t0 left
+  shift
+  local -A pids=()
+  t0=$(now)
+  for name in "$@"; do
+    pid=$(svc_pid "$name") || continue
     if group_alive "$pid" || alive "$pid"; then
-      log "$name (pid $pid) did not stop in $timeout s: SIGKILL"
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
+      pids[$name]=$pid
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    else
+      rm -f "$RUN/$name.pid"
     fi
-  fi
-  rm -f "$RUN/$name.pid"
+  done
+  for ((t = 0; t < timeout * 5; t++)); do
+    left=0
+    for name in "${!pids[@]}"; do
+      pid=${pids[$name]}
+      if group_alive "$pid" || alive "$pid"; then
+        left=1
+      else
+        log "  $name stopped: $(since "$t0") s"
+        rm -f "$RUN/$name.pid"
+        unset "pids[$name]"
+      fi
+    done
+    ((left)) || return 0
+    sleep 0.2
+  done
+  for name in "${!pids[@]}"; do
+    pid=${pids[$name]}
+    log "  $name (pid $pid) did not stop in $timeout s: SIGKILL"
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$RUN/$name.pid"
+  done
+  sleep 0.5
 }
+stop_svc() { stop_svcs "${2:-20}" "$1"; }
 
-# Stop order: the Nova services, the APIs, then RabbitMQ, epmd and MariaDB.
-SERVICES=(nova-scheduler nova-conductor nova-api placement glance keystone rabbitmq epmd mariadb)
+# In the order they start.
+SERVICES=(mariadb epmd rabbitmq keystone glance placement nova-api nova-conductor nova-scheduler)
 
 # ---------------------------------------------------------------------------------------
 # configuration
@@ -291,6 +315,8 @@ load_secrets() {
   source "$STATE/secrets.env"
 }
 
+# The *_PASS variables come from secrets.env (load_secrets).
+# shellcheck disable=SC2153
 write_configs() {
   local A=$ADDR
   mkdir -p "$ETC"/{keystone,glance,placement,nova,rabbitmq}
@@ -884,13 +910,10 @@ cmd_down() {
   local start s
   start=$(now)
   if [[ -d $RUN ]]; then
-    for s in "${SERVICES[@]}"; do
-      case $s in
-      mariadb) stop_svc "$s" 60 ;;
-      rabbitmq) stop_svc "$s" 30 ;;
-      *) stop_svc "$s" 20 ;;
-      esac
-    done
+    # The OpenStack services together, then what they used.
+    stop_svcs 20 nova-scheduler nova-conductor nova-api placement glance keystone
+    stop_svcs 60 rabbitmq mariadb
+    stop_svcs 10 epmd
   fi
   # Anything else still in a namespace we made is ours too (a forked helper).
   if [[ -f $STATE/ns.created && -e /run/netns/$NS ]]; then
@@ -967,8 +990,6 @@ cmd_smoke() {
   local OS=$VENV/bin/openstack
   local tmp
   tmp=$(mktemp -d)
-  # shellcheck disable=SC2064
-  trap "rm -rf '$tmp'" RETURN
   step() { # step NAME CHECK-REGEX-OR-EMPTY COMMAND... (CHECK: extended regex the output must match)
     local name=$1 check=$2 t0 rc=0
     shift 2
@@ -976,10 +997,10 @@ cmd_smoke() {
     n=$((n + 1))
     out=$("$@" 2>&1) || rc=$?
     if ((rc == 0)) && { [[ -z $check ]] || grep -Eq -- "$check" <<<"$out"; }; then
-      printf 'smoke: ok   %-52s %5s s\n' "$name" "$(since "$t0")"
+      printf 'smoke: ok   %-58s %5s s\n' "$name" "$(since "$t0")"
     else
-      printf 'smoke: FAIL %-52s %5s s (exit %s)\n' "$name" "$(since "$t0")" "$rc"
-      sed 's/^/    /' <<<"$out"
+      printf 'smoke: FAIL %-58s %5s s (exit %s)\n' "$name" "$(since "$t0")" "$rc"
+      printf '    %s\n' "${out//$'\n'/$'\n'    }"
       failed=$((failed + 1))
     fi
   }
@@ -992,13 +1013,16 @@ cmd_smoke() {
     ((rc != 0)) && grep -Eq -- "$check" <<<"$o"
   }
   local suffix=$$
+  # The bash -c programs below get their arguments as $0, $1...: single quotes on purpose.
   step "token issue" '^\| expires' "$OS" token issue
+  # shellcheck disable=SC2016
   step "endpoint list (identity image placement compute network)" '' bash -c '
     o=$("$0" endpoint list -f value -c "Service Type" -c Interface) || exit 1
     echo "$o"
     for t in identity image placement compute network; do
       for i in public internal admin; do grep -qx "$t $i" <<<"$o" || { echo "missing $t $i"; exit 1; }; done
     done' "$OS"
+  # shellcheck disable=SC2016
   step "compute service list (conductor, scheduler up)" '' bash -c '
     o=$("$0" compute service list -f value -c Binary -c State -c Status) || exit 1
     echo "$o"
@@ -1006,6 +1030,7 @@ cmd_smoke() {
   head -c 1048576 /dev/urandom >"$tmp/tiny.raw"
   step "image create (1 MiB raw)" '' "$OS" image create --disk-format raw --container-format bare \
     --file "$tmp/tiny.raw" --private "vmbeam-smoke-$suffix"
+  # shellcheck disable=SC2016
   step "image show (active, size and checksum of the file)" '' bash -c '
     o=$("$0" image show "$1" -f value -c status -c checksum -c size | tr "\n" " ") || exit 1
     echo "$o"
@@ -1028,6 +1053,7 @@ cmd_smoke() {
     -c properties "vmbeam-smoke-$suffix"
   step "flavor delete" '' "$OS" flavor delete "vmbeam-smoke-$suffix"
   step "image delete" '' "$OS" image delete "vmbeam-smoke-$suffix"
+  rm -rf "$tmp"
   if ((failed)); then
     echo "smoke: $failed of $n steps FAILED in $(since "$start") s"
     return 1
