@@ -92,6 +92,8 @@ apt_install() {
   chmod 755 "$policy"
   [[ -n $(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit) ]] ||
     nice -n 10 apt-get update -q
+  local t0
+  t0=$(now)
   DEBIAN_FRONTEND=noninteractive nice -n 10 apt-get install -y -q --no-install-recommends "${missing[@]}"
   restore_policy
   trap - EXIT
@@ -109,6 +111,7 @@ apt_install() {
   if [[ " ${missing[*]} " == *" erlang-base "* ]]; then
     systemctl disable epmd.socket epmd.service >/dev/null 2>&1 || true
   fi
+  log "Debian packages: installed in $(since "$t0") s"
 }
 
 cmd_install() {
@@ -126,6 +129,7 @@ cmd_install() {
     nice -n 10 "$VENV/bin/pip" install -q -r "$HERE/requirements.txt" -c "$HERE/constraints.txt"
     "$VENV/bin/pip" check
     touch "$VENV/.complete"
+    log "venv: made in $(since "$start") s (since the start of install)"
     # Venvs of earlier requirements, and the snapshots made with them, are of no further use.
     find "$CACHE" -mindepth 1 -maxdepth 1 \( -name 'venv-*' -o -name 'snapshot-*' \) \
       ! -path "$VENV" ! -name "snapshot-${VENV##*/venv-}-*" -exec rm -rf {} +
@@ -822,7 +826,7 @@ cmd_up() {
     [[ -z $where ]] || die "the host already has ${HOST_CIDR%/*} (on $where): choose --host-addr, or --attach NETNS:BRIDGE (the lab: --attach vmbeam-hub:vbr-cloud)"
   fi
   [[ -f $VENV/.complete ]] || cmd_install
-  local start t0
+  local start t0 snaplock
   start=$(now)
 
   # A fresh cloud every time: nothing of the last run's data is kept (its logs go to
@@ -842,6 +846,10 @@ cmd_up() {
 
   local snap cached=yes snap_old_addr
   snap=$(snapshot_dir)
+  # One first up at a time makes the snapshot: another waits here, then restores it.
+  mkdir -p "$CACHE"
+  exec {snaplock}>"$CACHE/.snapshot.lock"
+  flock "$snaplock"
   if [[ ! -f $snap/.complete ]]; then
     cached=no
     rm -rf "$snap"
@@ -854,6 +862,7 @@ cmd_up() {
     load_secrets
     write_configs
     log "snapshot restored in $(since "$t0") s ($snap)"
+    exec {snaplock}>&-
   fi
   snap_old_addr=$(<"$snap/addr")
 
@@ -887,6 +896,7 @@ cmd_up() {
   if [[ $cached == no ]]; then
     touch "$snap/.complete"
     find "$CACHE" -mindepth 1 -maxdepth 1 -name 'snapshot-*' ! -path "$snap" -exec rm -rf {} +
+    exec {snaplock}>&-
   fi
   local summary
   summary="openstack: up in $NS at $ADDR in $(since "$start") s ($([[ $cached == yes ]] && echo "from the database snapshot" || echo "first up: databases initialised and snapshotted")): keystone :$P_KEYSTONE, glance :$P_GLANCE, placement :$P_PLACEMENT, nova-api :$P_NOVA, conductor, scheduler, rabbitmq :$P_AMQP, mariadb :$P_MYSQL; source $STATE/openrc; computes: $STATE/compute.conf"
