@@ -57,8 +57,10 @@ die() {
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
+# The venv's name: a hash of the Python version and the requirement lines (comments and
+# blank lines left out, so editing a comment keeps the venv and its snapshot).
 venv_key() {
-  { "$PY" -c 'import sys; print(sys.version)'; cat "$HERE/requirements.txt" "$HERE/constraints.txt"; } |
+  { "$PY" -c 'import sys; print(sys.version)'; grep -hEv '^[[:space:]]*(#|$)' "$HERE/requirements.txt" "$HERE/constraints.txt"; } |
     sha256sum | cut -c1-16
 }
 VENV=$CACHE/venv-$(venv_key)
