@@ -12,9 +12,11 @@
 //!   devices, PCI slots, the 64-bit PCI window).
 //! - [`device`]: the shared device: names, BAR size, layout, slot, window, libvirt's XML, and
 //!   what libvirt does with `<shmem>`.
+//! - [`protocol`]: the line protocol on each cloud VM's host channel.
 
 pub mod cloudvm;
 pub mod device;
+pub mod protocol;
 
 /// An error and its sources, joined with ": " (for logs, answers and the command line).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
