@@ -13,9 +13,14 @@
 //! - [`device`]: the shared device: names, BAR size, layout, slot, window, libvirt's XML, and
 //!   what libvirt does with `<shmem>`.
 //! - [`protocol`]: the line protocol on each cloud VM's host channel.
+//! - [`ledger`]: the pure state machine of which guest is attached where.
+//! - [`libvirt`]: the host's I/O behind traits (libvirt, backing files), and their real
+//!   implementations.
 
 pub mod cloudvm;
 pub mod device;
+pub mod ledger;
+pub mod libvirt;
 pub mod protocol;
 
 /// An error and its sources, joined with ": " (for logs, answers and the command line).
