@@ -510,23 +510,29 @@ impl Ledger {
         })
     }
 
-    /// Where a new device of `bar` bytes would go in `vm`, or why it cannot.
-    fn place(&self, vm: &CloudVm, bar: u64) -> Result<PciAddress, Refusal> {
-        let ours: Vec<(PciAddress, u64)> = self
-            .devices_in(&vm.id)
-            .map(|(_, addr, size)| (addr, size))
-            .collect();
-        let used: u64 = ours.iter().map(|(_, s)| s).sum();
-        if !window_fits(ours.iter().map(|(_, s)| *s).chain([bar]), vm.window) {
+    /// Where `guest`'s new device of `bar` bytes would go in `vm`, or why it cannot. The
+    /// window holds the ledger's devices there and every other VMBeam device libvirt
+    /// showed at the last rescan (one VMBeam does not manage, or one just unplugged: counted
+    /// until the next rescan, never the guest's own).
+    fn place(&self, vm: &CloudVm, guest: &GuestKey, bar: u64) -> Result<PciAddress, Refusal> {
+        let ours: Vec<(&GuestKey, PciAddress, u64)> = self.devices_in(&vm.id).collect();
+        let mut sizes: Vec<u64> = ours.iter().map(|d| d.2).collect();
+        sizes.extend(
+            vm.shmems
+                .iter()
+                .filter(|s| &s.guest != guest && !ours.iter().any(|d| d.0 == &s.guest))
+                .map(|s| s.bar_size),
+        );
+        if !window_fits(sizes.iter().copied().chain([bar]), vm.window) {
             return Err(Refusal::WindowFull {
                 cloud_vm: vm.id.clone(),
                 bar,
-                used,
+                used: sizes.iter().sum(),
                 window: vm.window,
             });
         }
         let mut slots = vm.used_slots.clone();
-        slots.extend(ours.iter().map(|(a, _)| a.slot));
+        slots.extend(ours.iter().map(|d| d.1.slot));
         choose_slot(&slots)
             .map(PciAddress::root_slot)
             .ok_or_else(|| Refusal::NoFreeSlot(vm.id.clone()))
@@ -606,7 +612,7 @@ impl Ledger {
                 _ => Err(Refusal::Exists(uuid.clone())),
             };
         }
-        let addr = self.place(ask.me, bar)?;
+        let addr = self.place(ask.me, &key, bar)?;
         self.guests.insert(
             key.clone(),
             Guest {
@@ -676,8 +682,8 @@ impl Ledger {
             });
         }
         let bar = g.bar_size;
-        let addr = self.place(peer_vm, bar)?;
         let key = ask.key(uuid);
+        let addr = self.place(peer_vm, &key, bar)?;
         let device = ShmemDevice {
             guest: key.clone(),
             bar_size: bar,
@@ -1455,6 +1461,32 @@ mod tests {
     }
 
     #[test]
+    fn the_window_counts_devices_libvirt_shows_but_the_ledger_does_not_manage() {
+        let mut topo = topo();
+        let a2 = topo.cloud_vms.get_mut(&id(A2)).unwrap();
+        // Another cloud's device and a stale one of G itself (unplugged since the rescan).
+        for (cloud, g, slot) in [("bravo", H, 0x10), ("acme", G, 0x11)] {
+            a2.shmems.push(AttachedShmem {
+                guest: key(cloud, g),
+                bar_size: GIB,
+                addr: PciAddress::root_slot(slot),
+            });
+        }
+        let mut l = Ledger::default();
+        // G's own stale device is not counted: bravo's 1 GiB and G's 1 GiB fill 2 GiB.
+        run_ok(&mut l, &topo, A2, alloc(G, GIB - 4096));
+        assert_eq!(
+            refused(&mut l, &topo, A2, alloc(H, 4096)),
+            Refusal::WindowFull {
+                cloud_vm: id(A2),
+                bar: MIN,
+                used: 2 * GIB,
+                window: 2 * GIB
+            }
+        );
+    }
+
+    #[test]
     fn reconcile_takes_what_libvirt_shows() {
         let mut topo = topo();
         let mut l = Ledger::default();
@@ -1598,7 +1630,9 @@ mod tests {
 
 /// The ledger under any sequence of requests from any cloud VMs, with libvirt and file
 /// failures injected, cloud VMs restarting and rescans in between, run against the fake
-/// host (cloud VMs rendered as libvirt XML and read back through [`crate::cloudvm`]).
+/// host (cloud VMs rendered as libvirt XML and read back through [`crate::cloudvm`]). The
+/// fake stands in for libvirt and `/dev/shm` on purpose: the real ones, with real cloud VMs,
+/// are exercised by the nested lab's end-to-end tests; these need no root, libvirtd or QEMU.
 #[cfg(test)]
 mod prop_tests {
     use proptest::prelude::*;
