@@ -16,12 +16,18 @@
 //! - [`ledger`]: the pure state machine of which guest is attached where.
 //! - [`libvirt`]: the host's I/O behind traits (libvirt, backing files), and their real
 //!   implementations.
+//! - [`state`]: the state directory (the ledger and the status snapshot on disk).
+//! - [`status`]: what `vmbeam-host status` prints.
+//! - [`server`]: the daemon: discovery, channels, requests.
 
 pub mod cloudvm;
 pub mod device;
 pub mod ledger;
 pub mod libvirt;
 pub mod protocol;
+pub mod server;
+pub mod state;
+pub mod status;
 
 /// An error and its sources, joined with ": " (for logs, answers and the command line).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -4,7 +4,7 @@
 //! crate, [`ShmDir`]) and [`run`], which executes a ledger [`Transition`]'s steps.
 //!
 //! Both traits are blocking: the server calls them on tokio's blocking threads. The unit
-//! tests run the ledger and the server against a fake ([`fake`], tests only); the real
+//! tests run the ledger and the server against a fake (`libvirt::fake`, tests only); the real
 //! implementations against a real libvirt with real cloud VMs are exercised by the nested
 //! lab's end-to-end tests.
 //!
@@ -464,6 +464,14 @@ pub(crate) mod fake {
             );
         }
 
+        /// A running domain that is not a VMBeam cloud VM (or a malformed one).
+        pub(crate) fn add_other(&self, name: &str, xml: &str) {
+            self.state().others.push(DomainXml {
+                name: name.to_owned(),
+                xml: xml.to_owned(),
+            });
+        }
+
         /// The cloud VM restarts: its hot-plugged devices are gone, its domain id is new.
         pub(crate) fn restart_vm(&self, uuid: &str) {
             let mut st = self.state();
@@ -510,6 +518,26 @@ pub(crate) mod fake {
         /// The backing files now, with their sizes.
         pub(crate) fn files(&self) -> BTreeMap<String, u64> {
             self.state().files.clone()
+        }
+
+        /// Puts a file there behind VMBeam's back.
+        pub(crate) fn plant_file(&self, name: &str, size: u64) {
+            self.state().files.insert(name.to_owned(), size);
+        }
+
+        /// Attaches a device behind VMBeam's back (an operator's virsh).
+        pub(crate) fn plant_device(&self, uuid: &str, device: ShmemDevice) {
+            self.state()
+                .vms
+                .get_mut(uuid)
+                .unwrap()
+                .attached
+                .insert(device.name(), device);
+        }
+
+        /// The calls made so far.
+        pub(crate) fn calls(&self) -> Vec<String> {
+            self.state().calls.clone()
         }
 
         fn used_slot(vm: &FakeVm, addr: PciAddress) -> bool {
@@ -739,6 +767,45 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// The real adapter against libvirt's own test driver (`test:///default`: in-process,
+    /// no daemon, no QEMU, one running domain called "test"). The test driver cannot
+    /// hot-plug a `<shmem>`, so a successful attach and detach are left to the nested lab.
+    #[test]
+    fn the_real_adapter_lists_domains_and_reports_libvirts_refusals() {
+        let lv = VirtLibvirt::new("test:///default", Duration::from_secs(1));
+        let domains = lv.running_domains().unwrap();
+        assert_eq!(
+            domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["test"]
+        );
+        let d = crate::cloudvm::discover(&domains);
+        assert!(d.topology.cloud_vms.is_empty() && d.errors.is_empty());
+        let root = vmbeam_core::xml::parse(&domains[0].xml).unwrap();
+        let uuid = root.child(None, "uuid").unwrap().text();
+        let vm = CloudVmId(DomainUuid::new(uuid.trim()).unwrap());
+        let e = lv.attach_live(&vm, &alloc().device).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("attach {} to cloud VM {vm}: ", key().shmem_name())),
+            "{text}"
+        );
+        assert!(text.contains("not supported"), "{text}");
+        // A device that is not there is gone: a detach of it succeeds.
+        lv.detach_live(&vm, &alloc().device).unwrap();
+        let absent = CloudVmId(DomainUuid::new("00000000-0000-0000-0000-000000000001").unwrap());
+        assert!(lv
+            .attach_live(&absent, &alloc().device)
+            .unwrap_err()
+            .to_string()
+            .starts_with("look up cloud VM"));
+        let nowhere = VirtLibvirt::new("nosuchdriver:///x", Duration::from_secs(1));
+        assert!(nowhere
+            .running_domains()
+            .unwrap_err()
+            .to_string()
+            .starts_with("connect to nosuchdriver:///x"));
     }
 
     #[test]
