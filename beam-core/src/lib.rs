@@ -3,7 +3,8 @@
 //! beam pool, the replay cache and the configuration.
 //!
 //! - [`ids`]: validated host, cloud and domain identifiers, nonces, file identities.
-//! - [`metadata`]: VMBeam's element in a domain's `<metadata>`.
+//! - [`metadata`]: VMBeam's elements in a domain's `<metadata>` (a guest's, a cloud VM's).
+//! - [`xml`]: the namespace-aware element tree every XML reader here uses.
 //! - [`domain`]: the facts VMBeam reads from a domain XML.
 //! - [`destination`]: what a caller's destination XML must keep for zero-copy.
 //! - [`transform`]: the domain-XML rewrites behind `vmbeam enable` / `disable`.
@@ -35,7 +36,7 @@ pub mod recover;
 pub mod rendezvous;
 pub mod ticket;
 pub mod transform;
-mod xml;
+pub mod xml;
 
 #[cfg(any(test, feature = "proptest-support"))]
 pub mod proptest_support;
@@ -45,7 +46,7 @@ pub use hook::HookEvent;
 pub use identity::Identity;
 pub use ids::{CloudId, DomainUuid, FileIdentity, HostId, Nonce};
 pub use job::{Operation, Phase, Progress};
-pub use metadata::BeamMetadata;
+pub use metadata::{BeamMetadata, CloudVmMetadata};
 pub use plan::{MigrationMode, Plan, Reason, RequestedMode};
 pub use pool::{BeamPool, ProofToken};
 pub use ticket::{Ticket, TicketKey};

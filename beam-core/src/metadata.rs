@@ -1,5 +1,9 @@
-//! VMBeam's element in a libvirt domain's `<metadata>`.
+//! VMBeam's elements in a libvirt domain's `<metadata>`: a guest's [`BeamMetadata`]
+//! (`<beam>`, in the cloud VM's libvirt) and a cloud VM's [`CloudVmMetadata`] (`<cloud-vm>`,
+//! in the primary cloud's libvirt, read by `vmbeam-host`). Both live in [`NAMESPACE`]; libvirt
+//! keeps one element per namespace, so a domain carries one or the other.
 //!
+//! A guest's element:
 //! In a domain XML it looks like this (any prefix works; matching is by namespace URI):
 //!
 //! ```xml
@@ -58,18 +62,23 @@ pub enum MetadataError {
         /// The element's local name.
         local: String,
     },
-    /// The element is in our namespace (or none) but is not `<beam>`.
-    #[error("expected <{ELEMENT}>, found <{0}>")]
-    WrongElement(String),
+    /// The element is in our namespace (or none) but is not the one expected.
+    #[error("expected <{expected}>, found <{found}>")]
+    WrongElement {
+        /// The element expected (`beam`, `cloud-vm`).
+        expected: &'static str,
+        /// The element found.
+        found: String,
+    },
     /// The domain carries more than one element in VMBeam's namespace.
     #[error("more than one VMBeam metadata element")]
     Duplicate,
     /// A field element contains child elements.
     #[error("<{0}> must contain text only")]
     NestedElement(String),
-    /// Non-blank text directly inside `<beam>`.
-    #[error("unexpected text inside <{ELEMENT}>")]
-    UnexpectedText,
+    /// Non-blank text directly inside the element.
+    #[error("unexpected text inside <{0}>")]
+    UnexpectedText(&'static str),
     /// A required field is missing, duplicated or otherwise not in the expected shape.
     #[error("VMBeam metadata does not have the expected fields")]
     Shape(#[source] quick_xml::DeError),
@@ -138,66 +147,25 @@ impl BeamMetadata {
     /// Finds and parses VMBeam's element in a full domain XML.
     ///
     /// Returns `Ok(None)` when the domain carries no element in [`NAMESPACE`] (other
-    /// applications' metadata is ignored), and an error when the XML is malformed, is not
-    /// a `<domain>`, or our element is malformed or duplicated.
+    /// applications' metadata is ignored) or carries a cloud VM's [`CloudVmMetadata`]
+    /// instead, and an error when the XML is malformed, is not a `<domain>`, or our
+    /// element is malformed or duplicated.
     pub fn from_domain_xml(domain_xml: &str) -> Result<Option<Self>, MetadataError> {
         let root = xml::parse(domain_xml)?;
         Self::from_domain_root(&root)
     }
 
     pub(crate) fn from_domain_root(root: &Element) -> Result<Option<Self>, MetadataError> {
-        if !root.is(None, "domain") {
-            return Err(MetadataError::NotADomain(root.local.clone()));
+        match our_element(root)? {
+            // A cloud VM's element: that domain is a cloud VM, not a guest.
+            Some(el) if el.local == CLOUD_VM_ELEMENT => Ok(None),
+            Some(el) => Self::from_element(el).map(Some),
+            None => Ok(None),
         }
-        let mut ours = root
-            .children_named(None, "metadata")
-            .flat_map(|m| m.elements())
-            .filter(|e| e.ns.as_deref() == Some(NAMESPACE));
-        let Some(first) = ours.next() else {
-            return Ok(None);
-        };
-        if ours.next().is_some() {
-            return Err(MetadataError::Duplicate);
-        }
-        Self::from_element(first).map(Some)
     }
 
     fn from_element(el: &Element) -> Result<Self, MetadataError> {
-        match el.ns.as_deref() {
-            None | Some(NAMESPACE) => {}
-            Some(other) => {
-                return Err(MetadataError::ForeignElement {
-                    ns: other.to_owned(),
-                    local: el.local.clone(),
-                })
-            }
-        }
-        if el.local != ELEMENT {
-            return Err(MetadataError::WrongElement(el.local.clone()));
-        }
-        // Normalise to the bare form (children in our namespace or none, text only), then
-        // let serde map it onto the struct: missing and duplicated fields are its errors.
-        let mut bare = String::from("<beam>");
-        for node in &el.children {
-            match node {
-                Node::Text(t) if t.trim().is_empty() => {}
-                Node::Text(_) => return Err(MetadataError::UnexpectedText),
-                Node::Element(child) => {
-                    if !matches!(child.ns.as_deref(), None | Some(NAMESPACE)) {
-                        continue;
-                    }
-                    if child.elements().next().is_some() {
-                        return Err(MetadataError::NestedElement(child.local.clone()));
-                    }
-                    bare.push_str(&format!(
-                        "<{0}>{1}</{0}>",
-                        child.local,
-                        escape(child.text().trim())
-                    ));
-                }
-            }
-        }
-        bare.push_str("</beam>");
+        let bare = bare_form(el, ELEMENT)?;
         let raw: RawBeam = quick_xml::de::from_str(&bare).map_err(MetadataError::Shape)?;
         Self::from_raw(raw)
     }
@@ -321,6 +289,150 @@ impl BeamMetadata {
     }
 }
 
+/// The one element in VMBeam's namespace inside a domain's `<metadata>`, if any. libvirt
+/// keeps one element per namespace (`virDomainSetMetadata` replaces it), so a second one
+/// was written by hand and is refused.
+fn our_element(root: &Element) -> Result<Option<&Element>, MetadataError> {
+    if !root.is(None, "domain") {
+        return Err(MetadataError::NotADomain(root.local.clone()));
+    }
+    let mut ours = root
+        .children_named(None, "metadata")
+        .flat_map(|m| m.elements())
+        .filter(|e| e.ns.as_deref() == Some(NAMESPACE));
+    let first = ours.next();
+    if ours.next().is_some() {
+        return Err(MetadataError::Duplicate);
+    }
+    Ok(first)
+}
+
+/// `el` (which must be `<expected>` in our namespace or none) normalised to its bare form:
+/// children in our namespace or none, text only, trimmed and escaped; children in other
+/// namespaces dropped. Serde then maps it onto a struct: missing and duplicated fields are
+/// its errors.
+fn bare_form(el: &Element, expected: &'static str) -> Result<String, MetadataError> {
+    match el.ns.as_deref() {
+        None | Some(NAMESPACE) => {}
+        Some(other) => {
+            return Err(MetadataError::ForeignElement {
+                ns: other.to_owned(),
+                local: el.local.clone(),
+            })
+        }
+    }
+    if el.local != expected {
+        return Err(MetadataError::WrongElement {
+            expected,
+            found: el.local.clone(),
+        });
+    }
+    let mut bare = format!("<{expected}>");
+    for node in &el.children {
+        match node {
+            Node::Text(t) if t.trim().is_empty() => {}
+            Node::Text(_) => return Err(MetadataError::UnexpectedText(expected)),
+            Node::Element(child) => {
+                if !matches!(child.ns.as_deref(), None | Some(NAMESPACE)) {
+                    continue;
+                }
+                if child.elements().next().is_some() {
+                    return Err(MetadataError::NestedElement(child.local.clone()));
+                }
+                bare.push_str(&format!(
+                    "<{0}>{1}</{0}>",
+                    child.local,
+                    escape(child.text().trim())
+                ));
+            }
+        }
+    }
+    bare.push_str(&format!("</{expected}>"));
+    Ok(bare)
+}
+
+/// The local name of a cloud VM's metadata element.
+pub const CLOUD_VM_ELEMENT: &str = "cloud-vm";
+
+/// VMBeam's element in a *cloud VM's* domain XML, in the primary cloud's libvirt (where
+/// `vmbeam-host` reads it): the virtual IaaS cloud the cloud VM belongs to. A domain
+/// without it is not VMBeam's business there.
+///
+/// ```xml
+/// <metadata>
+///   <vmbeam:cloud-vm xmlns:vmbeam="https://vmbeam.dev/xmlns/vmbeam/1">
+///     <vmbeam:cloud>acme-virtual-iaas</vmbeam:cloud>
+///   </vmbeam:cloud-vm>
+/// </metadata>
+/// ```
+///
+/// Unlike [`BeamMetadata`], which a guest's administrator can edit, this element is written
+/// by the primary cloud's operator into the cloud VM's definition; the cloud VM itself never
+/// sees or changes it, so the cloud it names is trusted for the shares between cloud VMs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CloudVmMetadata {
+    /// The virtual IaaS cloud the cloud VM belongs to.
+    pub cloud: CloudId,
+}
+
+/// The serde shape of the bare `<cloud-vm>` element.
+#[derive(Deserialize)]
+struct RawCloudVm {
+    cloud: String,
+}
+
+impl CloudVmMetadata {
+    /// Parses the bare element (`<cloud-vm><cloud>…</cloud></cloud-vm>`, as
+    /// `virDomainGetMetadata` returns it) or the namespaced form with any prefix.
+    pub fn parse_metadata_element(xml: &str) -> Result<Self, MetadataError> {
+        let root = xml::parse(xml)?;
+        Self::from_element(&root)
+    }
+
+    /// Finds and parses the element in a full domain XML: `Ok(None)` when the domain
+    /// carries no element in [`NAMESPACE`] or a guest's [`BeamMetadata`] instead.
+    pub fn from_domain_xml(domain_xml: &str) -> Result<Option<Self>, MetadataError> {
+        let root = xml::parse(domain_xml)?;
+        Self::from_domain_root(&root)
+    }
+
+    /// [`Self::from_domain_xml`] on an already parsed domain.
+    pub fn from_domain_root(root: &Element) -> Result<Option<Self>, MetadataError> {
+        match our_element(root)? {
+            Some(el) if el.local == ELEMENT => Ok(None),
+            Some(el) => Self::from_element(el).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn from_element(el: &Element) -> Result<Self, MetadataError> {
+        let bare = bare_form(el, CLOUD_VM_ELEMENT)?;
+        let raw: RawCloudVm = quick_xml::de::from_str(&bare).map_err(MetadataError::Shape)?;
+        let cloud = CloudId::new(raw.cloud.trim()).map_err(|source| MetadataError::BadId {
+            field: "cloud",
+            source,
+        })?;
+        Ok(Self { cloud })
+    }
+
+    /// The bare element for `virDomainSetMetadata(VIR_DOMAIN_METADATA_ELEMENT, xml,
+    /// PREFIX, NAMESPACE)`.
+    pub fn to_element_xml(&self) -> String {
+        format!(
+            "<{CLOUD_VM_ELEMENT}><cloud>{}</cloud></{CLOUD_VM_ELEMENT}>",
+            escape(self.cloud.as_str())
+        )
+    }
+
+    /// The element with its namespace declaration, for a domain XML's `<metadata>`.
+    pub fn to_namespaced_xml(&self) -> String {
+        format!(
+            "<{PREFIX}:{CLOUD_VM_ELEMENT} xmlns:{PREFIX}=\"{NAMESPACE}\"><{PREFIX}:cloud>{}</{PREFIX}:cloud></{PREFIX}:{CLOUD_VM_ELEMENT}>",
+            escape(self.cloud.as_str())
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,7 +537,9 @@ mod tests {
             ("<x:beam xmlns:x='urn:other'/>", |e| {
                 matches!(e, MetadataError::ForeignElement { .. })
             }),
-            ("<bean/>", |e| matches!(e, MetadataError::WrongElement(_))),
+            ("<bean/>", |e| {
+                matches!(e, MetadataError::WrongElement { expected: "beam", found } if found == "bean")
+            }),
             ("<beam><cloud>a</cloud></beam>", |e| {
                 matches!(e, MetadataError::Shape(_))
             }),
@@ -439,7 +553,7 @@ mod tests {
             ),
             (
                 "<beam>hello<cloud>a</cloud><pool>/p</pool><owner>o</owner><generation>1</generation></beam>",
-                |e| matches!(e, MetadataError::UnexpectedText),
+                |e| matches!(e, MetadataError::UnexpectedText("beam")),
             ),
             (
                 "<beam><cloud>a b</cloud><pool>/p</pool><owner>o</owner><generation>1</generation></beam>",
@@ -541,6 +655,110 @@ mod tests {
         ));
     }
 
+    fn acme() -> CloudVmMetadata {
+        CloudVmMetadata {
+            cloud: CloudId::new("acme-virtual-iaas").unwrap(),
+        }
+    }
+
+    #[test]
+    fn cloud_vm_element_parses_in_every_form_and_round_trips() {
+        let bare = "<cloud-vm>\n  <cloud> acme-virtual-iaas </cloud>\n</cloud-vm>\n";
+        assert_eq!(
+            CloudVmMetadata::parse_metadata_element(bare).unwrap(),
+            acme()
+        );
+        let prefixed = r#"<vb:cloud-vm xmlns:vb="https://vmbeam.dev/xmlns/vmbeam/1" xmlns:x="urn:x"><vb:cloud>acme-virtual-iaas</vb:cloud><x:cloud>evil</x:cloud><vb:future/></vb:cloud-vm>"#;
+        assert_eq!(
+            CloudVmMetadata::parse_metadata_element(prefixed).unwrap(),
+            acme()
+        );
+        let m = acme();
+        assert_eq!(
+            CloudVmMetadata::parse_metadata_element(&m.to_element_xml()).unwrap(),
+            m
+        );
+        assert_eq!(
+            CloudVmMetadata::parse_metadata_element(&m.to_namespaced_xml()).unwrap(),
+            m
+        );
+        assert_eq!(
+            m.to_namespaced_xml(),
+            r#"<vmbeam:cloud-vm xmlns:vmbeam="https://vmbeam.dev/xmlns/vmbeam/1"><vmbeam:cloud>acme-virtual-iaas</vmbeam:cloud></vmbeam:cloud-vm>"#
+        );
+    }
+
+    #[test]
+    fn cloud_vm_element_errors() {
+        let cases: Vec<(&str, Check)> = vec![
+            ("<cloud-vm/>", |e| matches!(e, MetadataError::Shape(_))),
+            (
+                "<cloud-vm><cloud>a</cloud><cloud>b</cloud></cloud-vm>",
+                |e| matches!(e, MetadataError::Shape(_)),
+            ),
+            ("<cloud-vm><cloud>../x</cloud></cloud-vm>", |e| {
+                matches!(e, MetadataError::BadId { field: "cloud", .. })
+            }),
+            ("<cloud-vm>text<cloud>a</cloud></cloud-vm>", |e| {
+                matches!(e, MetadataError::UnexpectedText("cloud-vm"))
+            }),
+            (
+                "<cloud-vm><cloud><b/></cloud></cloud-vm>",
+                |e| matches!(e, MetadataError::NestedElement(n) if n == "cloud"),
+            ),
+            (
+                "<beam><cloud>a</cloud></beam>",
+                |e| matches!(e, MetadataError::WrongElement { expected: "cloud-vm", found } if found == "beam"),
+            ),
+            (
+                "<x:cloud-vm xmlns:x='urn:x'><x:cloud>a</x:cloud></x:cloud-vm>",
+                |e| matches!(e, MetadataError::ForeignElement { .. }),
+            ),
+        ];
+        for (xml, check) in cases {
+            let err = CloudVmMetadata::parse_metadata_element(xml).unwrap_err();
+            assert!(check(&err), "{xml}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_domain_is_a_guest_or_a_cloud_vm_never_both() {
+        let cloud_vm = DOMAIN.replace("VMBEAM", &acme().to_namespaced_xml());
+        assert_eq!(
+            CloudVmMetadata::from_domain_xml(&cloud_vm).unwrap(),
+            Some(acme())
+        );
+        assert_eq!(BeamMetadata::from_domain_xml(&cloud_vm).unwrap(), None);
+        let guest = DOMAIN.replace("VMBEAM", &sample().to_namespaced_xml());
+        assert_eq!(CloudVmMetadata::from_domain_xml(&guest).unwrap(), None);
+        let neither = DOMAIN.replace("VMBEAM", "");
+        assert_eq!(CloudVmMetadata::from_domain_xml(&neither).unwrap(), None);
+        let both = DOMAIN.replace(
+            "VMBEAM",
+            &format!(
+                "{}{}",
+                acme().to_namespaced_xml(),
+                sample().to_namespaced_xml()
+            ),
+        );
+        assert!(matches!(
+            CloudVmMetadata::from_domain_xml(&both),
+            Err(MetadataError::Duplicate)
+        ));
+        assert!(matches!(
+            BeamMetadata::from_domain_xml(&both),
+            Err(MetadataError::Duplicate)
+        ));
+        let broken = DOMAIN.replace(
+            "VMBEAM",
+            "<vmbeam:cloud-vm xmlns:vmbeam='https://vmbeam.dev/xmlns/vmbeam/1'/>",
+        );
+        assert!(matches!(
+            CloudVmMetadata::from_domain_xml(&broken),
+            Err(MetadataError::Shape(_))
+        ));
+    }
+
     #[test]
     fn handed_to_bumps_the_generation_once() {
         let m = sample();
@@ -626,6 +844,19 @@ mod prop_tests {
         #[test]
         fn prop_metadata_domain_round_trip(m in metadata()) {
             prop_assert_eq!(BeamMetadata::from_domain_xml(&enabled(&m)).unwrap(), Some(m));
+        }
+
+        #[test]
+        fn prop_cloud_vm_metadata_arbitrary_text_never_panics(s in "[<>/=a-z:'\" \n&;!?-]{0,200}") {
+            let _ = CloudVmMetadata::from_domain_xml(&s);
+            let _ = CloudVmMetadata::parse_metadata_element(&s);
+        }
+
+        #[test]
+        fn prop_cloud_vm_metadata_round_trip(cloud in "[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}") {
+            let m = CloudVmMetadata { cloud: CloudId::new(cloud).unwrap() };
+            prop_assert_eq!(CloudVmMetadata::parse_metadata_element(&m.to_element_xml()).unwrap(), m.clone());
+            prop_assert_eq!(CloudVmMetadata::parse_metadata_element(&m.to_namespaced_xml()).unwrap(), m);
         }
 
         #[test]

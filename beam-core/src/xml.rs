@@ -1,5 +1,6 @@
 //! A small, namespace-aware element tree built with quick-xml's `NsReader`, for the read-only
-//! views of domain XML (the rewrite in `transform` streams instead).
+//! views of domain XML (the rewrite in `transform` streams instead). Public so that other
+//! crates reading libvirt XML (`vmbeam-host`'s cloud VMs) share one parser and its limits.
 //!
 //! Domain XML is small (kilobytes), so a tree keeps the fact extraction simple. Every element
 //! carries its resolved namespace URI; prefixes are not kept, so lookups match by URI.
@@ -42,7 +43,7 @@ pub enum XmlError {
 
 /// One element: its namespace URI (if any), local name, attributes and children.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Element {
+pub struct Element {
     /// The namespace URI the element's name resolves to, `None` when unbound.
     pub ns: Option<String>,
     /// The local part of the name.
@@ -56,7 +57,7 @@ pub(crate) struct Element {
 
 /// A child node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Node {
+pub enum Node {
     /// A child element.
     Element(Element),
     /// Character data (text or CDATA), unescaped.
@@ -158,7 +159,7 @@ fn make_element(
 ///
 /// Accepts an XML declaration, comments, processing instructions, a doctype and whitespace
 /// around exactly one root element.
-pub(crate) fn parse(xml: &str) -> Result<Element, XmlError> {
+pub fn parse(xml: &str) -> Result<Element, XmlError> {
     let mut reader = NsReader::from_str(xml);
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
