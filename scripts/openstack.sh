@@ -321,19 +321,55 @@ load_secrets() {
   source "$STATE/secrets.env"
 }
 
+# A service user's Keystone credentials (the lines every [section] of an OpenStack client
+# repeats): service_auth USER PASSWORD.
+service_auth() {
+  cat <<EOF
+auth_url = http://$ADDR:$P_KEYSTONE/v3
+auth_type = password
+project_domain_name = Default
+user_domain_name = Default
+project_name = service
+username = $1
+password = $2
+EOF
+}
+
+# [keystone_authtoken] of a service API: authtoken USER PASSWORD.
+authtoken() {
+  printf '[keystone_authtoken]\nwww_authenticate_uri = http://%s:%s/v3\nregion_name = %s\n' \
+    "$ADDR" "$P_KEYSTONE" "$REGION"
+  service_auth "$1" "$2"
+}
+
+# What every Nova service, the computes included, needs to reach the other services.
+nova_client_sections() {
+  cat <<EOF
+[service_user]
+send_service_user_token = true
+$(service_auth nova "$KS_NOVA_PASS")
+
+[placement]
+region_name = $REGION
+$(service_auth placement "$KS_PLACEMENT_PASS")
+
+[glance]
+region_name = $REGION
+
+[neutron]
+# Slot for a later Neutron (stub) at http://$ADDR:$P_NEUTRON: registered in Keystone's
+# catalog, nothing listens there yet.
+region_name = $REGION
+$(service_auth neutron "$KS_NEUTRON_PASS")
+EOF
+}
+
 # The *_PASS variables come from secrets.env (load_secrets).
 # shellcheck disable=SC2153
 write_configs() {
   local A=$ADDR
   mkdir -p "$ETC"/{keystone,glance,placement,nova,rabbitmq}
   local db="mysql+pymysql"
-  local authtoken_common="www_authenticate_uri = http://$A:$P_KEYSTONE/v3
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-region_name = $REGION"
 
   cat >"$ETC/my.cnf" <<EOF
 [client]
@@ -414,10 +450,7 @@ connection = $db://glance:$DB_GLANCE_PASS@$A/glance?charset=utf8
 [paste_deploy]
 flavor = keystone
 
-[keystone_authtoken]
-$authtoken_common
-username = glance
-password = $KS_GLANCE_PASS
+$(authtoken glance "$KS_GLANCE_PASS")
 
 [glance_store]
 default_backend = fs
@@ -445,10 +478,7 @@ connection = $db://placement:$DB_PLACEMENT_PASS@$A/placement?charset=utf8
 [api]
 auth_strategy = keystone
 
-[keystone_authtoken]
-$authtoken_common
-username = placement
-password = $KS_PLACEMENT_PASS
+$(authtoken placement "$KS_PLACEMENT_PASS")
 EOF
 
   # One nova.conf for nova-api, conductor and scheduler; what a compute needs is
@@ -479,45 +509,9 @@ workers = 1
 # Computes that register later are mapped into cell1 without a nova-manage call.
 discover_hosts_in_cells_interval = 30
 
-[keystone_authtoken]
-$authtoken_common
-username = nova
-password = $KS_NOVA_PASS
+$(authtoken nova "$KS_NOVA_PASS")
 
-[service_user]
-send_service_user_token = true
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = nova
-password = $KS_NOVA_PASS
-
-[placement]
-region_name = $REGION
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = placement
-password = $KS_PLACEMENT_PASS
-
-[glance]
-region_name = $REGION
-
-[neutron]
-# Slot for a later Neutron (stub) at http://$A:$P_NEUTRON: registered in Keystone's catalog,
-# nothing listens there yet.
-region_name = $REGION
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = neutron
-password = $KS_NEUTRON_PASS
+$(nova_client_sections)
 
 [oslo_concurrency]
 lock_path = $STATE/nova/lock
@@ -538,51 +532,9 @@ write_compute_conf() {
 [DEFAULT]
 transport_url = rabbit://openstack:$RABBIT_PASS@$A:$P_AMQP/
 
-[keystone_authtoken]
-www_authenticate_uri = http://$A:$P_KEYSTONE/v3
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = nova
-password = $KS_NOVA_PASS
-region_name = $REGION
+$(authtoken nova "$KS_NOVA_PASS")
 
-[service_user]
-send_service_user_token = true
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = nova
-password = $KS_NOVA_PASS
-
-[placement]
-region_name = $REGION
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = placement
-password = $KS_PLACEMENT_PASS
-
-[glance]
-region_name = $REGION
-
-[neutron]
-# Placeholder: the catalog has a network endpoint at http://$A:$P_NEUTRON, nothing
-# answers there yet.
-region_name = $REGION
-auth_url = http://$A:$P_KEYSTONE/v3
-auth_type = password
-project_domain_name = Default
-user_domain_name = Default
-project_name = service
-username = neutron
-password = $KS_NEUTRON_PASS
+$(nova_client_sections)
 EOF
   chmod 600 "$STATE/compute.conf"
 }
