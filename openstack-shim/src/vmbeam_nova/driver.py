@@ -593,6 +593,7 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
         live_migration_force_complete) and with the zero-copy figures put in
         the migration record before ``post_method``."""
         def post(context, instance, dest, block_migration, migrate_data):
+            self._vmbeam_wait_for_operation(instance, future)
             self._vmbeam_save_stats(instance, migrate_data)
             return post_method(context, instance, dest, block_migration,
                                migrate_data)
@@ -605,6 +606,24 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
         finally:
             self._vmbeam_local.monitoring = None
             self._vmbeam_results.pop(instance.uuid, None)
+
+    def _vmbeam_wait_for_operation(self, instance, future):
+        """Before Nova's post-migration steps on a zero-copy route, the
+        operation thread's end: libvirt reports the job complete as soon as
+        the domain is gone from here (Guest.get_job_info), while vmbeamd's job
+        still settles (the pool file handed to the destination) and the
+        thread still records the job's figures."""
+        rec = self._vmbeam_migrations.get(instance.uuid)
+        if rec is None or rec.route != "vmbeam":
+            return
+        try:
+            future.result(timeout=CONF.vmbeam.dbus_timeout)
+        except Exception as e:
+            # The monitor raises the operation's own error itself, after
+            # post_method; a timeout leaves the record without the figures.
+            LOG.debug("VMBeam: the zero-copy operation had not ended "
+                      "cleanly when Nova's post-migration began: %r", e,
+                      instance=instance)
 
     def _vmbeam_save_stats(self, instance, migrate_data):
         """The record of a completed zero-copy migration: the guest's memory

@@ -32,7 +32,7 @@ class DriverLoadTest(base.DriverTestCase):
         ours_in_nova = sorted(f for f in files if f.startswith("nova/") and "__pycache__" not in f)
         self.assertEqual(["nova/virt/vmbeam/__init__.py"], ours_in_nova)
         reqs = importlib.metadata.requires("vmbeam-nova")
-        self.assertIn("nova<35,>=33.0.0", reqs)
+        self.assertIn("nova<35,>=34.0.0", reqs)
 
     def test_nova_validates_the_flavor_extra_spec(self):
         validators.validate("vmbeam:enabled", "true")

@@ -65,6 +65,33 @@ class NovaMonitorTest(base.DriverTestCase):
         self.post.assert_called_once()
         self.assertIn("migration record: %d bytes of memory moved, 456704 bytes sent" % (512 << 20), self.log())
 
+    def test_the_record_is_written_when_libvirt_reports_completion_before_vmbeamd_settles(self):
+        # libvirt reports a job complete once the domain is gone from the
+        # source (Guest.get_job_info), while vmbeamd still settles its job.
+        script = fakes.success_script(migrating_reads=1)
+        confirming = script.index(next(st for st in script if st["Phase"] == "confirming"))
+        script[confirming:confirming + 1] = [{"Phase": "confirming", "Progress": 95}] * 15
+        self.vmbeamd.script = script
+        inst, guest = self.beam_guest()
+        dom = getattr(guest._domain, "_obj", guest._domain)
+        follow = self.vmbeamd.on_phase
+
+        def gone_at_confirm(job, phase):
+            follow(job, phase)
+            if phase == "confirming":
+                dom._job_type = fakelibvirt.VIR_DOMAIN_JOB_COMPLETED
+
+        self.vmbeamd.on_phase = gone_at_confirm
+        md = self.run_live_migration(inst)
+        self.post.assert_called_once()
+        self.assertEqual(512 << 20, md.migration.memory_total)
+        self.assertEqual(456704, md.migration.memory_processed)
+        log = self.log()
+        self.assertLess(
+            log.index("zero-copy live migration to %s completed" % base.DEST_URI),
+            log.index("migration record:"),
+        )
+
     def test_nova_s_downtime_steps_reach_the_zero_copy_job(self):
         set_downtime = self.useFixture(
             fixtures.MockPatchObject(fakelibvirt.Domain, "migrateSetMaxDowntime")
