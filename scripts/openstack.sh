@@ -173,7 +173,11 @@ parse_opts() {
   LOGS=$STATE/log
 }
 
-valid_cidr() { [[ $1 =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])$ ]]; }
+valid_cidr() {
+  [[ $1 =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})/([0-9]|[12][0-9]|3[0-2])$ ]] || return 1
+  local i
+  for i in 1 2 3 4; do ((10#${BASH_REMATCH[i]} <= 255)) || return 1; done
+}
 
 # The first host address of A.B.C.D/NN's network, with the same prefix length.
 first_host() {
@@ -1034,8 +1038,12 @@ down) shift; cmd_down "$@" ;;
 status) shift; cmd_status "$@" ;;
 smoke) shift; cmd_smoke "$@" ;;
 --venv-path) echo "$VENV" ;;
-*)
+"" | -h | --help)
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 2
+  ;;
+*)
+  echo "openstack: unknown command '$1' (install, up, down, status, smoke; --help)" >&2
   exit 2
   ;;
 esac
