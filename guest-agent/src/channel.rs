@@ -136,6 +136,28 @@ pub fn open_path(path: &Path) -> io::Result<(Box<dyn ChanRead>, Writer)> {
     Ok((Box::new(f.try_clone()?), Box::new(f)))
 }
 
+/// Where the kernel lists virtio-serial ports (one directory per port, its `name` file
+/// holding the name the host gave it).
+const SYS_VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
+
+/// The device node of the virtio-serial port named `name` (`/dev/vportNpM`; the guest
+/// runs no udev, so there are no `/dev/virtio-ports/NAME` links).
+pub fn virtio_port(sys: &Path, name: &str) -> io::Result<std::path::PathBuf> {
+    for entry in std::fs::read_dir(sys)? {
+        let entry = entry?;
+        let Ok(n) = std::fs::read_to_string(entry.path().join("name")) else {
+            continue;
+        };
+        if n.trim_end() == name {
+            return Ok(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no virtio-serial port named {name} in {}", sys.display()),
+    ))
+}
+
 /// Calls `handler` for every line read from `r` until EOF or an error. A partial line
 /// followed by [`STALE_PARTIAL_LINE`] of silence is dropped.
 fn read_lines(r: &mut dyn ChanRead, handler: &LineHandler) -> io::Result<()> {
@@ -194,6 +216,9 @@ pub fn start(spec: ChanSpec, outbox_rx: Receiver<String>, handler: LineHandler) 
         match spec {
             ChanSpec::Stdio => Ok((Box::new(io::stdin()), Box::new(io::stdout()))),
             ChanSpec::Path(p) => open_path(p),
+            ChanSpec::VirtioPort(name) => {
+                open_path(&virtio_port(Path::new(SYS_VIRTIO_PORTS), name)?)
+            }
             ChanSpec::Off => Err(io::Error::other("no channel")),
         }
     };
@@ -290,6 +315,33 @@ mod tests {
         drop(b);
         t.join().unwrap().unwrap();
         assert_eq!(*got.lock().unwrap(), ["7 PING", "8 STATS"]);
+    }
+
+    #[test]
+    fn virtio_ports_are_found_by_name() {
+        let sys = std::env::temp_dir().join(format!("vmbeam-agent-vports-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sys);
+        for (port, name) in [
+            ("vport0p1", "org.qemu.guest_agent.0"),
+            ("vport0p2", "other"),
+        ] {
+            std::fs::create_dir_all(sys.join(port)).unwrap();
+            std::fs::write(sys.join(port).join("name"), format!("{name}\n")).unwrap();
+        }
+        // A port the host gave no name has an empty name file; one may lack it.
+        std::fs::create_dir_all(sys.join("vport0p3")).unwrap();
+        assert_eq!(
+            virtio_port(&sys, "org.qemu.guest_agent.0").unwrap(),
+            Path::new("/dev/vport0p1")
+        );
+        assert_eq!(
+            virtio_port(&sys, "other").unwrap(),
+            Path::new("/dev/vport0p2")
+        );
+        let e = virtio_port(&sys, "org.vmbeam.agent").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("org.vmbeam.agent"), "{e}");
+        let _ = std::fs::remove_dir_all(&sys);
     }
 
     #[test]

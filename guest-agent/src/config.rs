@@ -12,6 +12,11 @@ pub enum ChanSpec {
     /// A tty, pty or other file (opened read-write, raw mode if a tty), or a unix socket
     /// (connected to). Reopened whenever it fails.
     Path(PathBuf),
+    /// A virtio-serial port found by its name (`/sys/class/virtio-ports/*/name`), e.g.
+    /// `org.qemu.guest_agent.0`, the channel Nova gives a guest whose image says
+    /// `hw_qemu_guest_agent=yes`. Looked up again at every (re)open: the port may appear
+    /// after the agent starts.
+    VirtioPort(String),
     /// No channel.
     Off,
 }
@@ -61,8 +66,10 @@ from these flags:
                        (vmbeam.verify_rate, default 0)
   --http-port P|off    HTTP port, 0 = any free port (vmbeam.http_port, default 80)
   --http-addr ADDR     HTTP bind address (vmbeam.http_addr, default 0.0.0.0)
-  --chan PATH|off      command channel: tty, pty or unix socket (vmbeam.chan,
-                       default /dev/ttyS1 in a lab guest, stdio elsewhere)
+  --chan PATH|virtio:NAME|off
+                       command channel: tty, pty, unix socket, or the virtio-serial
+                       port named NAME (vmbeam.chan, default /dev/ttyS1 in a lab
+                       guest, stdio elsewhere)
   --chan-stdio         command channel on stdin/stdout (EOF on stdin ends the agent)
   --console PATH|-     console for READY/status lines, - = stderr (vmbeam.console,
                        default /dev/ttyS0 in a lab guest, stderr elsewhere)
@@ -115,7 +122,14 @@ fn set(cfg: &mut Config, key: &str, value: &str) -> Result<(), String> {
             cfg.chan = match value {
                 "off" | "none" => ChanSpec::Off,
                 "-" | "stdio" => ChanSpec::Stdio,
-                p => ChanSpec::Path(p.into()),
+                v => match v.strip_prefix("virtio:") {
+                    Some("") => return Err("chan: virtio: needs a port name".into()),
+                    Some(name) if name.contains('/') => {
+                        return Err(format!("chan: not a virtio port name: {name:?}"))
+                    }
+                    Some(name) => ChanSpec::VirtioPort(name.into()),
+                    None => ChanSpec::Path(v.into()),
+                },
             }
         }
         "console" => {
@@ -275,6 +289,14 @@ mod tests {
         );
         assert_eq!(c.chan, ChanSpec::Path("/dev/pts/7".into()));
         assert_eq!(c.console, ConsoleSpec::Path("/dev/hvc0".into()));
+        let c = run(
+            &[],
+            "vmbeam.mem_mib=96 vmbeam.chan=virtio:org.qemu.guest_agent.0",
+        );
+        assert_eq!(
+            c.chan,
+            ChanSpec::VirtioPort("org.qemu.guest_agent.0".into())
+        );
     }
 
     #[test]
@@ -284,6 +306,10 @@ mod tests {
         assert!(parse(&args(&["--mem-mib", "0"]), Some("")).is_err());
         assert!(parse(&args(&["--bogus"]), Some("")).is_err());
         assert!(parse(&args(&["--mem-mib"]), Some("")).is_err());
+        for bad in ["vmbeam.chan=virtio:", "vmbeam.chan=virtio:../ttyS0"] {
+            let e = parse(&[], Some(bad)).unwrap_err();
+            assert!(e.contains("vmbeam.chan"), "{e}");
+        }
         assert!(parse(&[], Some("vmbeam.mem_mib=lots"))
             .unwrap_err()
             .contains("vmbeam.mem_mib"));

@@ -27,9 +27,10 @@ use sha2::{Digest, Sha256};
 pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// The package that provides a statically linked busybox.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
-/// Modules the guest needs (virtio PCI transport and virtio networking); their
+/// Modules the guest needs (virtio PCI transport, virtio networking, and virtio-serial for
+/// an agent channel such as the one Nova gives a guest); their
 /// dependencies are added from the modules' own `depends=` info.
-pub const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+pub const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_net", "virtio_console"];
 /// Where the agent sits in the guest.
 pub const AGENT_GUEST_PATH: &str = "sbin/vmbeam-guest-agent";
 /// Bump when the image layout or /init changes in a way the inputs do not show.
