@@ -88,7 +88,21 @@ pub enum GuestCmd {
         #[arg(long)]
         no_beam: bool,
     },
-    /// Check the guest's memory integrity wherever it runs now (exit 0 PASS, 1 FAIL)
+    /// Print (JSON) the lab guest image and the kernel command line for booting it
+    /// elsewhere, e.g. as Glance images Nova boots (agent on Nova's guest-agent channel)
+    Image {
+        /// Guest memory the image will be booted with (the fill is checked against it)
+        #[arg(long, value_name = "MIB")]
+        memory: u64,
+        /// Memory the agent fills and verifies (default: all but what the kernel needs)
+        #[arg(long, value_name = "MIB")]
+        fill: Option<u64>,
+        /// Pages per second the agent dirties
+        #[arg(long, value_name = "PAGES_PER_S", default_value_t = 0)]
+        dirty_rate: u64,
+    },
+    /// Check the guest's memory integrity wherever it runs now (exit 0 PASS, 1 FAIL); NAME
+    /// is a lab guest or any domain of a cloud VM with an agent channel (Nova's guests)
     Check { name: String },
     /// Show the guest agent's counters (achieved dirty rate, passes, bad pages)
     Stats { name: String },
@@ -393,6 +407,32 @@ fn guest_cmd(cmd: GuestCmd) -> anyhow::Result<()> {
                 rec.dirty_rate,
                 rec.ip,
                 t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        GuestCmd::Image {
+            memory,
+            fill,
+            dirty_rate,
+        } => {
+            let fill = lab(guest::fill_for(memory, fill))?;
+            let image = lab(vmbeam_lab::guest_image(&agent_binary()?))?;
+            let cmdline = vmbeam_lab::image::foreign_kernel_cmdline(
+                fill,
+                dirty_rate,
+                guest::NOVA_AGENT_CHANNEL,
+            );
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": image.id,
+                    "kernel": image.kernel,
+                    "initrd": image.initrd,
+                    "kernel_version": image.kernel_version,
+                    "memory_mib": memory,
+                    "fill_mib": fill,
+                    "cmdline": cmdline,
+                })
             );
             Ok(())
         }

@@ -145,6 +145,16 @@ pub fn kernel_cmdline(
     s
 }
 
+/// The kernel command line of the lab image booted by someone else (Nova: the image's
+/// `os_command_line`): no network set-up, no HTTP server, the agent on the virtio-serial
+/// port Nova's `hw_qemu_guest_agent=yes` adds.
+pub fn foreign_kernel_cmdline(fill_mib: u64, dirty_rate: u64, chan: &str) -> String {
+    debug_assert!(!chan.contains(char::is_whitespace));
+    format!(
+        "console=ttyS0 panic=-1 quiet mitigations=off vmbeam.mem_mib={fill_mib} vmbeam.dirty_rate={dirty_rate} vmbeam.http_port=off vmbeam.chan=virtio:{chan}"
+    )
+}
+
 /// The most a lab guest with `guest_ram_mib` of RAM can fill (`vmbeam.mem_mib`).
 ///
 /// The agent refuses a fill above the guest's MemAvailable minus 24 MiB. Measured with
@@ -1059,6 +1069,7 @@ mod tests {
                     "virtio",
                 ],
             ),
+            ("virtio_console", vec!["virtio", "virtio_ring"]),
             ("net_failover", vec!["failover"]),
             ("failover", vec![]),
             ("virtio", vec!["virtio_ring"]),
@@ -1086,7 +1097,8 @@ mod tests {
                 "virtio_pci",
                 "failover",
                 "net_failover",
-                "virtio_net"
+                "virtio_net",
+                "virtio_console"
             ]
         );
         for (i, m) in order.iter().enumerate() {
