@@ -20,6 +20,9 @@
 #   scripts/openstack.sh down [--ns NAME] [--state-dir DIR]
 #   scripts/openstack.sh status [--ns NAME] [--state-dir DIR]
 #   scripts/openstack.sh smoke [--ns NAME] [--state-dir DIR]
+#   scripts/openstack.sh compute [--ns NAME] [--state-dir DIR] [--lab BIN] CVM...
+#       Starts a nova-compute (VMBeam's driver) in each named cloud VM of the running lab
+#       and waits until Nova and Placement have them (scripts/openstack/compute.sh).
 #
 # State (configs, data, logs, PIDs, openrc, compute.conf) is in
 # /var/lib/vmbeam-openstack/<ns>/ unless --state-dir says otherwise.
@@ -878,7 +881,9 @@ cmd_down() {
   local start s
   start=$(now)
   if [[ -d $RUN ]]; then
-    # The OpenStack services together, then what they used.
+    # The computes first (they report to conductor), then the OpenStack services
+    # together, then what they used.
+    stop_computes
     stop_svcs 20 nova-scheduler nova-conductor nova-api placement glance keystone
     stop_svcs 60 rabbitmq mariadb
     stop_svcs 10 epmd
@@ -941,6 +946,19 @@ cmd_status() {
     printf '%-15s running (pid %s) %s\n' "$s" "$pid" "$answer"
     case $answer in *"no answer"* | *"error"* | *"down"*) rc=1 ;; esac
   done
+  local c
+  while read -r c; do
+    pid=$(svc_pid "nova-compute@$c")
+    if ! group_alive "$pid"; then
+      printf '%-15s dead (pid %s)\n' "compute@$c" "$pid"
+      rc=1
+      continue
+    fi
+    load_secrets
+    answer=$(vpy probe-nova-service "mysql+pymysql://nova:$DB_NOVA_PASS@$A/nova" "$c" nova-compute)
+    printf '%-15s running (pid %s) %s\n' "compute@$c" "$pid" "$answer"
+    case $answer in *"no answer"* | *"not registered"* | *"down"*) rc=1 ;; esac
+  done < <(recorded_computes)
   return "$rc"
 }
 
@@ -1031,8 +1049,12 @@ cmd_smoke() {
 
 # ---------------------------------------------------------------------------------------
 
+# shellcheck source=scripts/openstack/compute.sh
+source "$HERE/compute.sh"
+
 case ${1:-} in
 install) shift; cmd_install "$@" ;;
+compute) shift; cmd_compute "$@" ;;
 up) shift; cmd_up "$@" ;;
 down) shift; cmd_down "$@" ;;
 status) shift; cmd_status "$@" ;;
@@ -1043,7 +1065,7 @@ smoke) shift; cmd_smoke "$@" ;;
   exit 2
   ;;
 *)
-  echo "openstack: unknown command '$1' (install, up, down, status, smoke; --help)" >&2
+  echo "openstack: unknown command '$1' (install, up, down, status, smoke, compute; --help)" >&2
   exit 2
   ;;
 esac

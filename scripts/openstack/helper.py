@@ -8,6 +8,11 @@
                                                until nova-conductor and nova-scheduler of HOST
                                                are registered in cell1's services table
     helper.py probe-nova-service DB HOST BINARY
+    helper.py wait-nova-compute DB HOST TIMEOUT [PID...]
+                                               until HOST's nova-compute is registered, enabled
+                                               and reported within the last 60 s
+    helper.py wait-providers PLACEMENT_DB NAME,... TIMEOUT
+                                               until Placement has those resource providers
     helper.py register                         Keystone: the service project, the service users
                                                (admin role in it), services and endpoints of
                                                glance, placement, nova and neutron (the env
@@ -67,11 +72,11 @@ def probe_amqp(url):
         return False, f"no answer: {e}"
 
 
-def _nova_services(db, host):
+def _connect(db):
     import pymysql
 
     u = urllib.parse.urlparse(db.replace("mysql+pymysql://", "mysql://"))
-    conn = pymysql.connect(
+    return pymysql.connect(
         host=u.hostname,
         port=u.port or 3306,
         user=urllib.parse.unquote(u.username),
@@ -79,6 +84,10 @@ def _nova_services(db, host):
         database=u.path.lstrip("/").split("?")[0],
         connect_timeout=3,
     )
+
+
+def _nova_services(db, host):
+    conn = _connect(db)
     try:
         with conn.cursor() as cur:
             cur.execute(
@@ -113,6 +122,35 @@ def wanted_services(db, host):
         return False, f"no answer: {e}"
     missing = [b for b in ("nova-conductor", "nova-scheduler") if b not in got]
     return (not missing), f"registered: {sorted(got)}; missing: {missing}"
+
+
+def compute_up(db, host):
+    try:
+        got = _nova_services(db, host)
+    except Exception as e:  # noqa: BLE001
+        return False, f"no answer: {e}"
+    if "nova-compute" not in got:
+        return False, f"nova-compute of {host} not registered"
+    disabled, age = got["nova-compute"]
+    if disabled:
+        return False, f"nova-compute of {host} is disabled"
+    return age is not None and age <= 60, f"nova-compute of {host}: last report {age} s ago"
+
+
+def providers_present(db, names):
+    want = set(names.split(","))
+    try:
+        conn = _connect(db)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT name FROM resource_providers")
+                have = {r[0] for r in cur.fetchall()}
+        finally:
+            conn.close()
+    except Exception as e:  # noqa: BLE001
+        return False, f"no answer: {e}"
+    missing = sorted(want - have)
+    return not missing, f"resource providers missing: {missing}"
 
 
 def register():
@@ -181,6 +219,10 @@ def main(argv):
         return 0
     if cmd == "wait-nova-services":
         return wait(wanted_services, [args[0], args[1]], float(args[2]), args[3:])
+    if cmd == "wait-nova-compute":
+        return wait(compute_up, [args[0], args[1]], float(args[2]), args[3:])
+    if cmd == "wait-providers":
+        return wait(providers_present, [args[0], args[1]], float(args[2]), [])
     if cmd == "probe-nova-service":
         db, host, binary = args
         try:
