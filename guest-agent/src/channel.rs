@@ -23,21 +23,37 @@ const QUEUE: usize = 512;
 /// Pause between attempts to (re)open the channel.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// Rewrites a line before it is queued.
+type LineMap = Arc<dyn Fn(String) -> String + Send + Sync>;
+
 /// Sends lines to the channel without ever blocking.
 #[derive(Clone)]
 pub struct Outbox {
     tx: SyncSender<String>,
+    map: Option<LineMap>,
 }
 
 impl Outbox {
     /// A new outbox and the receiving end for [`start`].
     pub fn new() -> (Self, Receiver<String>) {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        (Self { tx }, rx)
+        (Self { tx, map: None }, rx)
+    }
+
+    /// The same outbox, each line rewritten by `map` first (a reply in another framing).
+    pub fn mapped(&self, map: impl Fn(String) -> String + Send + Sync + 'static) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            map: Some(Arc::new(map)),
+        }
     }
 
     /// Queues one line (without its newline); dropped if the queue is full.
     pub fn send(&self, line: String) {
+        let line = match &self.map {
+            Some(m) => m(line),
+            None => line,
+        };
         let _ = self.tx.try_send(line);
     }
 }
@@ -195,10 +211,15 @@ pub fn start(spec: ChanSpec, outbox_rx: Receiver<String>, handler: LineHandler) 
     }
     let current: Arc<Mutex<Option<Writer>>> = Arc::new(Mutex::new(None));
     let cur_w = Arc::clone(&current);
+    // libvirt, the client of a QGA channel, takes anything unsolicited for a broken agent.
+    let quiet = matches!(spec, ChanSpec::Qga(_));
     std::thread::Builder::new()
         .name("chan-writer".into())
         .spawn(move || {
             for mut line in outbox_rx {
+                if quiet && line.starts_with("* ") {
+                    continue;
+                }
                 line.push('\n');
                 let mut g = cur_w.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(w) = g.as_mut() {
@@ -216,7 +237,7 @@ pub fn start(spec: ChanSpec, outbox_rx: Receiver<String>, handler: LineHandler) 
         match spec {
             ChanSpec::Stdio => Ok((Box::new(io::stdin()), Box::new(io::stdout()))),
             ChanSpec::Path(p) => open_path(p),
-            ChanSpec::VirtioPort(name) => {
+            ChanSpec::VirtioPort(name) | ChanSpec::Qga(name) => {
                 open_path(&virtio_port(Path::new(SYS_VIRTIO_PORTS), name)?)
             }
             ChanSpec::Off => Err(io::Error::other("no channel")),

@@ -17,6 +17,9 @@ pub enum ChanSpec {
     /// `hw_qemu_guest_agent=yes`. Looked up again at every (re)open: the port may appear
     /// after the agent starts.
     VirtioPort(String),
+    /// The virtio-serial port named so, speaking the QEMU guest agent's JSON protocol
+    /// (libvirt is the port's client: `virsh qemu-agent-command`), see [`crate::qga`].
+    Qga(String),
     /// No channel.
     Off,
 }
@@ -66,9 +69,10 @@ from these flags:
                        (vmbeam.verify_rate, default 0)
   --http-port P|off    HTTP port, 0 = any free port (vmbeam.http_port, default 80)
   --http-addr ADDR     HTTP bind address (vmbeam.http_addr, default 0.0.0.0)
-  --chan PATH|virtio:NAME|off
-                       command channel: tty, pty, unix socket, or the virtio-serial
-                       port named NAME (vmbeam.chan, default /dev/ttyS1 in a lab
+  --chan PATH|virtio:NAME|qga:NAME|off
+                       command channel: tty, pty, unix socket, the virtio-serial
+                       port named NAME, or that port speaking the QEMU guest agent's
+                       JSON for libvirt (vmbeam.chan, default /dev/ttyS1 in a lab
                        guest, stdio elsewhere)
   --chan-stdio         command channel on stdin/stdout (EOF on stdin ends the agent)
   --console PATH|-     console for READY/status lines, - = stderr (vmbeam.console,
@@ -122,14 +126,22 @@ fn set(cfg: &mut Config, key: &str, value: &str) -> Result<(), String> {
             cfg.chan = match value {
                 "off" | "none" => ChanSpec::Off,
                 "-" | "stdio" => ChanSpec::Stdio,
-                v => match v.strip_prefix("virtio:") {
-                    Some("") => return Err("chan: virtio: needs a port name".into()),
-                    Some(name) if name.contains('/') => {
-                        return Err(format!("chan: not a virtio port name: {name:?}"))
+                v => {
+                    let port = |name: &str| -> Result<String, String> {
+                        if name.is_empty() || name.contains('/') {
+                            Err(format!("chan: not a virtio port name: {name:?}"))
+                        } else {
+                            Ok(name.to_string())
+                        }
+                    };
+                    if let Some(name) = v.strip_prefix("virtio:") {
+                        ChanSpec::VirtioPort(port(name)?)
+                    } else if let Some(name) = v.strip_prefix("qga:") {
+                        ChanSpec::Qga(port(name)?)
+                    } else {
+                        ChanSpec::Path(v.into())
                     }
-                    Some(name) => ChanSpec::VirtioPort(name.into()),
-                    None => ChanSpec::Path(v.into()),
-                },
+                }
             }
         }
         "console" => {
@@ -306,7 +318,11 @@ mod tests {
         assert!(parse(&args(&["--mem-mib", "0"]), Some("")).is_err());
         assert!(parse(&args(&["--bogus"]), Some("")).is_err());
         assert!(parse(&args(&["--mem-mib"]), Some("")).is_err());
-        for bad in ["vmbeam.chan=virtio:", "vmbeam.chan=virtio:../ttyS0"] {
+        for bad in [
+            "vmbeam.chan=virtio:",
+            "vmbeam.chan=virtio:../ttyS0",
+            "vmbeam.chan=qga:",
+        ] {
             let e = parse(&[], Some(bad)).unwrap_err();
             assert!(e.contains("vmbeam.chan"), "{e}");
         }

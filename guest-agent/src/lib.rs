@@ -13,6 +13,7 @@ pub mod http;
 pub mod memory;
 pub mod pattern;
 pub mod protocol;
+pub mod qga;
 pub mod stats;
 pub mod witness;
 pub mod worker;
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::channel::Outbox;
-use crate::config::{Config, ConsoleSpec};
+use crate::config::{ChanSpec, Config, ConsoleSpec};
 use crate::memory::GuestMemory;
 use crate::pattern::PAGE_SIZE;
 use crate::protocol::{parse_line, Command};
@@ -180,6 +181,27 @@ pub fn handle_line(line: &str, stats: &Stats, worker: &Sender<Request>, out: &Ou
     }
 }
 
+/// Answers one line of a QGA channel ([`qga`]): libvirt's sync and ping, and the agent's
+/// own commands carried in `vmbeam-command`, each answered with one JSON line.
+pub fn handle_qga_line(line: &str, stats: &Stats, worker: &Sender<Request>, out: &Outbox) {
+    if !qga::is_request(line) {
+        // Not JSON: what a client wrote before syncing; libvirt's sync skips it too.
+        return;
+    }
+    match qga::parse(line) {
+        qga::QgaRequest::Sync(id) => out.send(qga::sync_reply(id)),
+        qga::QgaRequest::Ping => out.send(qga::empty_reply()),
+        qga::QgaRequest::Command(cmd) => {
+            const ID: &str = "qga";
+            let json = out.mapped(|answer: String| {
+                qga::line_reply(answer.strip_prefix("qga ").unwrap_or(&answer))
+            });
+            handle_line(&format!("{ID} {cmd}"), stats, worker, &json);
+        }
+        qga::QgaRequest::Unknown(name) => out.send(qga::not_found(&name)),
+    }
+}
+
 /// Runs the agent: fill, serve, report. Returns only on a setup error.
 pub fn run(cfg: Config) -> Result<std::convert::Infallible, String> {
     let console = Console::open(&cfg.console);
@@ -258,10 +280,17 @@ pub fn run(cfg: Config) -> Result<std::convert::Infallible, String> {
     let (outbox, out_rx) = Outbox::new();
     {
         let (stats, wtx, outbox) = (Arc::clone(&stats), wtx.clone(), outbox.clone());
+        let qga = matches!(cfg.chan, ChanSpec::Qga(_));
         channel::start(
             cfg.chan.clone(),
             out_rx,
-            Arc::new(move |l| handle_line(l, &stats, &wtx, &outbox)),
+            Arc::new(move |l| {
+                if qga {
+                    handle_qga_line(l, &stats, &wtx, &outbox)
+                } else {
+                    handle_line(l, &stats, &wtx, &outbox)
+                }
+            }),
         );
     }
 
@@ -302,5 +331,45 @@ pub fn run(cfg: Config) -> Result<std::convert::Infallible, String> {
                 next = Instant::now() + Duration::from_secs(1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qga_lines_get_json_answers_and_carry_the_agents_commands() {
+        let stats = Stats::new("b00t".into(), 1, 256, 0, 0);
+        let (out, rx) = Outbox::new();
+        // A worker that is gone: CHECK's answer is the agent's own error, framed as JSON.
+        let (wtx, wrx) = mpsc::channel();
+        drop(wrx);
+        let ask = |line: &str| {
+            handle_qga_line(line, &stats, &wtx, &out);
+            rx.try_recv().ok()
+        };
+        assert_eq!(
+            ask(r#"{"execute":"guest-sync", "arguments":{"id":77}}"#).as_deref(),
+            Some(r#"{"return": 77}"#)
+        );
+        assert_eq!(
+            ask(r#"{"execute":"guest-ping"}"#).as_deref(),
+            Some(r#"{"return": {}}"#)
+        );
+        let pong = ask(r#"{"execute":"vmbeam-command","arguments":{"line":"PING"}}"#).unwrap();
+        assert!(
+            pong.starts_with(r#"{"return": {"line": "PONG boot_id=b00t uptime_ms="#),
+            "{pong}"
+        );
+        assert_eq!(
+            ask(r#"{"execute":"vmbeam-command","arguments":{"line":"CHECK"}}"#).as_deref(),
+            Some(r#"{"return": {"line": "ERR the memory worker is not running"}}"#)
+        );
+        assert!(ask(r#"{"execute":"guest-fsfreeze-freeze"}"#)
+            .unwrap()
+            .contains("CommandNotFound"));
+        // Not JSON (what a client wrote before its sync): no answer at all.
+        assert_eq!(ask("1 PING"), None);
     }
 }

@@ -25,9 +25,20 @@ pub enum AgentError {
 
 /// A connection to one guest agent.
 pub struct AgentClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    transport: Transport,
     next_id: u64,
+}
+
+enum Transport {
+    /// The agent's own line protocol on a unix socket (the lab's guests: their second
+    /// serial port).
+    Socket {
+        reader: BufReader<UnixStream>,
+        writer: UnixStream,
+    },
+    /// Through libvirt's guest-agent API (`virDomainQemuAgentCommand`): for a guest whose
+    /// agent speaks QGA on Nova's `org.qemu.guest_agent.0` channel, which libvirt holds.
+    Qga { uri: String, domain: String },
 }
 
 /// The agent's verdict on the guest's memory.
@@ -51,19 +62,75 @@ impl AgentClient {
         // A partial line left by an earlier client would prefix our first command.
         writer.write_all(b"\n")?;
         Ok(Self {
-            reader: BufReader::new(s),
-            writer,
+            transport: Transport::Socket {
+                reader: BufReader::new(s),
+                writer,
+            },
             next_id: 1,
         })
     }
 
+    /// An agent reached through the libvirt at `uri` (domain `domain`'s guest-agent
+    /// channel, the agent booted with `vmbeam.chan=qga:org.qemu.guest_agent.0`).
+    pub fn via_libvirt(uri: &str, domain: &str) -> Self {
+        Self {
+            transport: Transport::Qga {
+                uri: uri.into(),
+                domain: domain.into(),
+            },
+            next_id: 1,
+        }
+    }
+
+    /// One command through libvirt's guest-agent API; the answer line.
+    fn qga_request(
+        uri: &str,
+        domain: &str,
+        cmd: &str,
+        timeout: Duration,
+    ) -> Result<String, AgentError> {
+        let failed = |what: &str, e: virt::error::Error| {
+            AgentError::Protocol(format!("{what} ({domain} at {uri}): {e}"))
+        };
+        let mut conn =
+            virt::connect::Connect::open(Some(uri)).map_err(|e| failed("connect to libvirt", e))?;
+        let result = (|| {
+            let dom = virt::domain::Domain::lookup_by_name(&conn, domain)
+                .map_err(|e| failed("look up the domain", e))?;
+            let request = serde_json::json!({
+                "execute": "vmbeam-command",
+                "arguments": {"line": cmd},
+            })
+            .to_string();
+            let secs = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+            let reply = dom.qemu_agent_command(&request, secs, 0).map_err(|e| {
+                if e.code() == virt::error::ErrorNumber::AgentUnresponsive {
+                    AgentError::Timeout(timeout)
+                } else {
+                    failed("qemu-agent-command", e)
+                }
+            })?;
+            let v: serde_json::Value = serde_json::from_str(&reply)
+                .map_err(|e| AgentError::Protocol(format!("not JSON: {reply}: {e}")))?;
+            v["return"]["line"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or(AgentError::Protocol(reply))
+        })();
+        let _ = conn.close();
+        result
+    }
     /// Sends one command and returns the answer line (without the id), skipping
     /// unsolicited lines and stale answers.
     pub fn request(&mut self, cmd: &str, timeout: Duration) -> Result<String, AgentError> {
         let id = self.next_id;
         self.next_id += 1;
+        let (reader, writer) = match &mut self.transport {
+            Transport::Socket { reader, writer } => (reader, writer),
+            Transport::Qga { uri, domain } => return Self::qga_request(uri, domain, cmd, timeout),
+        };
         let deadline = Instant::now() + timeout;
-        self.writer.write_all(format!("{id} {cmd}\n").as_bytes())?;
+        writer.write_all(format!("{id} {cmd}\n").as_bytes())?;
         let prefix = format!("{id} ");
         let mut line = String::new();
         loop {
@@ -71,9 +138,9 @@ impl AgentClient {
             if left.is_zero() {
                 return Err(AgentError::Timeout(timeout));
             }
-            self.reader.get_ref().set_read_timeout(Some(left))?;
+            reader.get_ref().set_read_timeout(Some(left))?;
             line.clear();
-            match self.reader.read_line(&mut line) {
+            match reader.read_line(&mut line) {
                 Ok(0) => return Err(AgentError::Protocol("channel closed".into())),
                 Ok(_) => {
                     let l = line.trim_end_matches(['\r', '\n']);
@@ -183,8 +250,10 @@ mod tests {
         });
         let writer = a.try_clone().unwrap();
         let mut c = AgentClient {
-            reader: BufReader::new(a),
-            writer,
+            transport: Transport::Socket {
+                reader: BufReader::new(a),
+                writer,
+            },
             next_id: 1,
         };
         let r = c.check(Duration::from_secs(5)).unwrap();

@@ -229,93 +229,27 @@ pub fn agent_socket(cvm: &CloudVm, name: &str) -> PathBuf {
 }
 
 /// The name of the virtio-serial channel Nova gives a guest whose image has
-/// `hw_qemu_guest_agent=yes`; the lab agent answers there when booted with
-/// `vmbeam.chan=virtio:org.qemu.guest_agent.0`.
+/// `hw_qemu_guest_agent=yes`; the lab agent speaks QGA there when booted with
+/// `vmbeam.chan=qga:org.qemu.guest_agent.0`, and is reached through libvirt.
 pub const NOVA_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
-/// The unix socket, inside the cloud VM, behind a domain's agent channel: a
-/// `<channel type='unix'>` whose virtio target is [`NOVA_AGENT_CHANNEL`], else a
-/// `<serial type='unix'>` on port 1 (the lab's own guests). Read from the live XML, where
-/// libvirt has filled in the path it chose.
-pub fn agent_socket_in_xml(xml: &str) -> Option<String> {
-    use quick_xml::events::Event;
-    let mut reader = quick_xml::Reader::from_str(xml);
-    // (element, source path, target matches, type unix) of the <channel>/<serial> being read.
-    let mut current: Option<(Vec<u8>, Option<String>, bool, bool)> = None;
-    let mut serial_fallback = None;
-    let attr = |e: &quick_xml::events::BytesStart, key: &[u8]| -> Option<String> {
-        e.attributes()
-            .flatten()
-            .find(|a| a.key.as_ref() == key)
-            .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
-    };
-    loop {
-        match reader.read_event() {
-            Ok(Event::Start(e)) if matches!(e.name().as_ref(), b"channel" | b"serial") => {
-                let unix = attr(&e, b"type").as_deref() == Some("unix");
-                current = Some((e.name().as_ref().to_vec(), None, false, unix));
-            }
-            Ok(Event::Start(e)) | Ok(Event::Empty(e)) => {
-                if let Some((kind, path, hit, _)) = current.as_mut() {
-                    match e.name().as_ref() {
-                        b"source" => *path = attr(&e, b"path").or(path.take()),
-                        b"target" if kind == b"channel" => {
-                            *hit = attr(&e, b"type").as_deref() == Some("virtio")
-                                && attr(&e, b"name").as_deref() == Some(NOVA_AGENT_CHANNEL)
-                        }
-                        b"target" => *hit = attr(&e, b"port").as_deref() == Some("1"),
-                        _ => {}
-                    }
-                }
-            }
-            Ok(Event::End(e)) if matches!(e.name().as_ref(), b"channel" | b"serial") => {
-                if let Some((kind, Some(path), true, true)) = current.take() {
-                    if kind == b"channel" {
-                        return Some(path);
-                    }
-                    serial_fallback.get_or_insert(path);
-                }
-            }
-            Ok(Event::Eof) | Err(_) => break,
-            _ => {}
-        }
-    }
-    serial_fallback
-}
-
-/// Where a domain the lab did not create (one Nova booted, say) runs and its agent
-/// socket's host path, found through every cloud VM's libvirt.
-fn foreign_agent_socket(state: &LabState, name: &str) -> Result<(String, PathBuf), LabError> {
+/// The cloud VM where a domain the lab did not create (one Nova booted, say) runs.
+fn locate_foreign<'a>(state: &'a LabState, name: &str) -> Result<&'a CloudVm, LabError> {
     for cvm in &state.cloud_vms {
-        let mut conn = connect(cvm)?;
-        let xml = Domain::lookup_by_name(&conn, name)
-            .ok()
-            .filter(|d| d.is_active().unwrap_or(false))
-            .map(|d| d.get_xml_desc(0));
-        let _ = conn.close();
-        let Some(xml) = xml else { continue };
-        let xml = xml.map_err(|e| {
-            LabError::Libvirt(format!("read {name}'s live XML on {}: {e}", cvm.name))
-        })?;
-        let inner = agent_socket_in_xml(&xml).ok_or_else(|| {
-            LabError::BadInput(format!(
-                "domain {name} on {} has no agent channel (a unix <channel> named \
-                 {NOVA_AGENT_CHANNEL}, or a unix <serial> on port 1)",
-                cvm.name
-            ))
-        })?;
-        return Ok((cvm.name.clone(), crate::cvm::host_path(cvm, &inner)));
+        if running_on(cvm, name)? {
+            return Ok(cvm);
+        }
     }
     Err(LabError::GuestNotRunning(name.into()))
 }
 
 /// Connects to the agent of `name` wherever it runs now: a lab guest, or any running
-/// domain of a cloud VM whose XML has an agent channel (a guest Nova booted from the lab
-/// image).
+/// domain of a cloud VM whose agent libvirt reaches on its guest-agent channel (a guest
+/// Nova booted from the lab image).
 pub fn agent(state: &LabState, name: &str) -> Result<(String, AgentClient), LabError> {
     if state.guest(name).is_none() {
-        let (on, path) = foreign_agent_socket(state, name)?;
-        return Ok((on, AgentClient::connect(&path)?));
+        let cvm = locate_foreign(state, name)?;
+        return Ok((cvm.name.clone(), AgentClient::via_libvirt(&cvm.uri, name)));
     }
     let cvm = locate(state, name)?;
     let c = AgentClient::connect(&agent_socket(cvm, name))?;
@@ -488,41 +422,6 @@ mod tests {
         assert!(!valid_name("../x"));
         assert!(!valid_name("a b"));
         assert!(!valid_name(".hidden"));
-    }
-
-    #[test]
-    fn the_agent_channel_is_read_from_the_live_xml() {
-        // Nova's guest-agent channel as libvirt 11 shows it live (path filled in).
-        let nova = r#"<domain type='qemu'><name>instance-00000001</name><devices>
-          <serial type='pty'><source path='/dev/pts/3'/><log file='/x/console.log' append='off'/>
-            <target type='isa-serial' port='0'><model name='isa-serial'/></target></serial>
-          <console type='pty'><target type='serial' port='0'/></console>
-          <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>
-          <channel type='unix'>
-            <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-instance-00000001/org.qemu.guest_agent.0'/>
-            <target type='virtio' name='org.qemu.guest_agent.0' state='disconnected'/>
-            <alias name='channel0'/><address type='virtio-serial' controller='0' bus='0' port='1'/>
-          </channel></devices></domain>"#;
-        assert_eq!(
-            agent_socket_in_xml(nova).as_deref(),
-            Some("/var/lib/libvirt/qemu/channel/target/domain-3-instance-00000001/org.qemu.guest_agent.0")
-        );
-        // The lab's own guests: the second serial port, a unix socket.
-        let lab = r#"<domain><devices>
-          <serial type='file'><source path='/var/log/libvirt/qemu/g.console'/><target port='0'/></serial>
-          <serial type='unix'><source mode='bind' path='/run/vmbeam/lab/g.agent'/>
-            <target type='isa-serial' port='1'><model name='isa-serial'/></target></serial>
-          </devices></domain>"#;
-        assert_eq!(
-            agent_socket_in_xml(lab).as_deref(),
-            Some("/run/vmbeam/lab/g.agent")
-        );
-        // No agent channel: a pty serial on port 1, another virtio name.
-        let none = r#"<domain><devices>
-          <serial type='pty'><target port='1'/></serial>
-          <channel type='unix'><source mode='bind' path='/p'/><target type='virtio' name='org.other'/></channel>
-          </devices></domain>"#;
-        assert_eq!(agent_socket_in_xml(none), None);
     }
 
     #[test]

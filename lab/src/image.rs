@@ -146,12 +146,12 @@ pub fn kernel_cmdline(
 }
 
 /// The kernel command line of the lab image booted by someone else (Nova: the image's
-/// `os_command_line`): no network set-up, no HTTP server, the agent on the virtio-serial
-/// port Nova's `hw_qemu_guest_agent=yes` adds.
+/// `os_command_line`): no network set-up, no HTTP server, the agent speaking QGA on the
+/// virtio-serial port Nova's `hw_qemu_guest_agent=yes` adds (libvirt is its client).
 pub fn foreign_kernel_cmdline(fill_mib: u64, dirty_rate: u64, chan: &str) -> String {
     debug_assert!(!chan.contains(char::is_whitespace));
     format!(
-        "console=ttyS0 panic=-1 quiet mitigations=off vmbeam.mem_mib={fill_mib} vmbeam.dirty_rate={dirty_rate} vmbeam.http_port=off vmbeam.chan=virtio:{chan}"
+        "console=ttyS0 panic=-1 quiet mitigations=off vmbeam.mem_mib={fill_mib} vmbeam.dirty_rate={dirty_rate} vmbeam.http_port=off vmbeam.chan=qga:{chan}"
     )
 }
 

@@ -90,7 +90,9 @@ fn openstack_server_migrate_live_moves_guests_zero_copy() {
     let _cp = ControlPlane::up();
     let lab_bin = vmbeam_lab_bin();
     let lab_bin = lab_bin.to_string_lossy();
-    let o = openstack_sh(&["compute", "--ns", NS, "--lab", &lab_bin, "cvm1", "cvm2", "cvm3"]);
+    let o = openstack_sh(&[
+        "compute", "--ns", NS, "--lab", &lab_bin, "cvm1", "cvm2", "cvm3",
+    ]);
     assert!(o.status.success(), "scripts/openstack.sh compute failed");
 
     let image: serde_json::Value =
