@@ -96,8 +96,10 @@ class Harness:
         fl = self.conn.compute.find_flavor("vmbeam-lab")
         if fl is not None:
             self.conn.compute.delete_flavor(fl)
+        # disk 0: the root disk keeps the image's 1 MiB (Nova never resizes or inspects
+        # it; a zero-disk flavor is the admin's to boot from an image).
         fl = self.conn.compute.create_flavor(
-            name="vmbeam-lab", ram=a.memory_mb, vcpus=1, disk=1)
+            name="vmbeam-lab", ram=a.memory_mb, vcpus=1, disk=0)
         self.conn.compute.create_flavor_extra_specs(fl, {"vmbeam:enabled": "true"})
         self.flavor = fl.id
         self.result["set_up_s"] = round(time.monotonic() - t0, 1)
