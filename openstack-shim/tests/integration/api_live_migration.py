@@ -280,6 +280,110 @@ class Harness:
             log(f"  FAILED: {e}")
         return c["ok"]
 
+    # ---- abort and force-complete while vmbeamd holds the job ----------------------
+
+    def hold(self, cvm, point, ms):
+        """vmbeamd's fault-injection hold at `point` in cloud VM `cvm` (dbus-service's
+        fault.rs): the job waits there until the file goes or `ms` pass."""
+        path = f"/run/vmbeam/fault-hold-{point}-ms"
+        cmd = f"echo {ms} > {path}" if ms else f"rm -f {path}"
+        subprocess.run([self.args.lab, "exec", cvm, "sh", "-c", cmd], check=True,
+                       timeout=60)
+
+    def running_migration(self, s, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.conn.compute.get(f"/servers/{s.id}/migrations",
+                                      microversion=LIST_MICROVERSION)
+            r.raise_for_status()
+            ms = [m for m in r.json()["migrations"] if m["status"] == "running"]
+            if ms:
+                return ms[0]
+            time.sleep(0.5)
+        raise Failed(f"no running migration of {s.name} within {timeout} s")
+
+    def cli(self, *args):
+        cmd = ["openstack", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise Failed(f"{' '.join(cmd)}: {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout
+
+    def abort_case(self, s, source, dest):
+        title = "migration abort during a zero-copy job"
+        log(f"case: {title}")
+        c = {"title": title, "server": s.name, "source": source, "dest": dest,
+             "via": "cli", "expect": "stays"}
+        self.result["cases"].append(c)
+        try:
+            # The destination's QEMU is up and waiting for the stream: libvirt's job runs.
+            self.hold(dest, "started", 60000)
+            try:
+                self.live_migrate(s, dest, "api")
+                m = self.running_migration(s)
+                # Nova's list shows the job while it runs (progress figures included).
+                c["in_progress"] = {k: m.get(k) for k in (
+                    "status", "memory_total_bytes", "memory_processed_bytes",
+                    "memory_remaining_bytes")}
+                self.cli("--os-compute-api-version", "2.24", "server", "migration", "abort",
+                         s.id, str(m["id"]))
+            finally:
+                self.hold(dest, "started", 0)
+            cur, rec = self.wait_moved(s, source)
+            c["migration"] = {"status": rec["status"]}
+            c["host"] = cur.compute_host
+            if rec["status"] not in ("cancelled", "error", "failed"):
+                raise Failed(f"the aborted migration ended {rec['status']}")
+            if cur.compute_host != source:
+                raise Failed(f"after abort: ACTIVE on {cur.compute_host}, not {source}")
+            alloc = self.allocations(s.id)
+            if list(alloc) != [source]:
+                raise Failed(f"after abort: Placement allocations on {sorted(alloc)}")
+            c["check"] = self.check_memory(cur, source)
+            c["ok"] = True
+            log(f"  ok: migration {rec['status']}, still on {source}; {c['check']}")
+        except Failed as e:
+            c["ok"] = False
+            c["error"] = str(e)
+            self.failed.append(title)
+            log(f"  FAILED: {e}")
+
+    def force_complete_case(self, s, source, dest):
+        title = "force-complete while vmbeamd plans the zero-copy job"
+        log(f"case: {title}")
+        c = {"title": title, "server": s.name, "source": source, "dest": dest,
+             "via": "api", "expect": "zero-copy"}
+        self.result["cases"].append(c)
+        try:
+            offset = self.log_size(source)
+            self.hold(source, "planning", 60000)
+            try:
+                self.live_migrate(s, dest, "api")
+                m = self.running_migration(s)
+                self.cli("--os-compute-api-version", "2.22", "server", "migration",
+                         "force", "complete", s.id, str(m["id"]))
+                time.sleep(2)
+            finally:
+                self.hold(source, "planning", 0)
+            cur, rec = self.wait_moved(s, dest)
+            c["migration"] = {"status": rec["status"]}
+            c["host"] = cur.compute_host
+            if rec["status"] != "completed" or cur.compute_host != dest:
+                raise Failed(f"migration {rec['status']}, server on {cur.compute_host}")
+            lines = self.shim_lines(source, s.id, offset)
+            c["shim_log"] = [ln.split("VMBeam:", 1)[1].strip() for ln in lines]
+            if not any("zero-copy live migration to" in ln and "completed" in ln
+                       for ln in lines):
+                raise Failed(f"not zero-copy: {c['shim_log']}")
+            c["check"] = self.check_memory(cur, dest)
+            c["ok"] = True
+            log(f"  ok: zero-copy despite the force-complete; {c['check']}")
+        except Failed as e:
+            c["ok"] = False
+            c["error"] = str(e)
+            self.failed.append(title)
+            log(f"  FAILED: {e}")
+
     def run(self):
         self.set_up()
         a = self.args
@@ -294,6 +398,9 @@ class Harness:
             g2 = self.boot("beam-port", "cvm1", networks=[{"port": port.id}])
             self.case("one port, co-located, os-migrateLive", g2, "cvm1", "cvm2", "api",
                       "zero-copy")
+        self.abort_case(g1, "cvm1", "cvm2")
+        self.force_complete_case(g1, "cvm1", "cvm2")
+        self.case("back to cvm1", g1, "cvm2", "cvm1", "cli", "zero-copy")
         self.case("not co-located (own pool), default nova.conf: Nova's own migration",
                   g1, "cvm1", "cvm3", "cli", "nova")
 
