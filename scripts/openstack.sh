@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # An OpenStack control plane (2026.2: Keystone, Glance, Placement, Nova API, conductor and
-# scheduler, on their own MariaDB and RabbitMQ) inside one network namespace, for the
-# end-to-end test through Nova's real API (issue 14, item 1). nova-compute services in
+# scheduler, on their own MariaDB and RabbitMQ, and a Neutron stand-in) inside one network
+# namespace, for the end-to-end test through Nova's real API (issue 14, item 1). nova-compute services in
 # other namespaces (the lab's cloud VMs) join it with the compute.conf that `up` writes.
 #
 #   scripts/openstack.sh install
@@ -38,13 +38,14 @@ STATE_BASE=${VMBEAM_OPENSTACK_STATE:-/var/lib/vmbeam-openstack}
 # the database layout): the snapshot of an older schema is then not used.
 SCHEMA_VERSION=1
 REGION=RegionOne
+NEUTRON_DESC="OpenStack Networking (Neutron stand-in)"
 
 # Ports, all on the namespace address.
 P_KEYSTONE=5000
 P_GLANCE=9292
 P_PLACEMENT=8778
 P_NOVA=8774
-P_NEUTRON=9696 # nothing listens there yet: the catalog's slot for a later Neutron (stub)
+P_NEUTRON=9696 # the Neutron stand-in (scripts/openstack/neutron_standin.py), not neutron-server
 P_MYSQL=3306
 P_AMQP=5672
 P_RABBIT_DIST=25672 # Erlang distribution (loopback use only: rabbitmqctl)
@@ -306,7 +307,7 @@ stop_svcs() {
 stop_svc() { stop_svcs "${2:-20}" "$1"; }
 
 # In the order they start.
-SERVICES=(mariadb epmd rabbitmq keystone glance placement nova-api nova-conductor nova-scheduler)
+SERVICES=(mariadb epmd rabbitmq keystone neutron glance placement nova-api nova-conductor nova-scheduler)
 
 # ---------------------------------------------------------------------------------------
 # configuration
@@ -364,8 +365,9 @@ $(service_auth placement "$KS_PLACEMENT_PASS")
 region_name = $REGION
 
 [neutron]
-# Slot for a later Neutron (stub) at http://$ADDR:$P_NEUTRON: registered in Keystone's
-# catalog, nothing listens there yet.
+# The Neutron stand-in at http://$ADDR:$P_NEUTRON (Keystone's catalog, type network):
+# networks, subnets, ports and their bindings (vif_type tap), no dataplane
+# (scripts/openstack/README.md).
 region_name = $REGION
 $(service_auth neutron "$KS_NEUTRON_PASS")
 EOF
@@ -375,7 +377,7 @@ EOF
 # shellcheck disable=SC2153
 write_configs() {
   local A=$ADDR
-  mkdir -p "$ETC"/{keystone,glance,placement,nova,rabbitmq}
+  mkdir -p "$ETC"/{keystone,glance,placement,nova,neutron,rabbitmq}
   local db="mysql+pymysql"
 
   cat >"$ETC/my.cnf" <<EOF
@@ -488,6 +490,19 @@ auth_strategy = keystone
 $(authtoken placement "$KS_PLACEMENT_PASS")
 EOF
 
+  # The Neutron stand-in: its state, its token check, and the user it sends Nova's
+  # os-server-external-events as (network-vif-plugged; Nova's policy wants the service role).
+  cat >"$ETC/neutron/neutron.conf" <<EOF
+[DEFAULT]
+state_file = $STATE/neutron/state.json
+
+$(authtoken neutron "$KS_NEUTRON_PASS")
+
+[nova]
+region_name = $REGION
+$(service_auth neutron "$KS_NEUTRON_PASS")
+EOF
+
   # One nova.conf for nova-api, conductor and scheduler; what a compute needs is
   # compute.conf (write_compute_conf).
   cp "$VENV/etc/nova/api-paste.ini" "$ETC/nova/"
@@ -535,7 +550,8 @@ write_compute_conf() {
 # (written by scripts/openstack.sh up). Add [DEFAULT] host, my_ip, compute_driver,
 # state_path, instances_path and [libvirt] per compute; no database access is needed.
 # Everything here is at $A: RabbitMQ $P_AMQP, Keystone $P_KEYSTONE, Placement $P_PLACEMENT,
-# Glance $P_GLANCE, Nova API $P_NOVA (Neutron's slot: $P_NEUTRON, nothing there yet).
+# Glance $P_GLANCE, the Neutron stand-in $P_NEUTRON (vif_type tap: Nova makes the tap device
+# through privsep; see scripts/openstack/README.md), Nova API $P_NOVA.
 [DEFAULT]
 transport_url = rabbit://openstack:$RABBIT_PASS@$A:$P_AMQP/
 
@@ -616,6 +632,11 @@ gunicorn_svc() {
 start_keystone() { gunicorn_svc keystone $P_KEYSTONE keystone.wsgi.api:application OS_KEYSTONE_CONFIG_DIR="$ETC/keystone"; }
 start_glance() { gunicorn_svc glance $P_GLANCE glance.wsgi.api:application OS_GLANCE_CONFIG_DIR="$ETC/glance"; }
 start_placement() { gunicorn_svc placement $P_PLACEMENT placement.wsgi.api:application OS_PLACEMENT_CONFIG_DIR="$ETC/placement"; }
+# The stand-in is a module of this directory, not of the venv.
+start_neutron() {
+  gunicorn_svc neutron $P_NEUTRON neutron_standin:application PYTHONPATH="$HERE" \
+    VMBEAM_NEUTRON_STANDIN_CONF="$ETC/neutron/neutron.conf"
+}
 start_nova_api() { gunicorn_svc nova-api $P_NOVA nova.wsgi.osapi_compute:application OS_NOVA_CONFIG_DIR="$ETC/nova"; }
 start_nova_svc() { start_svc "nova-$1" "$VENV/bin/nova-$1" --config-file "$ETC/nova/nova.conf"; }
 
@@ -706,7 +727,7 @@ init_databases() {
   INITLOG=$LOGS/init-keystone.log
   (
     export ADDR REGION P_GLANCE P_PLACEMENT P_NOVA P_NEUTRON P_KEYSTONE ADMIN_PASS KS_GLANCE_PASS \
-      KS_PLACEMENT_PASS KS_NOVA_PASS KS_NEUTRON_PASS
+      KS_PLACEMENT_PASS KS_NOVA_PASS KS_NEUTRON_PASS NEUTRON_DESC
     initrun "$VENV/bin/python" "$HERE/helper.py" register
   ) || exit 1
   stop_svc keystone
@@ -795,14 +816,14 @@ cmd_up() {
   mkdir -p "$STATE"
   rm -rf "$STATE/log.prev"
   if [[ -d $LOGS ]]; then mv "$LOGS" "$STATE/log.prev"; fi
-  rm -rf "$ETC" "$RUN" "$STATE/mysql" "$STATE/keystone" "$STATE/glance" "$STATE/nova" \
+  rm -rf "$ETC" "$RUN" "$STATE/mysql" "$STATE/keystone" "$STATE/glance" "$STATE/nova" "$STATE/neutron" \
     "$STATE/rabbitmq" "$STATE/openrc" "$STATE/compute.conf" "$STATE/summary" "$STATE/secrets.env"
-  mkdir -p "$ETC" "$RUN" "$LOGS" "$STATE/glance"/{images,staging,tasks,lock} "$STATE/nova/lock"
+  mkdir -p "$ETC" "$RUN" "$LOGS" "$STATE/glance"/{images,staging,tasks,lock} "$STATE/nova/lock" "$STATE/neutron"
   echo "$ADDR" >"$STATE/addr"
   ns_up
   # Nothing may already listen on our ports in this namespace.
   local busy
-  busy=$(inns ss -Htln | awk '{print $4}' | grep -E ":($P_KEYSTONE|$P_GLANCE|$P_PLACEMENT|$P_NOVA|$P_MYSQL|$P_AMQP|4369|$P_RABBIT_DIST)\$" || true)
+  busy=$(inns ss -Htln | awk '{print $4}' | grep -E ":($P_KEYSTONE|$P_NEUTRON|$P_GLANCE|$P_PLACEMENT|$P_NOVA|$P_MYSQL|$P_AMQP|4369|$P_RABBIT_DIST)\$" || true)
   [[ -z $busy ]] || die "already listening in $NS: $busy"
 
   local snap cached=yes snap_old_addr
@@ -832,7 +853,10 @@ cmd_up() {
   start_mariadb
   wait_mariadb
   readdress "$snap_old_addr"
+  # Snapshots of schema 1 describe the network service as an empty slot.
+  sql "UPDATE keystone.service SET extra = JSON_SET(extra, '\$.description', '$NEUTRON_DESC') WHERE type = 'network';"
   start_keystone
+  start_neutron
   start_glance
   start_placement
   start_nova_api
@@ -845,7 +869,7 @@ cmd_up() {
   vpy wait-amqp "rabbit://openstack:$RABBIT_PASS@$ADDR:$P_AMQP/" 180 || fail_up rabbitmq
   log "  RabbitMQ: $(since "$t0") s"
   local s url
-  for s in keystone:$P_KEYSTONE/v3 glance:$P_GLANCE/ placement:$P_PLACEMENT/ nova-api:$P_NOVA/; do
+  for s in keystone:$P_KEYSTONE/v3 neutron:$P_NEUTRON/ glance:$P_GLANCE/ placement:$P_PLACEMENT/ nova-api:$P_NOVA/; do
     url=http://$ADDR:${s#*:}
     vpy wait-http "$url" 240 "$(svc_pid "${s%%:*}")" || fail_up "${s%%:*}"
     log "  ${s%%:*} answers at $url: $(since "$t0") s"
@@ -860,7 +884,7 @@ cmd_up() {
     exec {snaplock}>&-
   fi
   local summary
-  summary="openstack: up in $NS at $ADDR in $(since "$start") s ($([[ $cached == yes ]] && echo "from the database snapshot" || echo "first up: databases initialised and snapshotted")): keystone :$P_KEYSTONE, glance :$P_GLANCE, placement :$P_PLACEMENT, nova-api :$P_NOVA, conductor, scheduler, rabbitmq :$P_AMQP, mariadb :$P_MYSQL; source $STATE/openrc; computes: $STATE/compute.conf"
+  summary="openstack: up in $NS at $ADDR in $(since "$start") s ($([[ $cached == yes ]] && echo "from the database snapshot" || echo "first up: databases initialised and snapshotted")): keystone :$P_KEYSTONE, neutron stand-in :$P_NEUTRON, glance :$P_GLANCE, placement :$P_PLACEMENT, nova-api :$P_NOVA, conductor, scheduler, rabbitmq :$P_AMQP, mariadb :$P_MYSQL; source $STATE/openrc; computes: $STATE/compute.conf"
   echo "$summary" >"$STATE/summary"
   echo "$summary"
 }
@@ -884,7 +908,7 @@ cmd_down() {
     # The computes first (they report to conductor), then the OpenStack services
     # together, then what they used.
     stop_computes
-    stop_svcs 20 nova-scheduler nova-conductor nova-api placement glance keystone
+    stop_svcs 20 nova-scheduler nova-conductor nova-api placement glance neutron keystone
     stop_svcs 60 rabbitmq mariadb
     stop_svcs 10 epmd
   fi
@@ -928,6 +952,7 @@ cmd_status() {
     if [[ -n $A && -e /run/netns/$NS ]]; then
       case $s in
       keystone) answer=$(vpy probe-http "http://$A:$P_KEYSTONE/v3") ;;
+      neutron) answer=$(vpy probe-http "http://$A:$P_NEUTRON/") ;;
       glance) answer=$(vpy probe-http "http://$A:$P_GLANCE/") ;;
       placement) answer=$(vpy probe-http "http://$A:$P_PLACEMENT/") ;;
       nova-api) answer=$(vpy probe-http "http://$A:$P_NOVA/") ;;
@@ -1039,6 +1064,29 @@ cmd_smoke() {
     -c properties "vmbeam-smoke-$suffix"
   step "flavor delete" '' "$OS" flavor delete "vmbeam-smoke-$suffix"
   step "image delete" '' "$OS" image delete "vmbeam-smoke-$suffix"
+  # The Neutron stand-in: what Nova checks for first, then a network with a port.
+  # shellcheck disable=SC2016
+  step "network extension list (binding, binding-extended)" '' bash -c '
+    o=$("$0" extension list --network -f value -c Alias) || exit 1
+    echo "$o"
+    grep -qx binding <<<"$o" && grep -qx binding-extended <<<"$o"' "$OS"
+  step "network create" '' "$OS" network create "vmbeam-smoke-$suffix"
+  step "subnet create (198.18.64.0/24, no DHCP)" '' "$OS" subnet create --network "vmbeam-smoke-$suffix" \
+    --subnet-range 198.18.64.0/24 --no-dhcp "vmbeam-smoke-$suffix"
+  # shellcheck disable=SC2016
+  step "port create (fixed IP 198.18.64.2, MAC fa:16:3e:...)" '' bash -c '
+    o=$("$0" port create --network "$1" -f value -c fixed_ips -c mac_address "$1" | tr "\n" " ") || exit 1
+    echo "$o"
+    [[ $o == *"198.18.64.2"* && $o =~ fa:16:3e(:[0-9a-f]{2}){3} ]]' "$OS" "vmbeam-smoke-$suffix"
+  # shellcheck disable=SC2016
+  step "port show (DOWN, unbound, the default security group)" '' bash -c '
+    o=$("$0" port show "$1" -f value -c status -c binding_vif_type -c security_group_ids | tr "\n" " ") || exit 1
+    echo "$o"
+    [[ $o == *"DOWN"* && $o == *"unbound"* && $o =~ [0-9a-f]{8}- ]]' "$OS" "vmbeam-smoke-$suffix"
+  step "network list" "vmbeam-smoke-$suffix" "$OS" network list
+  step "port delete" '' "$OS" port delete "vmbeam-smoke-$suffix"
+  step "subnet delete" '' "$OS" subnet delete "vmbeam-smoke-$suffix"
+  step "network delete" '' "$OS" network delete "vmbeam-smoke-$suffix"
   rm -rf "$tmp"
   if ((failed)); then
     echo "smoke: $failed of $n steps FAILED in $(since "$start") s"

@@ -185,7 +185,7 @@ def register():
         ("glance", e["KS_GLANCE_PASS"], "glance", "image", "OpenStack Image", f"http://{a}:{e['P_GLANCE']}"),
         ("placement", e["KS_PLACEMENT_PASS"], "placement", "placement", "Placement API", f"http://{a}:{e['P_PLACEMENT']}"),
         ("nova", e["KS_NOVA_PASS"], "nova", "compute", "OpenStack Compute", f"http://{a}:{e['P_NOVA']}/v2.1"),
-        ("neutron", e["KS_NEUTRON_PASS"], "neutron", "network", "OpenStack Networking (slot: nothing listens yet)", f"http://{a}:{e['P_NEUTRON']}"),
+        ("neutron", e["KS_NEUTRON_PASS"], "neutron", "network", e["NEUTRON_DESC"], f"http://{a}:{e['P_NEUTRON']}"),
     ]
     users = {u.name: u for u in ks.users.list(domain=domain)}
     existing = {s.type: s for s in ks.services.list()}
