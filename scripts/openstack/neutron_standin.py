@@ -72,6 +72,19 @@ UPDATE = {
              "binding:host_id", "binding:profile", "binding:vnic_type"},
 }
 PAGING = {"fields", "limit", "marker", "sort_key", "sort_dir", "page_reverse"}
+# What a list can be filtered by: the attributes of each kind's view.
+_COMMON = {"id", "name", "description", "tenant_id", "project_id", "created_at", "updated_at", "revision_number",
+           "tags"}
+ATTRS = {
+    "network": _COMMON | {"mtu", "status", "subnets", "shared", "admin_state_up", "router:external"},
+    "subnet": _COMMON | {"cidr", "gateway_ip", "ip_version", "network_id", "enable_dhcp", "allocation_pools",
+                         "dns_nameservers", "host_routes", "ipv6_address_mode", "ipv6_ra_mode", "subnetpool_id"},
+    "port": _COMMON | {"status", "admin_state_up", "mac_address", "fixed_ips", "allowed_address_pairs", "network_id",
+                       "device_id", "device_owner", "security_groups", "binding:host_id", "binding:profile",
+                       "binding:vnic_type", "binding:vif_type", "binding:vif_details"},
+    "security_group": _COMMON | {"security_group_rules", "stateful", "shared"},
+    "binding": {"host", "vif_type", "vif_details", "vnic_type", "profile", "status"},
+}
 
 
 class Fault(Exception):
@@ -113,9 +126,7 @@ def boolean(name, value):
     raise invalid(f"'{value}' is not a valid boolean value for {name}")
 
 
-def text(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
+def text(name, value):
     if not isinstance(value, str) or len(value) > 255:
         raise invalid(f"'{value}' is not a valid string for {name}")
     return value
@@ -229,11 +240,8 @@ class StandIn:
         path = req.path_info.rstrip("/")
         if path.endswith(".json"):
             path = path[:-5]
-        for pattern, name in self.ROUTES:
-            m = re.fullmatch(pattern, path)
-            if m:
-                break
-        else:
+        m, name = next(((m, n) for m, n in ((re.fullmatch(p, path), n) for p, n in self.ROUTES) if m), (None, None))
+        if m is None:
             raise Fault(404, "HTTPNotFound", "The resource could not be found.")
         if req.method not in self.METHODS.get(name, ("GET",)):
             raise Fault(405, "HTTPMethodNotAllowed", f"The method {req.method} is not allowed for this resource.")
@@ -327,7 +335,7 @@ class StandIn:
         try:
             body = json.loads(req.body or b"null")
         except ValueError:
-            raise bad("Malformed request body")
+            raise bad("Malformed request body") from None
         if not isinstance(body, dict):
             raise bad("Malformed request body: a JSON object is expected")
         return body
@@ -364,7 +372,7 @@ class StandIn:
                     raise bad(f"Invalid fixed_ips filter {values}: ip_address=A or subnet_id=S")
                 items = [i for i in items if any(ip.get(a) == v for a, v in want for ip in i["fixed_ips"])]
                 continue
-            if key not in self.ATTRS[kind]:
+            if key not in ATTRS[kind]:
                 raise bad(f"[{key}] is invalid attribute for filtering")
 
             def match(v, want=values):
@@ -374,13 +382,11 @@ class StandIn:
                     return any(str(x) in want for x in v)
                 return ("" if v is None else str(v)) in want
 
-            items = [i for i in items if match(i[key])]
+            items = [i for i in items if match(i.get(key))]
         return [self.project(i, req) for i in items]
 
-    ATTRS = {}  # filled below from a sample of each view, for filters on empty lists
-
     @staticmethod
-    def new(kind, ctx, attrs, **fields):
+    def new(ctx, attrs, **fields):
         project = attrs.get("project_id") or attrs.get("tenant_id") or ctx["project"]
         if attrs.get("project_id") and attrs.get("tenant_id") and attrs["project_id"] != attrs["tenant_id"]:
             raise invalid("tenant_id and project_id differ")
@@ -409,7 +415,7 @@ class StandIn:
     def create_network(self, st, ctx, attrs, events):
         if boolean("router:external", attrs.get("router:external", False)):
             raise invalid("the Neutron stand-in has no external networks")
-        net = self.new("network", ctx, attrs, admin_state_up=boolean("admin_state_up", attrs.get(
+        net = self.new(ctx, attrs, admin_state_up=boolean("admin_state_up", attrs.get(
             "admin_state_up", True)), shared=boolean("shared", attrs.get("shared", False)), status="ACTIVE",
             mtu=MTU, **{"router:external": False})
         st["networks"][net["id"]] = net
@@ -442,7 +448,7 @@ class StandIn:
         try:
             cidr = ipaddress.IPv4Network(text("cidr", attrs["cidr"]))
         except ValueError:
-            raise invalid(f"'{attrs['cidr']}' is not a valid IPv4 subnet (network address/prefix length)")
+            raise invalid(f"'{attrs['cidr']}' is not a valid IPv4 subnet (address/prefix length)") from None
         if cidr.num_addresses < 4:
             raise invalid(f"subnet {cidr} has no room for addresses (a prefix length of at most 30 is needed)")
         for other in st["subnets"].values():
@@ -476,7 +482,7 @@ class StandIn:
             raise invalid("dns_nameservers must be a list of IPv4 addresses")
         if attrs.get("host_routes"):
             raise invalid("the Neutron stand-in has no host routes")
-        subnet = self.new("subnet", ctx, attrs, network_id=net["id"], ip_version=4, cidr=str(cidr),
+        subnet = self.new(ctx, attrs, network_id=net["id"], ip_version=4, cidr=str(cidr),
                           gateway_ip=gw, allocation_pools=pools, enable_dhcp=boolean(
                               "enable_dhcp", attrs.get("enable_dhcp", True)), dns_nameservers=dns,
                           host_routes=[], ipv6_address_mode=None, ipv6_ra_mode=None, subnetpool_id=None)
@@ -522,7 +528,7 @@ class StandIn:
         st["security_groups"][g["id"]] = g
         return g
 
-    def security_group_ids(self, st, ctx, port, value):
+    def security_group_ids(self, st, ctx, value):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise invalid("security_groups must be a list of security group IDs")
         for sg in value:
@@ -536,7 +542,7 @@ class StandIn:
         if "network_id" not in attrs:
             raise bad("Failed to parse request. Required attribute 'network_id' not specified")
         net = self.get(st, ctx, "network", attrs["network_id"])
-        port = self.new("port", ctx, attrs, network_id=net["id"], admin_state_up=boolean(
+        port = self.new(ctx, attrs, network_id=net["id"], admin_state_up=boolean(
             "admin_state_up", attrs.get("admin_state_up", True)), status="DOWN", device_id=text(
             "device_id", attrs.get("device_id", "")), device_owner=text("device_owner", attrs.get(
                 "device_owner", "")), allowed_address_pairs=[], **{"binding:vnic_type": "normal"})
@@ -544,7 +550,7 @@ class StandIn:
         port["fixed_ips"] = self.allocate(st, net, attrs.get("fixed_ips"))
         sgs = attrs.get("security_groups")
         port["security_groups"] = ([self.default_group(st, port["tenant_id"])["id"]] if sgs is None
-                                   else self.security_group_ids(st, ctx, port, sgs))
+                                   else self.security_group_ids(st, ctx, sgs))
         port["_inactive"] = {}
         self.set_active(port, "", {}, "normal")
         self.update_port(st, port, {k: v for k, v in attrs.items() if k.startswith("binding:")}, events)
@@ -655,7 +661,7 @@ class StandIn:
         if "admin_state_up" in attrs:
             port["admin_state_up"] = boolean("admin_state_up", attrs["admin_state_up"])
         if "security_groups" in attrs:
-            port["security_groups"] = self.security_group_ids(st, {"admin": True}, port, attrs["security_groups"])
+            port["security_groups"] = self.security_group_ids(st, {"admin": True}, attrs["security_groups"])
         was, old_host, old_profile = port["status"], port["binding:host_id"], port["binding:profile"]
         profile, vnic = self.binding_args(attrs, port["binding:profile"], port["binding:vnic_type"])
         host = port["binding:host_id"]
@@ -745,19 +751,6 @@ class StandIn:
         self.touch(port)
         events += self.plugged(port)  # the "agent" of the new host reports the device up at once
         return self.json({"binding": self.active_binding(port)})
-
-
-for _kind, _sample in (("network", {"mtu", "status", "subnets", "shared", "admin_state_up", "router:external"}),
-                       ("subnet", {"cidr", "gateway_ip", "ip_version", "network_id", "enable_dhcp",
-                                   "allocation_pools", "dns_nameservers", "host_routes", "ipv6_address_mode",
-                                   "ipv6_ra_mode", "subnetpool_id"}),
-                       ("port", {"status", "admin_state_up", "mac_address", "fixed_ips", "binding:vif_type", "binding:vif_details",
-                                 "allowed_address_pairs", "network_id", "device_id", "device_owner",
-                                 "security_groups", "binding:host_id", "binding:profile", "binding:vnic_type"}),
-                       ("security_group", {"security_group_rules", "stateful", "shared"}),
-                       ("binding", {"host", "vif_type", "vif_details", "vnic_type", "profile", "status"})):
-    StandIn.ATTRS[_kind] = _sample | {"id", "name", "description", "tenant_id", "project_id", "created_at",
-                                      "updated_at", "revision_number", "tags"}
 
 
 def make_app(conf_file):

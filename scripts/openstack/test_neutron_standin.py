@@ -281,7 +281,8 @@ class StandInTest(unittest.TestCase):
                 {"port": {"network_id": net["id"], "fixed_ips": [{"ip_address": "10.0.0.5"}]}})),
             (nexc.MacAddressInUseClient, lambda: self.client.create_port(
                 {"port": {"network_id": net["id"], "mac_address": port["mac_address"]}})),
-            (nexc.BadRequest, lambda: self.client.create_port({"port": {"network_id": net["id"], "mac_address": "zz"}})),
+            (nexc.BadRequest, lambda: self.client.create_port({"port": {"network_id": net["id"],
+                                                                      "mac_address": "zz"}})),
             (nexc.NetworkNotFoundClient, lambda: self.client.create_port({"port": {"network_id": "nope"}})),
             (nexc.PortNotFoundClient, lambda: self.client.show_port("nope")),
             (nexc.BadRequest, lambda: self.client.create_port({"port": {"network_id": net["id"], "colour": "red"}})),
@@ -298,7 +299,7 @@ class StandInTest(unittest.TestCase):
             (nexc.Conflict, lambda: self.client.delete_subnet(sub["id"])),
             (nexc.NotFound, lambda: self.client.activate_port_binding(port["id"], "nohost")),
             (nexc.NotFound, lambda: self.client.delete_port_binding(port["id"], "nohost")),
-            (nexc.BadRequest, lambda: self.client.create_port_binding(port["id"], {"binding": {"vnic_type": "normal"}})),
+            (nexc.BadRequest, lambda: self.client.create_port_binding(port["id"], {"binding": {}})),
             (nexc.BadRequest, lambda: self.client.list_ports(colour="red")),
             (nexc.NotFound, lambda: self.client.create_port({"port": {"network_id": net["id"],
                                                                       "security_groups": ["nope"]}})),
