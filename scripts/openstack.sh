@@ -222,7 +222,9 @@ ns_up() {
       ip link set "$hl" up
     fi
   fi
-  ip -n "$NS" -o addr show | grep -q " inet $ADDR/" || die "namespace $NS has no address $ADDR"
+  # Not `ip ... | grep -q`: ip writes a line at a time, and under pipefail its SIGPIPE after
+  # grep's early exit (a later line, e.g. ctl0's IPv6 link-local address) failed the check.
+  [[ $(ip -n "$NS" -o addr show) == *" inet $ADDR/"* ]] || die "namespace $NS has no address $ADDR"
 }
 
 ns_down() {
