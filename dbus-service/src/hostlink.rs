@@ -40,7 +40,8 @@
 //!
 //! Ids start from the wall clock in nanoseconds and go up by one per request, so answers
 //! meant for an earlier connection on the same port (a link that timed out, a vmbeamd that
-//! restarted) never match a request of this one.
+//! restarted) never match a request of this one (unless the wall clock went back by more
+//! than the time since that connection).
 //!
 //! Blocking, std only (plus `poll`): vmbeamd runs its blocking work on its own threads. A
 //! virtio-serial port has one opener at a time, so vmbeamd keeps one link and serialises
@@ -49,7 +50,8 @@
 //! # Errors and reconnecting
 //!
 //! A refusal (`ID ERR CODE TEXT`) is [`HostLinkError::Refused`] with the protocol's
-//! [`ErrorCode`]: the host changed nothing and the link stays usable. A timeout
+//! [`ErrorCode`]: the host changed nothing (for `failed`, its text says what is left) and
+//! the link stays usable. A timeout
 //! ([`HostLinkError::Timeout`]) leaves the link usable too (a late answer is skipped by its
 //! id), but the operation's outcome is unknown: the host may still carry it out, so the
 //! caller asks again (ALLOC repeated is answered with the same placement; a repeated
