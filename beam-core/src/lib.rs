@@ -17,6 +17,8 @@
 //!   end translates into.
 //! - [`hook`]: libvirt hook arguments.
 //! - [`host`]: libvirt's host capabilities (the host UUID).
+//! - [`host_protocol`]: the line protocol between a cloud VM (vmbeamd's `hostlink`) and the
+//!   primary cloud's `vmbeam-host` on the `org.vmbeam.host.0` channel; pure, no I/O.
 //! - [`recover`]: what a restarted vmbeamd does with hand-overs a dead daemon left half done.
 
 mod b64;
@@ -26,6 +28,7 @@ pub mod destination;
 pub mod domain;
 pub mod hook;
 pub mod host;
+pub mod host_protocol;
 pub mod identity;
 pub mod ids;
 pub mod job;

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod hooks;
+pub mod hostlink;
 pub mod libvirt_conn;
 pub mod libvirt_job;
 pub mod ops;

@@ -24,7 +24,6 @@
 //! cloud VM can name a peer it only knows through a libvirt connection.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -38,19 +37,8 @@ use crate::device::{
     largest_fitting_bar, BadName, GuestKey, PciAddress, CONTROL_PAGE, PC_DEFAULT_HOLE64,
 };
 
-/// The name of the host channel's virtio-serial port.
-pub const HOST_CHANNEL: &str = "org.vmbeam.host.0";
-
-/// A cloud VM's identity: its domain UUID in the primary cloud's libvirt.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CloudVmId(pub DomainUuid);
-
-impl fmt::Display for CloudVmId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+// The channel's name and the cloud VM's id are the protocol's (`vmbeam_core::host_protocol`).
+pub use vmbeam_core::host_protocol::{CloudVmId, HOST_CHANNEL};
 
 /// A running domain as libvirt lists it: its name (from the API, so that an error can name a
 /// domain whose XML is unreadable) and its live XML.

@@ -85,16 +85,16 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::str::FromStr;
 
 use quick_xml::escape::escape;
 use serde::{Deserialize, Serialize};
 use vmbeam_core::{CloudId, DomainUuid};
 
+// The pieces both ends of the host channel agree on live in `vmbeam_core::host_protocol`.
+pub use vmbeam_core::host_protocol::{control_page_offset, BadAddress, PciAddress, CONTROL_PAGE};
+
 /// Prefix of every VMBeam shmem device name (and backing file name).
 pub const SHMEM_PREFIX: &str = "vmbeam-";
-/// The control page at the end of every BAR.
-pub const CONTROL_PAGE: u64 = 4096;
 /// The smallest BAR VMBeam makes (libvirt's size is written in MiB).
 pub const MIN_BAR: u64 = 1 << 20;
 /// The largest guest RAM VMBeam accepts (1 TiB): its BAR is 2 TiB.
@@ -152,92 +152,6 @@ impl fmt::Display for GuestKey {
 #[error("'{0}' has VMBeam's prefix but is not vmbeam-<cloud>-<guest-uuid>")]
 pub struct BadName(pub String);
 
-/// A PCI address, written as sysfs names devices (`0000:00:1f.0`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct PciAddress {
-    /// PCI domain (segment).
-    pub domain: u16,
-    /// Bus number.
-    pub bus: u8,
-    /// Slot (device) number, 0..=0x1f.
-    pub slot: u8,
-    /// Function number, 0..=7.
-    pub function: u8,
-}
-
-impl PciAddress {
-    /// Function 0 of `slot` on bus 0 of domain 0, where VMBeam puts its devices.
-    pub fn root_slot(slot: u8) -> Self {
-        Self {
-            domain: 0,
-            bus: 0,
-            slot,
-            function: 0,
-        }
-    }
-}
-
-impl fmt::Display for PciAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.slot, self.function
-        )
-    }
-}
-
-/// A string that is not a PCI address in sysfs form.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{0}' is not a PCI address of the form 0000:00:1f.0")]
-pub struct BadAddress(pub String);
-
-impl FromStr for PciAddress {
-    type Err = BadAddress;
-
-    fn from_str(s: &str) -> Result<Self, BadAddress> {
-        let bad = || BadAddress(s.to_owned());
-        let hex = |part: &str, len: usize| {
-            (part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit()))
-                .then(|| u32::from_str_radix(part, 16).ok())
-                .flatten()
-                .ok_or_else(bad)
-        };
-        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
-        let (slot, function) = rest.split_once('.').ok_or_else(bad)?;
-        let (domain, bus, slot, function) = (
-            hex(domain, 4)?,
-            hex(bus, 2)?,
-            hex(slot, 2)?,
-            hex(function, 1)?,
-        );
-        if slot > 0x1f || function > 7 {
-            return Err(bad());
-        }
-        Ok(Self {
-            domain: domain as u16,
-            bus: bus as u8,
-            slot: slot as u8,
-            function: function as u8,
-        })
-    }
-}
-
-impl TryFrom<String> for PciAddress {
-    type Error = BadAddress;
-    fn try_from(s: String) -> Result<Self, BadAddress> {
-        s.parse()
-    }
-}
-
-impl From<PciAddress> for String {
-    fn from(a: PciAddress) -> String {
-        a.to_string()
-    }
-}
-
 /// Why a guest's RAM size cannot get a device.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SizeError {
@@ -259,11 +173,6 @@ pub fn bar_size(ram_bytes: u64) -> Result<u64, SizeError> {
         return Err(SizeError::TooLarge(ram_bytes));
     }
     Ok((ram_bytes + CONTROL_PAGE).next_power_of_two().max(MIN_BAR))
-}
-
-/// The control page's offset in a BAR of `bar_size` bytes: its last page.
-pub fn control_page_offset(bar_size: u64) -> u64 {
-    bar_size - CONTROL_PAGE
 }
 
 /// Whether VMBeam BARs of `sizes` (powers of two) fit a 64-bit window of `window` bytes,

@@ -12,7 +12,9 @@
 //!   devices, PCI slots, the 64-bit PCI window).
 //! - [`device`]: the shared device: names, BAR size, layout, slot, window, libvirt's XML, and
 //!   what libvirt does with `<shmem>`.
-//! - [`protocol`]: the line protocol on each cloud VM's host channel.
+//! - [`protocol`]: the line protocol on each cloud VM's host channel; it lives in
+//!   `vmbeam_core::host_protocol` (pure, shared with vmbeamd's client `hostlink`) and is
+//!   re-exported here under its old name.
 //! - [`ledger`]: the pure state machine of which guest is attached where.
 //! - [`libvirt`]: the host's I/O behind traits (libvirt, backing files), and their real
 //!   implementations.
@@ -24,10 +26,11 @@ pub mod cloudvm;
 pub mod device;
 pub mod ledger;
 pub mod libvirt;
-pub mod protocol;
 pub mod server;
 pub mod state;
 pub mod status;
+
+pub use vmbeam_core::host_protocol as protocol;
 
 /// An error and its sources, joined with ": " (for logs, answers and the command line).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -4,9 +4,9 @@
 //! crate, [`ShmDir`]) and [`run`], which executes a ledger [`Transition`]'s steps.
 //!
 //! Both traits are blocking: the server calls them on tokio's blocking threads. The unit
-//! tests run the ledger and the server against a fake (`libvirt::fake`, tests only); the real
-//! implementations against a real libvirt with real cloud VMs are exercised by the nested
-//! lab's end-to-end tests.
+//! tests run the ledger and the server against a fake (`libvirt::fake`, tests and the
+//! `test-support` feature only); the real implementations against a real libvirt with real
+//! cloud VMs are exercised by the nested lab's end-to-end tests.
 //!
 //! libvirt domain events are not used: the `virt` 0.4 binding does not wrap
 //! `virConnectDomainEventRegisterAny` (that would need libvirt's event loop and unsafe
@@ -358,9 +358,10 @@ impl BackingFiles for ShmDir {
 
 /// A fake primary-cloud host for the unit tests: cloud VMs rendered as libvirt would print
 /// them, devices checked as libvirt and QEMU would (free slot, existing file of the right
-/// size), files in memory, and failures on demand.
-#[cfg(test)]
-pub(crate) mod fake {
+/// size), files in memory, and failures on demand. Other crates' tests (vmbeamd's
+/// `hostlink`, which drives the real server over it) get it with the `test-support` feature.
+#[cfg(any(test, feature = "test-support"))]
+pub mod fake {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -368,7 +369,7 @@ pub(crate) mod fake {
 
     /// Which call fails next.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) enum FailOn {
+    pub enum FailOn {
         Attach,
         Detach,
         /// The unplug is not confirmed in time, and completes later.
@@ -428,7 +429,7 @@ pub(crate) mod fake {
     }
 
     #[derive(Debug, Default)]
-    pub(crate) struct FakeHost {
+    pub struct FakeHost {
         state: Mutex<State>,
     }
 
@@ -438,7 +439,7 @@ pub(crate) mod fake {
         }
 
         /// Adds a running cloud VM: slots 1 and 2 taken, plus `extra_slots`.
-        pub(crate) fn add_vm(
+        pub fn add_vm(
             &self,
             name: &str,
             uuid: &str,
@@ -465,7 +466,7 @@ pub(crate) mod fake {
         }
 
         /// A running domain that is not a VMBeam cloud VM (or a malformed one).
-        pub(crate) fn add_other(&self, name: &str, xml: &str) {
+        pub fn add_other(&self, name: &str, xml: &str) {
             self.state().others.push(DomainXml {
                 name: name.to_owned(),
                 xml: xml.to_owned(),
@@ -473,7 +474,7 @@ pub(crate) mod fake {
         }
 
         /// The cloud VM restarts: its hot-plugged devices are gone, its domain id is new.
-        pub(crate) fn restart_vm(&self, uuid: &str) {
+        pub fn restart_vm(&self, uuid: &str) {
             let mut st = self.state();
             let vm = st.vms.get_mut(uuid).unwrap();
             vm.attached.clear();
@@ -481,12 +482,12 @@ pub(crate) mod fake {
         }
 
         /// Makes the next call of that kind fail.
-        pub(crate) fn fail_next(&self, on: FailOn) {
+        pub fn fail_next(&self, on: FailOn) {
             self.state().fail.push(on);
         }
 
         /// Forgets failures that no call consumed.
-        pub(crate) fn clear_failures(&self) {
+        pub fn clear_failures(&self) {
             self.state().fail.clear();
         }
 
@@ -502,7 +503,7 @@ pub(crate) mod fake {
         }
 
         /// The devices attached now: (cloud VM uuid, device name, slot).
-        pub(crate) fn attached(&self) -> BTreeSet<(String, String, u8)> {
+        pub fn attached(&self) -> BTreeSet<(String, String, u8)> {
             self.state()
                 .vms
                 .values()
@@ -516,17 +517,17 @@ pub(crate) mod fake {
         }
 
         /// The backing files now, with their sizes.
-        pub(crate) fn files(&self) -> BTreeMap<String, u64> {
+        pub fn files(&self) -> BTreeMap<String, u64> {
             self.state().files.clone()
         }
 
         /// Puts a file there behind VMBeam's back.
-        pub(crate) fn plant_file(&self, name: &str, size: u64) {
+        pub fn plant_file(&self, name: &str, size: u64) {
             self.state().files.insert(name.to_owned(), size);
         }
 
         /// Attaches a device behind VMBeam's back (an operator's virsh).
-        pub(crate) fn plant_device(&self, uuid: &str, device: ShmemDevice) {
+        pub fn plant_device(&self, uuid: &str, device: ShmemDevice) {
             self.state()
                 .vms
                 .get_mut(uuid)
@@ -536,7 +537,7 @@ pub(crate) mod fake {
         }
 
         /// The calls made so far.
-        pub(crate) fn calls(&self) -> Vec<String> {
+        pub fn calls(&self) -> Vec<String> {
             self.state().calls.clone()
         }
 

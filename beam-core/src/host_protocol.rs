@@ -1,5 +1,10 @@
 //! The host channel's protocol: lines of ASCII over the virtio-serial port
-//! `org.vmbeam.host.0` of each cloud VM, requests from the cloud VM, one answer per request.
+//! `org.vmbeam.host.0` ([`HOST_CHANNEL`]) of each cloud VM, requests from the cloud VM, one
+//! answer per request. Both ends use this module: `vmbeam-host` (the primary cloud's daemon,
+//! the server) and vmbeamd's `hostlink` (the client inside each cloud VM). It holds only
+//! pure types and functions, no I/O: the ids and the device layout both ends must agree on
+//! ([`CloudVmId`], [`PciAddress`], [`control_page_offset`]), the requests and answers, and
+//! the framing.
 //!
 //! A port is one byte stream with no framing of its own, so every message is one line
 //! (`\n`, an optional `\r` before it is dropped) of at most [`MAX_LINE`] bytes. A longer line
@@ -28,7 +33,7 @@
 //! answer means libvirt has the device in the cloud VM; the cloud VM's kernel sees it a
 //! moment later (ACPI hot-plug) at `/sys/bus/pci/devices/ADDR/resource2`: guest RAM at
 //! `ram-offset`, the control page at `control-offset`. The cloud VM must check that BAR 2
-//! got an address (see [`crate::device`] on the window) before it maps it.
+//! got an address (see `vmbeam_host::device` on the 64-bit PCI window) before it maps it.
 //!
 //! A cloud VM on this host that belongs to another cloud is reported exactly like one that
 //! is not on this host (`not-colocated`): a cloud VM learns nothing about other clouds'
@@ -40,10 +45,119 @@
 use std::fmt;
 use std::str::FromStr;
 
-use vmbeam_core::{CloudId, DomainUuid};
+use serde::{Deserialize, Serialize};
 
-use crate::cloudvm::CloudVmId;
-use crate::device::{control_page_offset, PciAddress};
+use crate::{CloudId, DomainUuid};
+
+/// The name of the host channel's virtio-serial port (inside a cloud VM, with udev:
+/// `/dev/virtio-ports/org.vmbeam.host.0`).
+pub const HOST_CHANNEL: &str = "org.vmbeam.host.0";
+
+/// A cloud VM's identity: its domain UUID in the primary cloud's libvirt (inside the cloud
+/// VM, its SMBIOS system UUID, which its libvirtd reports as the host UUID).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CloudVmId(pub DomainUuid);
+
+impl fmt::Display for CloudVmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The control page at the end of every shared device's BAR.
+pub const CONTROL_PAGE: u64 = 4096;
+
+/// The control page's offset in a BAR of `bar_size` bytes: its last page.
+pub fn control_page_offset(bar_size: u64) -> u64 {
+    bar_size - CONTROL_PAGE
+}
+
+/// A PCI address, written as sysfs names devices (`0000:00:1f.0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PciAddress {
+    /// PCI domain (segment).
+    pub domain: u16,
+    /// Bus number.
+    pub bus: u8,
+    /// Slot (device) number, 0..=0x1f.
+    pub slot: u8,
+    /// Function number, 0..=7.
+    pub function: u8,
+}
+
+impl PciAddress {
+    /// Function 0 of `slot` on bus 0 of domain 0, where VMBeam puts its devices.
+    pub fn root_slot(slot: u8) -> Self {
+        Self {
+            domain: 0,
+            bus: 0,
+            slot,
+            function: 0,
+        }
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.slot, self.function
+        )
+    }
+}
+
+/// A string that is not a PCI address in sysfs form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a PCI address of the form 0000:00:1f.0")]
+pub struct BadAddress(pub String);
+
+impl FromStr for PciAddress {
+    type Err = BadAddress;
+
+    fn from_str(s: &str) -> Result<Self, BadAddress> {
+        let bad = || BadAddress(s.to_owned());
+        let hex = |part: &str, len: usize| {
+            (part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(part, 16).ok())
+                .flatten()
+                .ok_or_else(bad)
+        };
+        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
+        let (slot, function) = rest.split_once('.').ok_or_else(bad)?;
+        let (domain, bus, slot, function) = (
+            hex(domain, 4)?,
+            hex(bus, 2)?,
+            hex(slot, 2)?,
+            hex(function, 1)?,
+        );
+        if slot > 0x1f || function > 7 {
+            return Err(bad());
+        }
+        Ok(Self {
+            domain: domain as u16,
+            bus: bus as u8,
+            slot: slot as u8,
+            function: function as u8,
+        })
+    }
+}
+
+impl TryFrom<String> for PciAddress {
+    type Error = BadAddress;
+    fn try_from(s: String) -> Result<Self, BadAddress> {
+        s.parse()
+    }
+}
+
+impl From<PciAddress> for String {
+    fn from(a: PciAddress) -> String {
+        a.to_string()
+    }
+}
 
 /// The protocol version this host speaks.
 pub const VERSION: u32 = 1;
@@ -422,6 +536,12 @@ impl ErrorCode {
     }
 }
 
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl FromStr for ErrorCode {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
@@ -795,8 +915,8 @@ pub(crate) mod tests {
 
 #[cfg(test)]
 mod prop_tests {
+    use crate::proptest_support::proptest_config;
     use proptest::prelude::*;
-    use vmbeam_core::proptest_support::proptest_config;
 
     use super::tests::{G, P};
     use super::*;
