@@ -240,7 +240,11 @@ fn locate_foreign<'a>(state: &'a LabState, name: &str) -> Result<&'a CloudVm, La
             return Ok(cvm);
         }
     }
-    Err(LabError::GuestNotRunning(name.into()))
+    // Neither a lab guest nor a running domain of any cloud VM: the name is unknown.
+    Err(LabError::UnknownGuest {
+        name: name.into(),
+        known: state.guests.iter().map(|g| g.name.clone()).collect(),
+    })
 }
 
 /// Connects to the agent of `name` wherever it runs now: a lab guest, or any running
