@@ -819,7 +819,7 @@ cmd_up() {
   rm -rf "$STATE/log.prev"
   if [[ -d $LOGS ]]; then mv "$LOGS" "$STATE/log.prev"; fi
   rm -rf "$ETC" "$RUN" "$STATE/mysql" "$STATE/keystone" "$STATE/glance" "$STATE/nova" "$STATE/neutron" \
-    "$STATE/rabbitmq" "$STATE/openrc" "$STATE/compute.conf" "$STATE/summary" "$STATE/secrets.env"
+    "$STATE/rabbitmq" "$STATE/instances" "$STATE/computes" "$STATE/openrc" "$STATE/compute.conf" "$STATE/summary" "$STATE/secrets.env"
   mkdir -p "$ETC" "$RUN" "$LOGS" "$STATE/glance"/{images,staging,tasks,lock} "$STATE/nova/lock" "$STATE/neutron"
   echo "$ADDR" >"$STATE/addr"
   ns_up
