@@ -223,12 +223,24 @@ class Harness:
                              f"task {cur.task_state}, migration {rec and rec['status']}")
             time.sleep(1)
 
-    def case(self, title, s, source, dest, via, expect):
+    def record(self, title, s, source, dest, via, expect, body):
+        """Runs one case's `body(c)` and records it in the result, failed or not."""
         log(f"case: {title}")
         c = {"title": title, "server": s.name, "source": source, "dest": dest,
              "via": via, "expect": expect}
         self.result["cases"].append(c)
         try:
+            body(c)
+            c["ok"] = True
+        except Failed as e:
+            c["ok"] = False
+            c["error"] = str(e)
+            self.failed.append(title)
+            log(f"  FAILED: {e}")
+        return c["ok"]
+
+    def case(self, title, s, source, dest, via, expect):
+        def body(c):
             offset = self.log_size(source)
             t0 = time.monotonic()
             self.live_migrate(s, dest, via)
@@ -270,15 +282,10 @@ class Harness:
                 if done or not own:
                     raise Failed(f"expected Nova's own migration: {c['shim_log']}")
             c["check"] = self.check_memory(cur, dest)
-            c["ok"] = True
             log(f"  ok in {c['elapsed_s']} s: {c.get('bytes', '-')} bytes, "
                 f"{c.get('downtime_ms', '-')} ms downtime; {c['check']}")
-        except Failed as e:
-            c["ok"] = False
-            c["error"] = str(e)
-            self.failed.append(title)
-            log(f"  FAILED: {e}")
-        return c["ok"]
+
+        return self.record(title, s, source, dest, via, expect, body)
 
     # ---- abort and force-complete while vmbeamd holds the job ----------------------
 
@@ -310,12 +317,7 @@ class Harness:
         return r.stdout
 
     def abort_case(self, s, source, dest):
-        title = "migration abort during a zero-copy job"
-        log(f"case: {title}")
-        c = {"title": title, "server": s.name, "source": source, "dest": dest,
-             "via": "cli", "expect": "stays"}
-        self.result["cases"].append(c)
-        try:
+        def body(c):
             # The destination's QEMU is up and waiting for the stream: libvirt's job runs.
             self.hold(dest, "started", 60000)
             try:
@@ -340,21 +342,13 @@ class Harness:
             if list(alloc) != [source]:
                 raise Failed(f"after abort: Placement allocations on {sorted(alloc)}")
             c["check"] = self.check_memory(cur, source)
-            c["ok"] = True
             log(f"  ok: migration {rec['status']}, still on {source}; {c['check']}")
-        except Failed as e:
-            c["ok"] = False
-            c["error"] = str(e)
-            self.failed.append(title)
-            log(f"  FAILED: {e}")
+
+        return self.record("migration abort during a zero-copy job", s, source, dest,
+                           "cli", "stays", body)
 
     def force_complete_case(self, s, source, dest):
-        title = "force-complete while vmbeamd plans the zero-copy job"
-        log(f"case: {title}")
-        c = {"title": title, "server": s.name, "source": source, "dest": dest,
-             "via": "api", "expect": "zero-copy"}
-        self.result["cases"].append(c)
-        try:
+        def body(c):
             offset = self.log_size(source)
             self.hold(source, "planning", 60000)
             try:
@@ -376,13 +370,10 @@ class Harness:
                        for ln in lines):
                 raise Failed(f"not zero-copy: {c['shim_log']}")
             c["check"] = self.check_memory(cur, dest)
-            c["ok"] = True
             log(f"  ok: zero-copy despite the force-complete; {c['check']}")
-        except Failed as e:
-            c["ok"] = False
-            c["error"] = str(e)
-            self.failed.append(title)
-            log(f"  FAILED: {e}")
+
+        return self.record("force-complete while vmbeamd plans the zero-copy job", s,
+                           source, dest, "api", "zero-copy", body)
 
     def run(self):
         self.set_up()
