@@ -133,6 +133,7 @@ pub fn run(args: &Args, tools: &Tools) -> Result<BenchSummary> {
         bin_dir: tools.bin_dir.clone(),
         other_clouds: Vec::new(),
         own_pools: Vec::new(),
+        shared_fs: Vec::new(),
     };
     let _ = vmbeam_lab::up(&opts)?;
     let _lab = LabUp;

@@ -29,6 +29,10 @@ pub enum LabCmd {
         /// Give a cloud VM a pool of its own (not shared: not co-located for VMBeam)
         #[arg(long = "own-pool", value_name = "CVM")]
         own_pool: Vec<String>,
+        /// Tell every cloud VM's libvirt this directory is shared storage (qemu.conf's
+        /// shared_filesystems), e.g. Nova's instances directory on the host's file system
+        #[arg(long = "shared-fs", value_name = "DIR")]
+        shared_fs: Vec<PathBuf>,
     },
     /// Show the cloud VMs, their libvirt URIs and domains, and the pool
     Status,
@@ -203,6 +207,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             latency,
             cloud_of,
             own_pool,
+            shared_fs,
         } => {
             let t = Instant::now();
             let opts = UpOptions {
@@ -215,6 +220,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 bin_dir: bin_dir()?,
                 other_clouds: cloud_of,
                 own_pools: own_pool,
+                shared_fs,
             };
             match lab(vmbeam_lab::up(&opts))? {
                 UpOutcome::Created(s) => {

@@ -71,8 +71,8 @@ keepalive_interval = 5
     )
 }
 
-fn qemu_conf(addr: &str) -> String {
-    format!(
+fn qemu_conf(addr: &str, shared_fs: &[PathBuf]) -> String {
+    let mut conf = format!(
         r#"# qemu.conf of a VMBeam lab cloud VM
 user = "root"
 group = "root"
@@ -89,7 +89,17 @@ migrate_tls_x509_cert_dir = "{tls}"
 migrate_tls_x509_verify = 1
 "#,
         tls = crate::tls::CERT_DIR_INNER
-    )
+    );
+    if !shared_fs.is_empty() {
+        // Paths were checked by `up` (absolute, existing, nothing to quote). libvirt drops
+        // an entry it cannot resolve when it starts.
+        let list: Vec<String> = shared_fs
+            .iter()
+            .map(|p| format!("\"{}\"", p.display()))
+            .collect();
+        conf.push_str(&format!("shared_filesystems = [ {} ]\n", list.join(", ")));
+    }
+    conf
 }
 
 /// What makes one cloud VM.
@@ -177,7 +187,10 @@ pub fn create(
         &root.join("etc-libvirt/libvirtd.conf"),
         &libvirtd_conf(&addr, host_uuid),
     )?;
-    write(&root.join("etc-libvirt/qemu.conf"), &qemu_conf(&addr))?;
+    write(
+        &root.join("etc-libvirt/qemu.conf"),
+        &qemu_conf(&addr, &state.shared_fs),
+    )?;
     // QEMU native TLS for `--tls` migrations (the encrypted baselines of `vmbeam-lab bench`).
     let pki = root.join("etc-libvirt/pki-qemu");
     make_dir(state, &pki)?;
@@ -513,4 +526,26 @@ pub fn host_path(cvm: &CloudVm, inner: &str) -> PathBuf {
         }
     }
     PathBuf::from(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_conf_declares_shared_filesystems_only_when_asked() {
+        let plain = qemu_conf("198.18.0.11", &[]);
+        assert!(plain.contains("migration_address = \"198.18.0.11\""));
+        assert!(!plain.contains("shared_filesystems"));
+        let shared = qemu_conf(
+            "198.18.0.11",
+            &[
+                PathBuf::from("/var/lib/vmbeam-openstack/x/instances"),
+                PathBuf::from("/srv/nfs"),
+            ],
+        );
+        assert!(shared.ends_with(
+            "shared_filesystems = [ \"/var/lib/vmbeam-openstack/x/instances\", \"/srv/nfs\" ]\n"
+        ));
+    }
 }

@@ -136,6 +136,8 @@ pub struct UpOptions {
     pub other_clouds: Vec<(String, String)>,
     /// Cloud VMs given a pool of their own (not shared: not co-located for VMBeam).
     pub own_pools: Vec<String>,
+    /// Directories every cloud VM's libvirt is told are shared storage (absolute, existing).
+    pub shared_fs: Vec<PathBuf>,
 }
 
 /// The virtual IaaS cloud every lab cloud VM belongs to unless told otherwise.
@@ -202,6 +204,7 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
             "--bandwidth must be at least 1 Mbit/s".into(),
         ));
     }
+    check_shared_fs(&opts.shared_fs)?;
     let _lock = Lock::take()?;
     if let Some(mut s) = LabState::load()? {
         if !s.complete {
@@ -209,6 +212,7 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
             teardown(&mut s);
         } else if s.cloud_vms.len() as u32 != opts.cloud_vms
             || s.shaping != opts.shaping
+            || s.shared_fs != opts.shared_fs
             || s.cloud_vms.iter().any(|c| {
                 c.cloud != cloud_of(opts, &c.name) || c.own_pool != opts.own_pools.contains(&c.name)
             })
@@ -239,6 +243,7 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
         version: 1,
         shaping: opts.shaping,
         pool: Path::new(LAB_ROOT).join("pool"),
+        shared_fs: opts.shared_fs.clone(),
         ..Default::default()
     };
     state.save()?;
@@ -249,6 +254,27 @@ pub fn up(opts: &UpOptions) -> Result<UpOutcome, LabError> {
             Err(e)
         }
     }
+}
+
+/// `--shared-fs` paths go into qemu.conf as they are: absolute, existing directories with
+/// nothing to quote (libvirt silently drops an entry it cannot resolve).
+fn check_shared_fs(paths: &[PathBuf]) -> Result<(), LabError> {
+    for p in paths {
+        let text = p.to_str().unwrap_or("");
+        if !p.is_absolute() || text.is_empty() || text.contains(['"', '\\', '\n']) {
+            return Err(LabError::BadInput(format!(
+                "--shared-fs {}: expected an absolute path with no quote, backslash or newline",
+                p.display()
+            )));
+        }
+        if !p.is_dir() {
+            return Err(LabError::BadInput(format!(
+                "--shared-fs {}: no such directory (create it first: libvirt ignores a path it cannot resolve)",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn build(
@@ -640,4 +666,26 @@ pub fn status() -> Result<LabStatus, LabError> {
         cloud_vms: cvms,
         pool_files,
     })
+}
+
+#[cfg(test)]
+mod shared_fs_tests {
+    use super::*;
+
+    #[test]
+    fn shared_fs_must_be_an_existing_absolute_directory_with_nothing_to_quote() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_shared_fs(&[dir.path().to_path_buf()]).is_ok());
+        for bad in [
+            PathBuf::from("relative/dir"),
+            dir.path().join("missing"),
+            dir.path().join("a\"b"),
+        ] {
+            let e = check_shared_fs(std::slice::from_ref(&bad)).unwrap_err();
+            assert!(
+                matches!(&e, LabError::BadInput(m) if m.contains("--shared-fs")),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 }

@@ -141,6 +141,11 @@ pub struct LabState {
     pub loadgen_netns: Option<String>,
     /// Whether `up` completed.
     pub complete: bool,
+    /// Directories every cloud VM's libvirt treats as shared storage (`shared_filesystems`
+    /// of its qemu.conf): the host's file system, which every cloud VM sees, is shared storage
+    /// libvirt cannot detect (e.g. Nova's instances directory in the OpenStack test).
+    #[serde(default)]
+    pub shared_fs: Vec<PathBuf>,
 }
 
 impl LabState {

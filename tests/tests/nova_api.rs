@@ -85,8 +85,14 @@ fn openstack_server_migrate_live_moves_guests_zero_copy() {
     let venv = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
     let state = PathBuf::from("/var/lib/vmbeam-openstack").join(NS);
 
-    // cvm3 does not share the beam pool: not co-located for VMBeam.
-    let _lab = LabGuard::up(3, &["--own-pool", "cvm3"]);
+    // cvm3 does not share the beam pool: not co-located for VMBeam. Nova's instances
+    // directory is on the host's file system, which every cloud VM sees: shared storage, as
+    // Nova finds by its own probe, but not a kind libvirt recognises, so every cloud VM's
+    // libvirt is told (qemu.conf's shared_filesystems; it must exist when libvirtd starts).
+    let instances = state.join("instances");
+    std::fs::create_dir_all(&instances).expect("create Nova's instances directory");
+    let instances_arg = instances.to_string_lossy();
+    let _lab = LabGuard::up(3, &["--own-pool", "cvm3", "--shared-fs", &instances_arg]);
     let _cp = ControlPlane::up();
     let lab_bin = vmbeam_lab_bin();
     let lab_bin = lab_bin.to_string_lossy();
