@@ -230,6 +230,7 @@ impl Cloud {
                 pool_dir: self.pool_dir(),
                 key_file: PathBuf::from("/nonexistent"),
                 ticket_ttl_secs: 60,
+                pool: vmbeam_core::identity::PoolKind::Directory,
             },
             libvirt_uri: "test:///default".into(),
             memory_backing_dir: state_dir.join("ram"),
