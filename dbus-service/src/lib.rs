@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod devpool;
 pub mod engine;
 pub mod error;
 pub mod fault;
@@ -17,6 +18,8 @@ pub mod rendezvous;
 pub mod service;
 pub mod state;
 
+#[cfg(test)]
+mod host_fixture;
 #[cfg(test)]
 mod hostile_support;
 #[cfg(test)]
