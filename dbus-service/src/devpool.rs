@@ -3,7 +3,7 @@
 //! at `<pci_devices_dir>/<ADDR>/resource2`), asked for over the host channel
 //! ([`crate::hostlink`]). The second kind of beam pool beside the shared directory
 //! (`vmbeam_core::pool::BeamPool`); `pool_kind` in vmbeam.conf selects it, and
-//! `crate::pool::GuestPool` puts both behind one interface.
+//! [`crate::guest_pool::GuestPool`] puts both behind one interface.
 //!
 //! What this cloud VM holds is remembered in the state directory, one record per guest
 //! (`device-pool/<uuid>.json`: role, placement, share), written before anything relies on
@@ -186,6 +186,18 @@ pub enum DevicePoolError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// An error and its sources, joined with ": " (for logs and the daemon's errors).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DevicePoolError + 'a {

@@ -8,6 +8,7 @@ pub mod devpool;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod guest_pool;
 pub mod hooks;
 pub mod hostlink;
 pub mod libvirt_conn;
