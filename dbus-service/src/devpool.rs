@@ -506,6 +506,24 @@ impl DevicePool {
         self.forget(guest)
     }
 
+    /// [`Self::free`] for a guest this cloud VM owns (recovery).
+    pub fn free_held(&self, guest: &DomainUuid) -> Result<(), DevicePoolError> {
+        if self.free(guest)? {
+            Ok(())
+        } else {
+            Err(DevicePoolError::NotHeld(guest.clone()))
+        }
+    }
+
+    /// How long ago `guest`'s record was last written; `None` without one.
+    pub fn age(&self, guest: &DomainUuid) -> Option<Duration> {
+        let modified = fs::metadata(self.record_path(guest))
+            .ok()?
+            .modified()
+            .ok()?;
+        Some(modified.elapsed().unwrap_or_default())
+    }
+
     /// Source, before libvirt's Prepare: the guest's memory plugged into `peer` too; where
     /// it sits there (the destination needs it, with [`Self::prove`]'s token).
     pub fn share(
