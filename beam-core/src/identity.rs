@@ -14,6 +14,18 @@
 //! key_file = "/etc/vmbeam/cloud.key"
 //! ticket_ttl_secs = 30
 //! ```
+//!
+//! The beam pool is the shared directory `pool_dir` unless `pool_kind` says otherwise
+//! ([`PoolKind`]). In a cloud VM that is a real VM on a primary cloud's host running
+//! `vmbeam-host`, guest RAM comes from hot-plugged shared memory devices instead:
+//!
+//! ```toml
+//! pool_kind = "host-device"
+//! host_channel = "/dev/virtio-ports/org.vmbeam.host.0"   # the default
+//! pci_devices_dir = "/sys/bus/pci/devices"               # the default
+//! ```
+//!
+//! (Flat keys rather than a `[pool]` table: the file stays the strict TOML subset above.)
 
 use std::fs::File;
 use std::io::Read as _;
@@ -28,6 +40,12 @@ use crate::ticket::{TicketError, TicketKey, MAX_TICKET_TTL_SECS};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmbeam/vmbeam.conf";
 /// Ticket validity when the file does not set `ticket_ttl_secs`.
 pub const DEFAULT_TICKET_TTL_SECS: u64 = 30;
+/// Where the host channel is inside a cloud VM (udev's name for the virtio-serial port
+/// `org.vmbeam.host.0`), unless `host_channel` says otherwise.
+pub const DEFAULT_HOST_CHANNEL: &str = "/dev/virtio-ports/org.vmbeam.host.0";
+/// Where the kernel lists PCI devices (`ADDR/resource2` is an ivshmem device's BAR 2),
+/// unless `pci_devices_dir` says otherwise.
+pub const DEFAULT_PCI_DEVICES_DIR: &str = "/sys/bus/pci/devices";
 /// Largest configuration or key file read.
 const MAX_FILE_LEN: u64 = 64 * 1024;
 
@@ -113,6 +131,35 @@ pub struct Identity {
     pub key_file: PathBuf,
     /// Validity of the tickets this host issues, in seconds.
     pub ticket_ttl_secs: u64,
+    /// Where guest RAM comes from (`pool_kind`).
+    pub pool: PoolKind,
+}
+
+/// The kind of beam pool a cloud VM takes guest RAM from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolKind {
+    /// A directory on memory every co-located cloud VM sees (`pool_dir`; one kernel, the
+    /// namespace lab): `pool_kind = "directory"`, the default.
+    Directory,
+    /// One `ivshmem-plain` device per guest, hot-plugged by the primary cloud's
+    /// `vmbeam-host`, asked over the host channel: `pool_kind = "host-device"`.
+    HostDevice {
+        /// The host channel (`host_channel`: the virtio-serial port, or a unix socket).
+        channel: PathBuf,
+        /// The kernel's PCI device directory (`pci_devices_dir`), where a device's BAR 2
+        /// is `ADDR/resource2`.
+        pci_devices: PathBuf,
+    },
+}
+
+impl PoolKind {
+    /// The configuration's name of the kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Directory => "directory",
+            Self::HostDevice { .. } => "host-device",
+        }
+    }
 }
 
 enum Value {
@@ -174,14 +221,17 @@ impl FromStr for Identity {
 
     /// Parses the configuration text.
     fn from_str(text: &str) -> Result<Self, IdentityError> {
-        const KEYS: [&str; 5] = [
+        const KEYS: [&str; 8] = [
             "host_id",
             "cloud",
             "pool_dir",
             "key_file",
             "ticket_ttl_secs",
+            "pool_kind",
+            "host_channel",
+            "pci_devices_dir",
         ];
-        let mut values: [Option<Value>; 5] = Default::default();
+        let mut values: [Option<Value>; 8] = Default::default();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
             let content = raw.trim();
@@ -208,7 +258,7 @@ impl FromStr for Identity {
                 });
             }
         }
-        let [host_id, cloud, pool_dir, key_file, ttl] = values;
+        let [host_id, cloud, pool_dir, key_file, ttl, kind, channel, pci_devices] = values;
         let string = |v: Option<Value>, key: &'static str| match v {
             None => Err(IdentityError::Missing(key)),
             Some(Value::Str(s)) => Ok(s),
@@ -251,12 +301,43 @@ impl FromStr for Identity {
                 })
             }
         };
+        let pool = match kind.map(|v| string(Some(v), "pool_kind")).transpose()? {
+            None => None,
+            Some(k) if k == "directory" => None,
+            Some(k) if k == "host-device" => Some(()),
+            Some(_) => {
+                return Err(IdentityError::BadValue {
+                    key: "pool_kind",
+                    expected: "\"directory\" or \"host-device\"",
+                })
+            }
+        };
+        let pool = match pool {
+            None if channel.is_some() || pci_devices.is_some() => {
+                return Err(IdentityError::BadValue {
+                    key: "pool_kind",
+                    expected: "\"host-device\" where host_channel or pci_devices_dir is set",
+                })
+            }
+            None => PoolKind::Directory,
+            Some(()) => PoolKind::HostDevice {
+                channel: match channel {
+                    None => PathBuf::from(DEFAULT_HOST_CHANNEL),
+                    v => abs_path(v, "host_channel")?,
+                },
+                pci_devices: match pci_devices {
+                    None => PathBuf::from(DEFAULT_PCI_DEVICES_DIR),
+                    v => abs_path(v, "pci_devices_dir")?,
+                },
+            },
+        };
         Ok(Self {
             host_id,
             cloud,
             pool_dir,
             key_file,
             ticket_ttl_secs,
+            pool,
         })
     }
 }
@@ -320,6 +401,7 @@ ticket_ttl_secs = 45
         assert_eq!(id.pool_dir, PathBuf::from("/var/lib/vmbeam/pool"));
         assert_eq!(id.key_file, PathBuf::from("/etc/vmbeam/cloud.key"));
         assert_eq!(id.ticket_ttl_secs, 45);
+        assert_eq!(id.pool, PoolKind::Directory);
         let no_ttl = GOOD.replace("ticket_ttl_secs = 45", "");
         assert_eq!(
             no_ttl.parse::<Identity>().unwrap().ticket_ttl_secs,
@@ -329,6 +411,56 @@ ticket_ttl_secs = 45
         assert_eq!(
             escaped.parse::<Identity>().unwrap().pool_dir,
             PathBuf::from(r#"/var/lib/vm"beam\pool"#)
+        );
+    }
+
+    #[test]
+    fn the_pool_kind_is_a_directory_unless_it_says_host_device() {
+        let explicit = format!("{GOOD}pool_kind = \"directory\"\n");
+        assert_eq!(
+            explicit.parse::<Identity>().unwrap().pool,
+            PoolKind::Directory
+        );
+        let device = format!("{GOOD}pool_kind = \"host-device\"\n");
+        let id = device.parse::<Identity>().unwrap();
+        assert_eq!(
+            id.pool,
+            PoolKind::HostDevice {
+                channel: PathBuf::from(DEFAULT_HOST_CHANNEL),
+                pci_devices: PathBuf::from(DEFAULT_PCI_DEVICES_DIR),
+            }
+        );
+        assert_eq!(id.pool.name(), "host-device");
+        let placed =
+            format!("{device}host_channel = \"/run/h.sock\"\npci_devices_dir = \"/tmp/pci\"\n");
+        assert_eq!(
+            placed.parse::<Identity>().unwrap().pool,
+            PoolKind::HostDevice {
+                channel: PathBuf::from("/run/h.sock"),
+                pci_devices: PathBuf::from("/tmp/pci"),
+            }
+        );
+        let bad = |text: String, key: &str| {
+            let err = text.parse::<Identity>().unwrap_err();
+            assert!(
+                matches!(&err, IdentityError::BadValue { key: k, .. } if *k == key),
+                "{text}\n=> {err:?}"
+            );
+        };
+        bad(format!("{GOOD}pool_kind = \"tmpfs\"\n"), "pool_kind");
+        bad(format!("{GOOD}pool_kind = 2\n"), "pool_kind");
+        // A channel without the kind that uses it is a mistake, not something to ignore.
+        bad(
+            format!("{GOOD}host_channel = \"/run/h.sock\"\n"),
+            "pool_kind",
+        );
+        bad(
+            format!("{device}pci_devices_dir = \"sys/bus\"\n"),
+            "pci_devices_dir",
+        );
+        bad(
+            format!("{device}host_channel = \"h.sock\"\n"),
+            "host_channel",
         );
     }
 

@@ -19,11 +19,14 @@
 //! - [`host`]: libvirt's host capabilities (the host UUID).
 //! - [`host_protocol`]: the line protocol between a cloud VM (vmbeamd's `hostlink`) and the
 //!   primary cloud's `vmbeam-host` on the `org.vmbeam.host.0` channel; pure, no I/O.
+//! - [`control_page`]: the content proof through a shared device's control page (the
+//!   host-device pool's confirmation of co-location); pure.
 //! - [`recover`]: what a restarted vmbeamd does with hand-overs a dead daemon left half done.
 
 mod b64;
 pub mod backend;
 pub mod carrier;
+pub mod control_page;
 pub mod destination;
 pub mod domain;
 pub mod hook;

@@ -583,6 +583,7 @@ mod tests {
                 pool_dir: PathBuf::from("/pool"),
                 key_file: PathBuf::from("/etc/vmbeam/key"),
                 ticket_ttl_secs: 30,
+                pool: crate::identity::PoolKind::Directory,
             },
             local_pool_identity: Some(ID),
             destination: Some(DestinationReport {

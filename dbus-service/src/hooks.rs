@@ -15,10 +15,11 @@ use tracing::{error, info, info_span, warn};
 use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
 use vmbeam_core::hook::{HookOp, HookSubOp};
-use vmbeam_core::pool::{BeamPool, OwnerState};
+use vmbeam_core::pool::BeamPool;
 use vmbeam_core::ticket::{Expectations, Ticket};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
 
+use crate::guest_pool::Taken;
 use crate::state::{now_secs, Incoming, Running, SharedCtx};
 
 fn failed(e: impl std::fmt::Display) -> DaemonError {
@@ -139,10 +140,11 @@ fn backend_err(e: BackendError) -> DaemonError {
     DaemonError::Backend(e)
 }
 
-/// Any start: link libvirt's RAM path to a pool file that exists with the full size.
+/// Any start: link libvirt's RAM path to memory of the full size: the source's pool file
+/// for an accepted zero-copy migration, else fresh memory from the pool (a pool file, or a
+/// device from the primary cloud's host).
 fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError> {
     let id = &ctx.cfg.identity;
-    let pool = BeamPool::new(&id.pool_dir);
     let size = facts.memory_bytes().map_err(failed)?;
     if facts.numa_cells > 0 {
         return Err(DaemonError::CannotEnable(
@@ -155,46 +157,33 @@ fn start_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError> 
             .remove(&facts.uuid)
             .filter(|i| i.expires_at + 60 >= now_secs())
     };
-    let (file, zero_copy) = match incoming {
-        Some(inc) => (inc.pool_file, true),
-        None => {
-            let generation = next_generation(&pool, &facts.uuid)?;
-            pool.create_file(&facts.uuid, generation, size, None)
-                .map_err(|e| DaemonError::pool("", e))?;
-            let name = vmbeam_core::pool::pool_file_name(&facts.uuid, generation);
-            pool.claim(&name, &facts.uuid, generation, &id.host_id)
-                .map_err(|e| DaemonError::pool("", e))?;
-            (name, false)
-        }
+    let (taken, zero_copy) = match incoming {
+        Some(inc) => (
+            Taken {
+                path: id.pool_dir.join(&inc.pool_file),
+                name: inc.pool_file,
+            },
+            true,
+        ),
+        None => (ctx.pool.take(&ctx.cfg, &facts.uuid, size)?, false),
     };
-    let target = id.pool_dir.join(&file);
-    ctx.backend.link_ram(facts, &target, size).map_err(|e| {
-        if !zero_copy {
-            let _ = pool.release(&file, &id.host_id);
-        }
-        backend_err(e)
-    })?;
-    info!(pool_file = %file, zero_copy, "RAM path linked into the pool");
+    ctx.backend
+        .link_ram(facts, &taken.path, size)
+        .map_err(|e| {
+            if !zero_copy {
+                ctx.pool.undo_take(&ctx.cfg, &facts.uuid, &taken);
+            }
+            backend_err(e)
+        })?;
+    info!(pool_file = %taken.name, zero_copy, pool = ctx.pool.kind(), "RAM path linked into the pool");
     ctx.tables.lock().expect("lock").running.insert(
         facts.uuid.clone(),
         Running {
-            pool_file: file,
+            pool_file: taken.name,
             zero_copy,
         },
     );
     Ok(())
-}
-
-fn next_generation(pool: &BeamPool, uuid: &DomainUuid) -> Result<u64, DaemonError> {
-    let max = pool
-        .list()
-        .map_err(|e| DaemonError::pool("", e))?
-        .into_iter()
-        .filter(|e| &e.domain_uuid == uuid)
-        .map(|e| e.generation)
-        .max()
-        .unwrap_or(0);
-    Ok(max + 1)
 }
 
 /// QEMU is up and waiting for the stream. For zero-copy: `x-ignore-shared` on, then a watcher
@@ -244,7 +233,6 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError
 fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
     crate::fault::hold("release");
     remove_private_monitor_socket(facts);
-    let id = &ctx.cfg.identity;
     let (running, outgoing) = {
         let mut t = ctx.tables.lock().expect("lock");
         t.incoming.remove(&facts.uuid);
@@ -257,35 +245,8 @@ fn release_end(ctx: &SharedCtx, facts: &DomainFacts) {
         info!("released while a zero-copy migration is in flight: the job settles the pool file");
         return;
     }
-    let pool = BeamPool::new(&id.pool_dir);
-    let mut files: Vec<String> = running.map(|r| vec![r.pool_file]).unwrap_or_default();
-    if let Ok(list) = pool.list() {
-        for e in list {
-            if e.domain_uuid == facts.uuid && !files.contains(&e.file_name) {
-                files.push(e.file_name);
-            }
-        }
-    }
-    for f in files {
-        match pool.read_owner(&f) {
-            Ok(Some(r)) if r.owner == id.host_id && r.state == OwnerState::Active => {
-                match pool.release(&f, &id.host_id) {
-                    Ok(()) => {
-                        if let Err(e) = pool.clear_ran(&f) {
-                            warn!(pool_file = %f, error = %e, "could not delete the pool file's ran marker");
-                        }
-                        info!(pool_file = %f, "domain gone for good here: pool file deleted")
-                    }
-                    Err(e) => warn!(pool_file = %f, error = %e, "could not delete pool file"),
-                }
-            }
-            Ok(Some(r)) => {
-                info!(pool_file = %f, owner = %r.owner, state = %r.state, "pool file kept (not ours to delete)")
-            }
-            Ok(None) => {}
-            Err(e) => warn!(pool_file = %f, error = %e, "unreadable owner record"),
-        }
-    }
+    ctx.pool
+        .give_back(&ctx.cfg, &facts.uuid, running.map(|r| r.pool_file));
 }
 
 /// The domain's QEMU is gone from this host: its private QMP socket (VMBeam's, so libvirt
@@ -348,7 +309,7 @@ mod tests {
 
     use std::sync::atomic::Ordering;
 
-    use vmbeam_core::pool::{pool_file_name, PoolError};
+    use vmbeam_core::pool::{pool_file_name, OwnerState, PoolError};
     use vmbeam_core::ticket::TicketFields;
     use vmbeam_core::{CloudId, HostId, TicketKey};
 
@@ -699,6 +660,87 @@ mod tests {
         std::fs::write(&sock, b"not a socket").unwrap();
         remove_private_monitor_socket(&f);
         assert!(sock.exists(), "only a socket is ever removed");
+    }
+
+    /// The host-device pool: a start takes the guest's memory from the primary cloud's host
+    /// (its device's BAR 2 is what the RAM path links to), the domain gone gives it back,
+    /// and nothing is left on the host; the shared directory is not touched.
+    #[test]
+    fn a_device_pool_start_takes_memory_from_the_host_and_release_gives_it_back() {
+        use crate::host_fixture::{HostFixture, A1};
+        let host = HostFixture::new();
+        let cloud = Cloud::new();
+        let cvm = cloud.device_host("cvm1", &host, A1);
+        handle(&cvm.ctx, &args("start", "begin"), &domain_xml("cvm1")).unwrap();
+        assert_eq!(cvm.fake.calls(), [format!("link_ram resource2 {MEMORY}")]);
+        let attached = host.attached();
+        assert_eq!(attached.len(), 1);
+        assert_eq!(attached[0].0, A1);
+        assert_eq!(host.files().len(), 1);
+        let running = cvm.ctx.tables.lock().unwrap().running[&uuid()].clone();
+        assert!(!running.zero_copy);
+        assert!(running
+            .pool_file
+            .starts_with(host.pci_devices(A1).to_str().unwrap()));
+        assert!(std::path::Path::new(&running.pool_file).exists());
+        let device = cvm.ctx.pool.device().unwrap();
+        assert_eq!(device.holdings().unwrap().len(), 1);
+        assert!(
+            cloud.pool_names().is_empty(),
+            "the shared directory is not used"
+        );
+
+        handle(&cvm.ctx, &args("release", "end"), &domain_xml("cvm1")).unwrap();
+        assert!(host.attached().is_empty());
+        assert!(host.files().is_empty(), "nothing left on the host");
+        assert!(device.holdings().unwrap().is_empty());
+        assert!(cvm.ctx.tables.lock().unwrap().running.is_empty());
+    }
+
+    #[test]
+    fn a_device_pool_start_that_fails_gives_the_memory_back_and_a_host_that_refuses_fails_it() {
+        use crate::host_fixture::{HostFixture, A1};
+        let host = HostFixture::new();
+        let cloud = Cloud::new();
+        let cvm = cloud.device_host("cvm1", &host, A1);
+        cvm.fake.refuse_link_ram.store(true, Ordering::SeqCst);
+        let err = handle(&cvm.ctx, &args("start", "begin"), &domain_xml("cvm1")).unwrap_err();
+        assert!(err.to_string().contains("cannot link"), "{err}");
+        assert!(host.attached().is_empty());
+        assert!(host.files().is_empty());
+        assert!(cvm
+            .ctx
+            .pool
+            .device()
+            .unwrap()
+            .holdings()
+            .unwrap()
+            .is_empty());
+        assert!(cvm.ctx.tables.lock().unwrap().running.is_empty());
+
+        // A guest too big for the cloud VM's 64 GiB window: the host refuses, the start
+        // fails with its words, and nothing is taken.
+        cvm.fake.refuse_link_ram.store(false, Ordering::SeqCst);
+        let huge = domain_xml("cvm1").replace(
+            "<memory unit='KiB'>4096</memory>",
+            "<memory unit='KiB'>68719476736</memory>",
+        );
+        let err = handle(&cvm.ctx, &args("start", "begin"), &huge).unwrap_err();
+        assert!(err.to_string().contains("host-device pool"), "{err}");
+        assert!(host.attached().is_empty());
+        assert!(cvm
+            .ctx
+            .pool
+            .device()
+            .unwrap()
+            .holdings()
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            cvm.fake.calls().len(),
+            1,
+            "QEMU's RAM path was not linked again"
+        );
     }
 
     #[test]

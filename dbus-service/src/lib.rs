@@ -4,9 +4,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod devpool;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod guest_pool;
 pub mod hooks;
 pub mod hostlink;
 pub mod libvirt_conn;
@@ -17,6 +19,8 @@ pub mod rendezvous;
 pub mod service;
 pub mod state;
 
+#[cfg(test)]
+mod host_fixture;
 #[cfg(test)]
 mod hostile_support;
 #[cfg(test)]

@@ -64,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
     let backend = Box::new(vmbeam_qemu::backend::QemuBackend::new(
         cfg.memory_backing_dir.clone(),
     ));
+    let pool = vmbeamd::guest_pool::GuestPool::for_config(&cfg);
+    info!(kind = pool.kind(), "beam pool");
     let ctx = Arc::new(Ctx {
+        pool,
         cfg,
         key,
         tables: Mutex::new(Tables::default()),

@@ -206,6 +206,7 @@ pub fn reconcile(ctx: &Ctx, domains: &dyn LocalDomains) -> Vec<String> {
         };
         settled.extend(done);
     }
+    settled.extend(reconcile_devices(ctx, domains, DEVICE_MIN_AGE));
     // What is no longer in doubt leaves the table.
     let mut t = ctx.tables.lock().expect("lock");
     t.in_doubt
@@ -359,6 +360,72 @@ fn recover_destination(
     }
 }
 
+/// How old a device-pool record must be before recovery gives its memory back (a younger
+/// one may belong to a start whose QEMU libvirt has not shown running yet).
+pub const DEVICE_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// The host-device pool's part of a pass: memory this cloud VM holds (its records, kept
+/// across restarts) for a guest that no longer runs here and that no job or start of this
+/// daemon is on (a daemon that died before `release end` gave it back) goes back to the
+/// host: FREE as its owner, WITHDRAW as a share's destination, each only once nothing here
+/// maps the device. Records younger than `min_age` are left alone. Returns what was given
+/// back.
+pub fn reconcile_devices(ctx: &Ctx, domains: &dyn LocalDomains, min_age: Duration) -> Vec<String> {
+    use crate::devpool::{error_chain, DevicePool, Role};
+    let Some(device) = ctx.pool.device() else {
+        return Vec::new();
+    };
+    let holdings = match device.holdings() {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "recovery: cannot read the device pool's records");
+            return Vec::new();
+        }
+    };
+    let mut settled = Vec::new();
+    for h in holdings {
+        let young = !matches!(device.age(&h.guest), Some(age) if age >= min_age);
+        if young
+            || ctx
+                .tables
+                .lock()
+                .expect("lock")
+                .running
+                .contains_key(&h.guest)
+        {
+            continue;
+        }
+        let Some(_claim) = RecoveryClaim::take(ctx, &h.guest) else {
+            continue;
+        };
+        match domains.observe(&h.guest) {
+            Ok(o) if o.local == Local::Absent => {}
+            Ok(_) => continue,
+            Err(e) => {
+                warn!(guest = %h.guest, error = %e, "recovery: cannot ask libvirt about a guest whose memory this cloud VM holds");
+                continue;
+            }
+        }
+        let step = match h.role {
+            Role::Owner => DevicePool::free_held,
+            Role::Destination => DevicePool::withdraw,
+        };
+        match step(device, &h.guest) {
+            Ok(()) => {
+                info!(guest = %h.guest, role = %h.role, "recovery: memory of a guest gone from here given back to the host");
+                settled.push(format!(
+                    "{}: memory given back to the host ({})",
+                    h.guest, h.role
+                ));
+            }
+            Err(e) => {
+                warn!(guest = %h.guest, error = %error_chain(&e), "recovery: cannot give back the memory of a guest gone from here")
+            }
+        }
+    }
+    settled
+}
+
 /// Recovery for the daemon's lifetime: a pass at once, then one every [`RECOVERY_INTERVAL`]
 /// (on a blocking thread: libvirt and QMP calls block).
 pub fn serve_forever(ctx: SharedCtx) {
@@ -410,6 +477,45 @@ mod tests {
 
     fn doubt(h: &Host, file: &str) -> Option<String> {
         h.ctx.tables.lock().unwrap().in_doubt.get(file).cloned()
+    }
+
+    /// A vmbeamd that died before `release end` left the host holding a guest's memory;
+    /// restarted, its recovery gives it back once libvirt shows the guest gone, and keeps
+    /// what a running guest or a start in progress uses.
+    #[test]
+    fn device_memory_of_a_guest_gone_from_here_goes_back_to_the_host() {
+        use crate::host_fixture::{HostFixture, A1};
+        let host = HostFixture::new();
+        let cloud = Cloud::new();
+        let before = cloud.device_host("cvm1", &host, A1);
+        crate::hooks::handle(
+            &before.ctx,
+            &["web1", "start", "begin", "-"].map(String::from),
+            &crate::testing::domain_xml("cvm1"),
+        )
+        .unwrap();
+        drop(before);
+        let after = cloud.device_host("cvm1", &host, A1);
+        let device = after.ctx.pool.device().unwrap();
+        assert_eq!(
+            device.holdings().unwrap().len(),
+            1,
+            "remembered across the restart"
+        );
+
+        // Running here: kept. Gone, but the record is young (a start in progress): kept.
+        let running = FakeLibvirt::new(Local::Running);
+        assert!(reconcile_devices(&after.ctx, &running, Duration::ZERO).is_empty());
+        let gone = FakeLibvirt::new(Local::Absent);
+        assert!(reconcile_devices(&after.ctx, &gone, Duration::from_secs(3600)).is_empty());
+        assert_eq!(host.attached().len(), 1);
+
+        let settled = reconcile_devices(&after.ctx, &gone, Duration::ZERO);
+        assert_eq!(settled.len(), 1, "{settled:?}");
+        assert!(host.attached().is_empty());
+        assert!(host.files().is_empty(), "nothing left on the host");
+        assert!(device.holdings().unwrap().is_empty());
+        assert!(reconcile_devices(&after.ctx, &gone, Duration::ZERO).is_empty());
     }
 
     #[test]

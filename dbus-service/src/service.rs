@@ -778,6 +778,7 @@ mod tests {
             backend: Box::new(vmbeam_qemu::backend::QemuBackend::new(
                 dir.path().to_path_buf(),
             )),
+            pool: crate::guest_pool::GuestPool::Directory,
         });
         let mut xml = String::from(
             "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",

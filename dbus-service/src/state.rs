@@ -91,6 +91,8 @@ pub struct Ctx {
     pub libvirt_uuid: String,
     /// The hypervisor backend (QEMU; Xen's libxl later).
     pub backend: Box<dyn vmbeam_core::backend::Backend>,
+    /// Where guest RAM comes from (the shared directory, or the primary cloud's devices).
+    pub pool: crate::guest_pool::GuestPool,
 }
 
 /// Shared handle.

@@ -88,6 +88,8 @@ pub struct FakeState {
     pub refuse_arm_source: AtomicBool,
     /// `arm_destination` reports at once that the guest runs there.
     pub guest_runs_at_once: AtomicBool,
+    /// `link_ram` fails (as QEMU's backend does for a file too short).
+    pub refuse_link_ram: AtomicBool,
 }
 
 impl FakeState {
@@ -145,6 +147,11 @@ impl Backend for FakeBackend {
     ) -> Result<(), BackendError> {
         self.0
             .call(format!("link_ram {} {size}", file_name(pool_file)));
+        if self.0.refuse_link_ram.load(Ordering::SeqCst) {
+            return Err(BackendError::Failed(
+                "cannot link the RAM path (fake)".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -221,6 +228,29 @@ impl Cloud {
 
     /// The daemon of cloud VM `name` (its own state directory, the shared pool).
     pub fn host(&self, name: &str) -> Host {
+        self.host_with(name, |_| crate::guest_pool::GuestPool::Directory)
+    }
+
+    /// The daemon of cloud VM `name` whose guest RAM comes from `fixture`'s host as its
+    /// cloud VM `cloud_vm` (the host-device pool).
+    pub fn device_host(
+        &self,
+        name: &str,
+        fixture: &crate::host_fixture::HostFixture,
+        cloud_vm: &str,
+    ) -> Host {
+        self.host_with(name, |cfg| {
+            crate::guest_pool::GuestPool::HostDevice(Box::new(
+                fixture.pool(cloud_vm, &cfg.state_dir),
+            ))
+        })
+    }
+
+    fn host_with(
+        &self,
+        name: &str,
+        pool: impl FnOnce(&DaemonConfig) -> crate::guest_pool::GuestPool,
+    ) -> Host {
         let state_dir = self.dir.path().join(name);
         let fake = Arc::new(FakeState::default());
         let cfg = DaemonConfig {
@@ -230,6 +260,7 @@ impl Cloud {
                 pool_dir: self.pool_dir(),
                 key_file: PathBuf::from("/nonexistent"),
                 ticket_ttl_secs: 60,
+                pool: vmbeam_core::identity::PoolKind::Directory,
             },
             libvirt_uri: "test:///default".into(),
             memory_backing_dir: state_dir.join("ram"),
@@ -239,6 +270,7 @@ impl Cloud {
             hook_timeout: Duration::from_secs(20),
         };
         let replay = FileReplayCache::open(state_dir.join("tickets")).expect("replay cache");
+        let pool = pool(&cfg);
         let ctx = Arc::new(Ctx {
             cfg,
             key: key(),
@@ -246,6 +278,7 @@ impl Cloud {
             replay: Mutex::new(replay),
             libvirt_uuid: format!("00000000-0000-4000-8000-{:0>12}", name.len()),
             backend: Box::new(FakeBackend(fake.clone())),
+            pool,
         });
         Host { ctx, fake }
     }

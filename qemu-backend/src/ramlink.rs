@@ -544,8 +544,9 @@ pub fn verify_process_maps_file(pid: u32, pool_file: &Path) -> Result<u64, RamLi
     Ok(shared)
 }
 
-/// Sums the bytes of shared and private mappings of file `id` in a `/proc/PID/maps` text.
-fn scan_maps(maps: &str, id: FileIdentity) -> (u64, u64) {
+/// Sums the bytes of shared and private mappings of file `id` in a `/proc/PID/maps` text
+/// (also vmbeamd's check that nothing maps a shared device before the host unplugs it).
+pub fn scan_maps(maps: &str, id: FileIdentity) -> (u64, u64) {
     let (want_major, want_minor) = (id.dev_major(), id.dev_minor());
     let (mut shared, mut private) = (0u64, 0u64);
     for line in maps.lines() {
