@@ -119,6 +119,34 @@ impl ControlToken {
     }
 }
 
+/// Where the destination's "the guest ran here" record starts in the control page (after
+/// the proof record, which it never overlaps).
+pub const RAN_OFFSET: usize = 512;
+/// The ran record's first bytes.
+pub const RAN_MAGIC: &[u8; 8] = b"VMBEAMR1";
+/// The ran record's length: magic and the migration's proof nonce.
+pub const RAN_LEN: usize = 8 + 16;
+
+// The proof record and the ran record never overlap, and both fit the page.
+const _: () = assert!(PROOF_LEN <= RAN_OFFSET && RAN_OFFSET + RAN_LEN <= 4096);
+
+/// The record a zero-copy destination writes at [`RAN_OFFSET`] once the guest runs there:
+/// the host-device pool's counterpart of the directory pool's `.ran` marker. It names the
+/// migration by its proof's nonce, so a record an earlier migration left never counts for
+/// a later one (whose proof has another nonce).
+pub fn ran_record(nonce: &Nonce) -> [u8; RAN_LEN] {
+    let mut r = [0u8; RAN_LEN];
+    r[..8].copy_from_slice(RAN_MAGIC);
+    r[8..].copy_from_slice(&nonce.0);
+    r
+}
+
+/// Whether `record` (read from [`RAN_OFFSET`]) says the guest ran at the destination of the
+/// migration whose proof had `nonce`.
+pub fn has_ran(record: &[u8], nonce: &Nonce) -> bool {
+    record.get(..RAN_LEN) == Some(&ran_record(nonce)[..])
+}
+
 /// `<nonce hex>:<sha256 hex>`, how the token travels in text.
 impl fmt::Display for ControlToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -180,6 +208,18 @@ mod tests {
         assert_eq!(&a.record()[..8], PROOF_MAGIC);
         let secret = hex::encode(&a.record()[24..]);
         assert!(!format!("{a:?}").contains(&secret));
+    }
+
+    #[test]
+    fn a_ran_record_counts_only_for_its_own_migration() {
+        let (this, earlier) = (ControlProof::fresh().token(), ControlProof::fresh().token());
+        let mut page = vec![0u8; 4096];
+        assert!(!has_ran(&page[RAN_OFFSET..], &this.nonce));
+        page[RAN_OFFSET..RAN_OFFSET + RAN_LEN].copy_from_slice(&ran_record(&earlier.nonce));
+        assert!(!has_ran(&page[RAN_OFFSET..], &this.nonce), "a stale record");
+        page[RAN_OFFSET..RAN_OFFSET + RAN_LEN].copy_from_slice(&ran_record(&this.nonce));
+        assert!(has_ran(&page[RAN_OFFSET..], &this.nonce));
+        assert!(!has_ran(&page[RAN_OFFSET..RAN_OFFSET + 3], &this.nonce));
     }
 
     #[test]

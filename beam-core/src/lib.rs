@@ -28,6 +28,7 @@ pub mod backend;
 pub mod carrier;
 pub mod control_page;
 pub mod destination;
+pub mod device_share;
 pub mod domain;
 pub mod hook;
 pub mod host;
