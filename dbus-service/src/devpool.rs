@@ -34,9 +34,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use vmbeam_core::control_page::{ControlProof, ControlToken, ProofMismatch, PROOF_LEN};
+use vmbeam_core::control_page::{
+    self, ControlProof, ControlToken, ProofMismatch, PROOF_LEN, RAN_LEN, RAN_OFFSET,
+};
 use vmbeam_core::host_protocol::{CloudVmId, ErrorCode, PciAddress, Placement};
-use vmbeam_core::{DomainUuid, FileIdentity};
+use vmbeam_core::{DomainUuid, FileIdentity, Nonce};
 
 use crate::hostlink::{Colocation, HostLink, HostLinkError};
 
@@ -80,8 +82,13 @@ pub struct Holding {
     pub bar_size: u64,
     /// The control page's offset in the BAR.
     pub control_offset: u64,
-    /// The cloud VM the owner shared the guest with (a migration in flight).
+    /// The cloud VM the owner shared the guest with (a migration in flight): the
+    /// hand-over record, until the migration settled.
     pub shared_with: Option<String>,
+    /// The nonce of the migration's control-page proof (the source's last `prove`, the
+    /// destination's accepted one): the ran record in the control page names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<Nonce>,
 }
 
 impl Holding {
@@ -93,6 +100,7 @@ impl Holding {
             bar_size: p.bar_size,
             control_offset: p.control_offset,
             shared_with: None,
+            proof: None,
         }
     }
 }
@@ -177,6 +185,9 @@ pub enum DevicePoolError {
         #[source]
         source: io::Error,
     },
+    /// The step needs the migration's proof, and the record has none.
+    #[error("guest {0}'s record names no control-page proof (no zero-copy migration of it)")]
+    NoProof(DomainUuid),
     /// A record in the state directory is unreadable.
     #[error("record {} is not a device-pool record", path.display())]
     Record {
@@ -253,6 +264,15 @@ impl DevicePool {
 
     fn resource_of(&self, h: &Holding) -> PathBuf {
         self.pci_devices.join(&h.addr).join("resource2")
+    }
+
+    /// BAR 2's file of the device this cloud VM holds of `guest` in `role`, if it does.
+    pub fn held_path(&self, guest: &DomainUuid, role: Role) -> Option<PathBuf> {
+        self.holding(guest)
+            .ok()
+            .flatten()
+            .filter(|h| h.role == role)
+            .map(|h| self.resource_of(&h))
     }
 
     /// One call on the link, opening it first if there is none; a link that died is
@@ -542,10 +562,12 @@ impl DevicePool {
     /// Source: a fresh proof record written into the guest's control page through this
     /// side's mapping; the token the destination checks it with.
     pub fn prove(&self, guest: &DomainUuid) -> Result<ControlToken, DevicePoolError> {
-        let h = self.held_as(guest, Role::Owner)?;
+        let mut h = self.held_as(guest, Role::Owner)?;
         let proof = ControlProof::fresh();
         let path = self.resource_of(&h);
-        ControlPage::map(&path, h.control_offset)?.write(proof.record());
+        h.proof = Some(proof.token().nonce);
+        self.remember(&h)?;
+        ControlPage::map(&path, h.control_offset)?.write_at(0, proof.record());
         Ok(proof.token())
     }
 
@@ -567,7 +589,10 @@ impl DevicePool {
                     wanted: Role::Destination,
                 })
             }
-            _ => self.remember(&Holding::new(guest, Role::Destination, placement))?,
+            _ => self.remember(&Holding {
+                proof: Some(token.nonce),
+                ..Holding::new(guest, Role::Destination, placement)
+            })?,
         }
         let path = match self.wait_plugged(placement) {
             Ok(path) => path,
@@ -581,7 +606,7 @@ impl DevicePool {
             }
         };
         let mut page = [0u8; PROOF_LEN];
-        ControlPage::map(&path, placement.control_offset)?.read(&mut page);
+        ControlPage::map(&path, placement.control_offset)?.read_at(0, &mut page);
         token
             .check(&page)
             .map_err(|source| DevicePoolError::Proof {
@@ -622,6 +647,64 @@ impl DevicePool {
         let mut h = self.held_as(guest, Role::Destination)?;
         h.role = Role::Owner;
         self.remember(&h)
+    }
+
+    /// Destination, once the guest runs here: the ran record (naming the accepted proof)
+    /// written into the control page, where the source sees it through its own mapping
+    /// (its failure path fences instead of resuming), and this cloud VM takes ownership
+    /// ([`Self::adopt`]): the guest last ran here.
+    pub fn mark_ran(&self, guest: &DomainUuid) -> Result<(), DevicePoolError> {
+        let h = self.held_as(guest, Role::Destination)?;
+        let nonce = h
+            .proof
+            .ok_or_else(|| DevicePoolError::NoProof(guest.clone()))?;
+        ControlPage::map(&self.resource_of(&h), h.control_offset)?
+            .write_at(RAN_OFFSET, &control_page::ran_record(&nonce));
+        self.adopt(guest)?;
+        info!(%guest, "the guest runs here: ran record left in the control page, ownership taken");
+        Ok(())
+    }
+
+    /// Source: whether the destination of the migration this cloud VM last proved ran the
+    /// guest (its ran record in the control page, read through this side's mapping).
+    pub fn has_ran(&self, guest: &DomainUuid) -> Result<bool, DevicePoolError> {
+        let h = self.held_as(guest, Role::Owner)?;
+        let nonce = h
+            .proof
+            .ok_or_else(|| DevicePoolError::NoProof(guest.clone()))?;
+        let mut record = [0u8; RAN_LEN];
+        ControlPage::map(&self.resource_of(&h), h.control_offset)?.read_at(RAN_OFFSET, &mut record);
+        Ok(control_page::has_ran(&record, &nonce))
+    }
+
+    /// Source, after a failed migration whose guest goes on here: the hand-over record is
+    /// closed (the destination withdraws its share when its QEMU has exited).
+    pub fn close_hand_over(&self, guest: &DomainUuid) -> Result<(), DevicePoolError> {
+        let mut h = self.held_as(guest, Role::Owner)?;
+        h.shared_with = None;
+        self.remember(&h)
+    }
+
+    /// The guest is gone from this cloud VM for good: what this cloud VM holds of it goes
+    /// back to the host once nothing maps it (waiting up to `wait`). The owner FREEs; a
+    /// share's destination WITHDRAWs, unless the host counts it as the owner already (the
+    /// source released after a migration whose guest never ran here, a paused one): then
+    /// it adopts and FREEs. `Ok(false)`: nothing held.
+    pub fn let_go(&self, guest: &DomainUuid, wait: Duration) -> Result<bool, DevicePoolError> {
+        let Some(h) = self.holding(guest)? else {
+            return Ok(false);
+        };
+        if h.role == Role::Owner {
+            return self.free(guest);
+        }
+        match self.when_unmapped(guest, wait, Self::withdraw) {
+            Err(DevicePoolError::Host(e)) if e.code() == Some(ErrorCode::WrongRole) => {
+                info!(%guest, "the host counts this cloud VM as the owner already: adopting, then freeing");
+                self.adopt(guest)?;
+                self.free(guest)
+            }
+            other => other.map(|()| true),
+        }
     }
 
     /// Waits up to `wait` until nothing here maps `guest`'s device (QEMU exiting after a
@@ -715,21 +798,23 @@ impl ControlPage {
         Ok(Self { ptr, len })
     }
 
-    fn write(&self, bytes: &[u8]) {
-        assert!(bytes.len() <= Self::LEN);
+    fn write_at(&self, at: usize, bytes: &[u8]) {
+        assert!(at + bytes.len() <= Self::LEN);
         let base = self.ptr.as_ptr().cast::<u8>();
         for (i, b) in bytes.iter().enumerate() {
-            // SAFETY: `i < bytes.len() <= LEN`, inside the live mapping of `LEN` bytes.
-            unsafe { base.add(i).write_volatile(*b) };
+            // SAFETY: `at + i < at + bytes.len() <= LEN`, inside the live mapping of `LEN`
+            // bytes.
+            unsafe { base.add(at + i).write_volatile(*b) };
         }
     }
 
-    fn read(&self, out: &mut [u8]) {
-        assert!(out.len() <= Self::LEN);
+    fn read_at(&self, at: usize, out: &mut [u8]) {
+        assert!(at + out.len() <= Self::LEN);
         let base = self.ptr.as_ptr().cast::<u8>();
         for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: `i < out.len() <= LEN`, inside the live mapping of `LEN` bytes.
-            *b = unsafe { base.add(i).read_volatile() };
+            // SAFETY: `at + i < at + out.len() <= LEN`, inside the live mapping of `LEN`
+            // bytes.
+            *b = unsafe { base.add(at + i).read_volatile() };
         }
     }
 }

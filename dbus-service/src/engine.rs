@@ -6,6 +6,7 @@
 //! (`zero_copy_xml`, `arm_zero_copy`, `settle_outcome`) work on the pool, the daemon's
 //! tables and the backend only, so the split-brain fence is unit-tested without libvirt.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,12 +19,18 @@ use virt::domain::Domain;
 use virt::sys;
 use vmbeam_core::backend::Armed;
 use vmbeam_core::carrier;
+use vmbeam_core::control_page::ControlToken;
+use vmbeam_core::device_share::DeviceShare;
+use vmbeam_core::host_protocol::{CloudVmId, NoReason, Placement};
 use vmbeam_core::job::MigrateOptions;
 use vmbeam_core::plan::{self, BackendCapabilities, MigrationMode, PlanInput, RequestedMode};
 use vmbeam_core::pool::{self, BeamPool, OwnerState, RecordStatus};
 use vmbeam_core::recover::Local;
 use vmbeam_core::ticket::{Ticket, TicketFields};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HostId, Phase, Progress};
+
+use crate::devpool::{error_chain, DevicePool, Role};
+use crate::hostlink::Colocation as HostColocation;
 
 use crate::libvirt_job::{self, Flags, Request};
 use crate::recover::{LibvirtView, LocalDomains};
@@ -146,6 +153,12 @@ pub fn current_pool_file(ctx: &SharedCtx, facts: &DomainFacts) -> Option<String>
     if let Some(r) = ctx.tables.lock().expect("lock").running.get(&facts.uuid) {
         return Some(r.pool_file.clone());
     }
+    if let Some(device) = ctx.pool.device() {
+        // The device this cloud VM owns of the guest (BAR 2's file, an absolute path).
+        return device
+            .held_path(&facts.uuid, Role::Owner)
+            .map(|p| p.display().to_string());
+    }
     let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);
     pool.list()
         .ok()?
@@ -178,15 +191,8 @@ pub fn probe_destination(
     if dest_uuid == ctx.libvirt_uuid {
         return Err(DaemonError::InvalidArgs(format!("{dest_uri} is this host")));
     }
-    if ctx.pool.device().is_some() {
-        // The device kind's share, control-page proof, release and withdraw exist
-        // (`devpool`) but the engine does not run them yet: no proof, so a copy.
-        return Ok(Colocation {
-            report: None,
-            detail: Some(
-                "host-device pool: zero-copy through the primary cloud's devices is not wired into the migration engine yet".into(),
-            ),
-        });
+    if let Some(device) = ctx.pool.device() {
+        return Ok(probe_device(ctx, device, &dest_uuid));
     }
     match rendezvous::probe(
         &ctx.cfg.identity,
@@ -204,6 +210,86 @@ pub fn probe_destination(
             detail: Some(e.chain()),
         }),
     }
+}
+
+/// Co-location in the host-device pool: the destination cloud VM is known by its libvirt
+/// host UUID (its SMBIOS UUID, its id to the primary cloud's host), and the host says
+/// whether it is a cloud VM of this one's cloud on the same host (COLOCATED). Changes
+/// nothing: the share and the content proof come once the planner says zero-copy
+/// ([`share_with_destination`]); the proof is checked at the destination's Prepare.
+pub(crate) fn probe_device(ctx: &Ctx, device: &DevicePool, dest_uuid: &str) -> Colocation {
+    let none = |detail: String| Colocation {
+        report: None,
+        detail: Some(detail),
+    };
+    let Ok(peer) = DomainUuid::new(dest_uuid).map(CloudVmId) else {
+        return none(format!(
+            "the destination's host UUID '{dest_uuid}' is not a cloud VM id the primary cloud's host knows"
+        ));
+    };
+    match device.colocated(&peer) {
+        Ok(HostColocation::Yes) => match HostId::new(peer.to_string()) {
+            Ok(host_id) => Colocation {
+                report: Some(plan::DestinationReport {
+                    host_id,
+                    // The host answers yes only for a cloud VM of this one's cloud.
+                    cloud: ctx.cfg.identity.cloud.clone(),
+                    proof: plan::ProofStatus::Proven,
+                    pool_identity: None,
+                }),
+                detail: None,
+            },
+            Err(e) => none(format!("cloud VM id {peer}: {e}")),
+        },
+        Ok(HostColocation::No(NoReason::NotColocated)) => none(format!(
+            "not co-located: the primary cloud's host says cloud VM {peer} is not on this host in this cloud (another host, or another cloud: the host tells nothing of other clouds)"
+        )),
+        Ok(HostColocation::No(NoReason::SelfPeer)) => {
+            none(format!("the primary cloud's host says cloud VM {peer} is this one"))
+        }
+        Err(e) => none(format!(
+            "the primary cloud's host could not be asked about co-location: {}",
+            error_chain(&e)
+        )),
+    }
+}
+
+/// Zero-copy in the host-device pool, before the ticket: the guest's memory plugged into
+/// the destination cloud VM too (SHARE; the source's record names it: the hand-over
+/// record) and a fresh proof written into the control page through this side's mapping.
+/// What the destination needs travels in the ticket's device share. A refusal names the
+/// reason (the host's code: `not-colocated` for another host or cloud, `busy` for a share
+/// in place, ...).
+pub(crate) fn share_with_destination(
+    ctx: &Ctx,
+    guest: &DomainUuid,
+    dest: &HostId,
+) -> Result<DeviceHandOver, String> {
+    let device = ctx
+        .pool
+        .device()
+        .ok_or("this cloud VM's beam pool is not host-device")?;
+    let peer = DomainUuid::new(dest.as_str())
+        .map(CloudVmId)
+        .map_err(|e| format!("destination {dest} is not a cloud VM id: {e}"))?;
+    let placement = device.share(guest, &peer).map_err(|e| {
+        format!(
+            "the primary cloud's host did not share the guest's memory with cloud VM {peer}: {}",
+            error_chain(&e)
+        )
+    })?;
+    let proof = device.prove(guest).map_err(|e| {
+        format!(
+            "the control-page proof could not be written: {}",
+            error_chain(&e)
+        )
+    })?;
+    info!(%peer, addr = %placement.addr, proof = %proof.nonce, "guest memory shared with the destination; proof written");
+    Ok(DeviceHandOver {
+        dest: peer,
+        placement,
+        proof,
+    })
 }
 
 /// Runs one migration to its end. `Ok` carries the one-line outcome.
@@ -319,8 +405,22 @@ pub(crate) struct ZeroCopyPlan {
     pub meta: BeamMetadata,
     /// The pool file this host's domain runs on.
     pub pool_file: String,
-    /// The destination cloud VM, as it proved itself through the pool.
+    /// The destination cloud VM, as it proved itself through the pool (in the host-device
+    /// pool: its cloud VM id).
     pub dest: HostId,
+    /// The host-device pool's part: the share at the destination and the proof.
+    pub device: Option<DeviceHandOver>,
+}
+
+/// A zero-copy migration's device part (the host-device pool).
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceHandOver {
+    /// The destination cloud VM.
+    pub dest: CloudVmId,
+    /// Where the host plugged the guest's memory there.
+    pub placement: Placement,
+    /// The control-page proof's token.
+    pub proof: ControlToken,
 }
 
 /// Plans the migration of the domain whose live XML is `xml` to `dest_uri`: proves
@@ -414,6 +514,28 @@ fn plan_migration(
         });
         false
     };
+    // The host-device pool: the share and the proof, now that zero-copy is planned.
+    let mut device = None;
+    let zero_copy = match (&colo.report, zero_copy && ctx.pool.device().is_some()) {
+        (Some(report), true) => match share_with_destination(ctx, &facts.uuid, &report.host_id) {
+            Ok(d) => {
+                device = Some(d);
+                true
+            }
+            Err(why) => {
+                if opts.mode == RequestedMode::RequireZeroCopy {
+                    return Err(DaemonError::ZeroCopyRefused(why));
+                }
+                info!(%why, "planned again: traditional");
+                job.update(|v| {
+                    v.mode = Some(MigrationMode::Traditional);
+                    v.mode_reason = why.clone();
+                });
+                false
+            }
+        },
+        _ => zero_copy,
+    };
     if !zero_copy {
         // A copy must carry all of RAM: a source whose `x-ignore-shared` a crashed daemon
         // left on would send none of the shared memory.
@@ -433,6 +555,7 @@ fn plan_migration(
             meta,
             pool_file,
             dest: report.host_id,
+            device,
         })),
         _ => Err(DaemonError::Failed(
             "zero-copy planned without a destination report or pool file".into(),
@@ -461,15 +584,23 @@ fn zero_copy_xml(
     inactive: Option<&str>,
 ) -> Result<ZeroCopyXml, DaemonError> {
     let id = &ctx.cfg.identity;
-    let pool_path = id.pool_dir.join(&zc.pool_file);
-    let identity = pool::file_identity(&pool_path).map_err(|e| DaemonError::pool("", e))?;
+    // In the host-device pool the ticket names no pool file (the device share says where
+    // the memory is at the destination, and the control page proves it).
+    let (pool_file, identity) = match &zc.device {
+        Some(_) => (String::new(), vmbeam_core::FileIdentity { dev: 0, ino: 0 }),
+        None => {
+            let pool_path = id.pool_dir.join(&zc.pool_file);
+            let identity = pool::file_identity(&pool_path).map_err(|e| DaemonError::pool("", e))?;
+            (zc.pool_file.clone(), identity)
+        }
+    };
     let ticket = Ticket::issue(
         &ctx.key,
         TicketFields {
             cloud: id.cloud.clone(),
             domain_uuid: zc.facts.uuid.clone(),
             domain_name: zc.facts.name.clone(),
-            pool_file: zc.pool_file.clone(),
+            pool_file,
             pool_identity: identity,
             source_host: id.host_id.clone(),
             dest_host: zc.dest.clone(),
@@ -477,14 +608,27 @@ fn zero_copy_xml(
         },
         now_secs(),
     )
-    .and_then(|t| t.encode())
     .map_err(|e| DaemonError::Failed(e.to_string()))?;
-    let dest_xml = carrier::insert_ticket(migratable, &ticket)
+    let encoded = ticket
+        .encode()
         .map_err(|e| DaemonError::Failed(e.to_string()))?;
+    let mut dest_xml = carrier::insert_ticket(migratable, &encoded)
+        .map_err(|e| DaemonError::Failed(e.to_string()))?;
+    if let Some(d) = &zc.device {
+        let share = DeviceShare {
+            guest: zc.facts.uuid.clone(),
+            dest: d.dest.clone(),
+            ticket_nonce: ticket.nonce,
+            placement: d.placement,
+            proof: d.proof,
+        };
+        dest_xml = carrier::insert_device_share(&dest_xml, &share.encode(&ctx.key))
+            .map_err(|e| DaemonError::Failed(e.to_string()))?;
+    }
     // The record once the destination has it: the persistent definition there says so, and
     // the pool's owner record gets the same generation when libvirt reports success.
     let moved = BeamMetadata {
-        pool_file: Some(zc.pool_file.clone()),
+        pool_file: zc.device.is_none().then(|| zc.pool_file.clone()),
         ..zc.meta
             .handed_to(zc.dest.clone())
             .map_err(|e| DaemonError::Failed(format!("VMBeam metadata: {e}")))?
@@ -516,6 +660,9 @@ pub(crate) struct OutgoingEntry<'a> {
     pool_file: String,
     /// Leave the destination's ran marker on drop (a fence that failed: recovery finishes it).
     keep_marker: bool,
+    /// The pool file is in the shared directory (its ran marker is there); the host-device
+    /// pool's ran record lives in the control page and is never cleared.
+    directory: bool,
 }
 
 impl<'a> OutgoingEntry<'a> {
@@ -541,6 +688,7 @@ impl<'a> OutgoingEntry<'a> {
             job: out.job,
             pool_file: out.pool_file.clone(),
             keep_marker: false,
+            directory: true,
         };
         t.outgoing.insert(uuid.clone(), out);
         Ok(entry)
@@ -567,7 +715,7 @@ impl Drop for OutgoingEntry<'_> {
             );
             return;
         }
-        if self.keep_marker {
+        if self.keep_marker || !self.directory {
             return;
         }
         let pool = BeamPool::new(&self.ctx.cfg.identity.pool_dir);
@@ -593,7 +741,7 @@ fn arm_zero_copy<'a>(
 ) -> Result<InFlight<'a>, DaemonError> {
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
-    let entry = OutgoingEntry::register(
+    let mut entry = OutgoingEntry::register(
         ctx,
         &zc.facts.uuid,
         Outgoing {
@@ -602,6 +750,16 @@ fn arm_zero_copy<'a>(
             dest: zc.dest.clone(),
         },
     )?;
+    if zc.device.is_some() {
+        // The host-device pool: the hand-over record is the device record's share (written
+        // by `share`), the ran record names this migration's proof, so nothing stale can
+        // count: only the backend is armed.
+        entry.directory = false;
+        return match ctx.backend.arm_source(&zc.facts, Path::new(&zc.pool_file)) {
+            Ok(armed) => Ok(InFlight { entry, armed }),
+            Err(e) => Err(DaemonError::Backend(e)),
+        };
+    }
     if let Err(e) = bpool.begin_hand_over(&zc.pool_file, &id.host_id, &zc.dest) {
         drop(entry);
         return Err(DaemonError::pool(
@@ -664,6 +822,20 @@ fn settle_outcome(
     was_paused: bool,
     undefine_source: bool,
 ) -> Result<String, DaemonError> {
+    if let Some(device) = ctx.pool.device().filter(|_| zc.device.is_some()) {
+        return settle_device(
+            ctx,
+            device,
+            job,
+            zc,
+            flight,
+            result,
+            started,
+            source,
+            was_paused,
+            undefine_source,
+        );
+    }
     let id = &ctx.cfg.identity;
     let bpool = BeamPool::new(&id.pool_dir);
     let InFlight {
@@ -781,6 +953,137 @@ fn settle_outcome(
     Err(DaemonError::MigrationFailed(format!("{what}; {where_}")))
 }
 
+/// How long the source waits for its QEMU to let go of the device before RELEASE (libvirt
+/// ends the source QEMU in Confirm, or the fence destroyed it); past that, recovery
+/// releases it.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// [`settle_outcome`] in the host-device pool: the same decisions, with the device
+/// pool's records and the control page's ran record.
+///
+/// - Success: the source is disarmed and RELEASEs the device once nothing here maps it
+///   (its QEMU exited); the destination adopted it when the guest ran there.
+/// - Failure after the destination ran the guest (its ran record names this migration's
+///   proof, or no way to tell): the source is fenced, then releases; the memory is the
+///   destination's. A failed fence leaves the hand-over record for recovery.
+/// - Failure before: the source is disarmed; libvirt showing the guest back here closes the
+///   hand-over record (the destination WITHDRAWs its share once its QEMU exited, at its
+///   `release end`); otherwise recovery settles it.
+#[allow(clippy::too_many_arguments)]
+fn settle_device(
+    ctx: &Ctx,
+    device: &DevicePool,
+    job: &JobHandle,
+    zc: &ZeroCopyPlan,
+    flight: InFlight<'_>,
+    result: Result<libvirt_job::Completed, libvirt_job::JobError>,
+    started: Instant,
+    source: &dyn LocalDomains,
+    was_paused: bool,
+    undefine_source: bool,
+) -> Result<String, DaemonError> {
+    let InFlight { entry, mut armed } = flight;
+    let guest = &zc.facts.uuid;
+    let release = || match device.when_unmapped(guest, RELEASE_WAIT, DevicePool::release) {
+        Ok(()) => {
+            info!(dest = %zc.dest, "device released here: the destination owns the guest's memory")
+        }
+        Err(e) => {
+            error!(error = %error_chain(&e), "the device could not be released yet: recovery releases it")
+        }
+    };
+    let e = match result {
+        Ok(done) => {
+            job.phase(Phase::Confirming);
+            match armed.disarm(Duration::from_secs(2)) {
+                Ok(o) => info!(outcome = %o, "source disarmed after success"),
+                Err(e) => warn!(error = %e, "source disarm"),
+            }
+            drop(entry);
+            release();
+            return Ok(finish(job, &done, started, "zero-copy"));
+        }
+        Err(e) => e,
+    };
+    job.phase(Phase::CleaningUp);
+    let ran = device.has_ran(guest).unwrap_or_else(|e| {
+        error!(error = %error_chain(&e), "cannot tell whether the guest ran on the destination: fencing the source");
+        true
+    });
+    let where_ = if ran {
+        error!("migration failed after the guest ran on the destination: destroying the source");
+        let _ = armed.disarm(Duration::from_secs(1));
+        match source.destroy(guest) {
+            Ok(()) => {
+                if undefine_source {
+                    if let Err(e) = source.undefine(guest) {
+                        warn!(error = %e, "could not remove the fenced source's definition");
+                    }
+                }
+                release();
+                format!(
+                    "the guest had already run on {}, so the source was destroyed (fenced), not resumed; its memory is {}'s",
+                    zc.dest, zc.dest
+                )
+            }
+            Err(e) => {
+                error!(error = %e, "the source could not be destroyed: the hand-over stays open and recovery fences it again");
+                if undefine_source {
+                    if let Err(e) = UndefineAfterHandOver(&ctx.cfg).insert(guest) {
+                        warn!(error = %e, "cannot remember to undefine the source");
+                    }
+                }
+                format!(
+                    "the guest had already run on {}, and destroying the source failed ({e}); vmbeamd keeps trying (see `vmbeam status`)",
+                    zc.dest
+                )
+            }
+        }
+    } else {
+        match armed.disarm(Duration::from_secs(10)) {
+            Ok(o) => info!(outcome = %o, "source disarmed"),
+            Err(e) => error!(error = %e, "source disarm failed"),
+        }
+        let observed = source.observe(guest).map(|o| o.local);
+        let back = match observed {
+            Ok(Local::Running) => Some("the guest keeps running on the source"),
+            Ok(Local::Paused) if was_paused => Some("the guest stays paused on the source"),
+            _ => None,
+        };
+        match back {
+            Some(text) => {
+                if let Err(e) = device.close_hand_over(guest) {
+                    warn!(error = %error_chain(&e), "could not close the device's hand-over record");
+                }
+                format!("{text}; the destination withdraws its share once its QEMU has exited")
+            }
+            None => {
+                if undefine_source {
+                    if let Err(e) = UndefineAfterHandOver(&ctx.cfg).insert(guest) {
+                        warn!(error = %e, "cannot remember to undefine the source");
+                    }
+                }
+                let seen = match observed {
+                    Ok(l) => format!("libvirt says it is {l}"),
+                    Err(e) => format!("the source's libvirt cannot say ({e})"),
+                };
+                warn!(%seen, "the guest is not back on the source: the hand-over is left to recovery");
+                format!(
+                    "the guest is not running on the source: {seen}; its memory is kept and the hand-over to {} stays open until vmbeamd observes where the guest is (see `vmbeam status`)",
+                    zc.dest
+                )
+            }
+        }
+    };
+    drop(entry);
+    let what = if job.cancelled.load(Ordering::SeqCst) {
+        format!("cancelled: {e}")
+    } else {
+        e.to_string()
+    };
+    Err(DaemonError::MigrationFailed(format!("{what}; {where_}")))
+}
+
 fn finish(job: &JobHandle, done: &libvirt_job::Completed, started: Instant, mode: &str) -> String {
     let total = started.elapsed().as_millis() as u64;
     job.mark("done");
@@ -822,6 +1125,7 @@ mod tests {
                 .unwrap(),
             pool_file: pool_file.into(),
             dest: host_id("cvm2"),
+            device: None,
         }
     }
 
@@ -1269,5 +1573,361 @@ mod tests {
             (host_id("cvm2"), 4, Some(file))
         );
         assert!(carrier::extract_ticket(&incoming).unwrap().1.is_none());
+    }
+
+    /// The host-device pool: the real `vmbeam-host` over its fake libvirt, cloud VMs a1
+    /// (source) and a2 (destination) of cloud acme, b1 of cloud bravo; the hooks run as
+    /// libvirt would run them, QEMU's mappings are the test's.
+    mod device {
+        use std::sync::atomic::AtomicBool;
+
+        use super::*;
+        use crate::host_fixture::{cvm, HostFixture, QemuMapping, A1, A2, B1};
+        use crate::testing::key;
+
+        fn args(op: &str, sub: &str) -> Vec<String> {
+            ["web1", op, sub, "-"].map(String::from).to_vec()
+        }
+
+        struct World {
+            host: HostFixture,
+            src: Host,
+            dst: Host,
+            _cloud: Cloud,
+        }
+
+        /// The guest started on a1 (its memory from the host).
+        fn world() -> World {
+            let host = HostFixture::new();
+            let cloud = Cloud::new();
+            let src = cloud.device_host("cvm1", &host, A1);
+            let dst = cloud.device_host("cvm2", &host, A2);
+            crate::hooks::handle(&src.ctx, &args("start", "begin"), &domain_xml("cvm1")).unwrap();
+            World {
+                host,
+                src,
+                dst,
+                _cloud: cloud,
+            }
+        }
+
+        fn dev(h: &Host) -> &DevicePool {
+            h.ctx.pool.device().unwrap()
+        }
+
+        /// The source's side up to the ticket: COLOCATED, SHARE, the proof.
+        fn planned(w: &World) -> ZeroCopyPlan {
+            let colo = probe_device(&w.src.ctx, dev(&w.src), A2);
+            let report = colo.report.expect("a2 is co-located");
+            assert_eq!(report.host_id.as_str(), A2);
+            let device = share_with_destination(&w.src.ctx, &uuid(), &report.host_id).unwrap();
+            ZeroCopyPlan {
+                facts: facts(),
+                meta: BeamMetadata::from_domain_xml(&domain_xml("cvm1"))
+                    .unwrap()
+                    .unwrap(),
+                pool_file: current_pool_file(&w.src.ctx, &facts()).unwrap(),
+                dest: report.host_id,
+                device: Some(device),
+            }
+        }
+
+        /// The destination's hooks for `zc`'s XML: migrate begin, start begin, started
+        /// begin; the incoming XML.
+        fn arrive(w: &World, zc: &ZeroCopyPlan) -> String {
+            let x = zero_copy_xml(&w.src.ctx, zc, &domain_xml("cvm1"), None).unwrap();
+            let incoming =
+                crate::hooks::handle(&w.dst.ctx, &args("migrate", "begin"), &x.dest_xml).unwrap();
+            crate::hooks::handle(&w.dst.ctx, &args("start", "begin"), &incoming).unwrap();
+            crate::hooks::handle(&w.dst.ctx, &args("started", "begin"), &incoming).unwrap();
+            incoming
+        }
+
+        fn src_path(w: &World) -> std::path::PathBuf {
+            dev(&w.src).held_path(&uuid(), Role::Owner).unwrap()
+        }
+
+        fn only_on(w: &World, vm: &str) {
+            let attached = w.host.attached();
+            assert_eq!(attached.len(), 1, "{attached:?}");
+            assert_eq!(attached[0].0, vm, "{attached:?}");
+        }
+
+        #[test]
+        fn the_source_shares_and_proves_and_the_ticket_carries_the_proof_to_the_destination() {
+            let w = world();
+            // Another cloud's cloud VM: refused with the host's reason, nothing shared.
+            let other = probe_device(&w.src.ctx, dev(&w.src), B1);
+            assert!(other.report.is_none());
+            assert!(other.detail.unwrap().contains("not co-located"));
+            let refused =
+                share_with_destination(&w.src.ctx, &uuid(), &HostId::new(B1).unwrap()).unwrap_err();
+            assert!(
+                refused.contains("did not share") && refused.contains("not-colocated"),
+                "{refused}"
+            );
+            only_on(&w, A1);
+
+            let zc = planned(&w);
+            // The host's ledger: the guest's memory in both cloud VMs, one file.
+            let mut vms: Vec<String> = w.host.attached().into_iter().map(|(vm, _)| vm).collect();
+            vms.sort();
+            assert_eq!(vms, [A1, A2]);
+            assert_eq!(w.host.files().len(), 1);
+            let held = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            assert_eq!(
+                held.shared_with.as_deref(),
+                Some(A2),
+                "the hand-over record"
+            );
+            let d = zc.device.clone().unwrap();
+            assert_eq!(held.proof, Some(d.proof.nonce));
+
+            // The ticket's device share carries the placement and the proof, signed.
+            let x = zero_copy_xml(&w.src.ctx, &zc, &domain_xml("cvm1"), None).unwrap();
+            let (_, share) = carrier::extract_device_share(&x.dest_xml).unwrap();
+            let share = DeviceShare::decode(&share.unwrap(), &key()).unwrap();
+            assert_eq!(
+                (share.dest, share.placement, share.proof),
+                (cvm(A2), d.placement, d.proof)
+            );
+            let (_, ticket) = carrier::extract_ticket(&x.dest_xml).unwrap();
+            let ticket = Ticket::decode(&ticket.unwrap()).unwrap();
+            assert_eq!(
+                (ticket.dest_host.as_str(), ticket.nonce),
+                (A2, share.ticket_nonce)
+            );
+
+            // The destination accepts it, strips both, and links the RAM path to its
+            // view of the shared device.
+            let incoming =
+                crate::hooks::handle(&w.dst.ctx, &args("migrate", "begin"), &x.dest_xml).unwrap();
+            assert_eq!(carrier::extract_ticket(&incoming).unwrap().1, None);
+            assert_eq!(carrier::extract_device_share(&incoming).unwrap().1, None);
+            let at_dst = dev(&w.dst).holding(&uuid()).unwrap().unwrap();
+            assert_eq!(
+                (at_dst.role, at_dst.proof),
+                (Role::Destination, Some(d.proof.nonce))
+            );
+            crate::hooks::handle(&w.dst.ctx, &args("start", "begin"), &incoming).unwrap();
+            assert_eq!(w.dst.fake.calls(), [format!("link_ram resource2 {MEMORY}")]);
+            let running = w.dst.ctx.tables.lock().unwrap().running[&uuid()].clone();
+            assert!(running.zero_copy);
+            assert_eq!(
+                std::path::PathBuf::from(&running.pool_file),
+                w.host
+                    .pci_devices(A2)
+                    .join(d.placement.addr.to_string())
+                    .join("resource2")
+            );
+            // The same ticket again: replayed.
+            let again = crate::hooks::handle(&w.dst.ctx, &args("migrate", "begin"), &x.dest_xml);
+            assert!(matches!(again, Err(DaemonError::Ticket(_))), "{again:?}");
+        }
+
+        #[test]
+        fn success_releases_at_the_source_only_after_its_qemu_exited_and_the_destination_owns_it() {
+            let w = world();
+            let zc = planned(&w);
+            w.dst.fake.guest_runs_at_once.store(true, Ordering::SeqCst);
+            arrive(&w, &zc);
+            // The guest ran at the destination: its ran record, and it owns the memory.
+            assert!(dev(&w.src).has_ran(&uuid()).unwrap());
+            assert_eq!(
+                dev(&w.dst).holding(&uuid()).unwrap().unwrap().role,
+                Role::Owner
+            );
+
+            let qemu = QemuMapping::new(&src_path(&w));
+            let flight = arm_zero_copy(&w.src.ctx, 1, &zc).unwrap();
+            assert_eq!(outgoing_job(&w.src), Some(1));
+            let exited = Arc::new(AtomicBool::new(false));
+            let exiting = {
+                let exited = exited.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    exited.store(true, Ordering::SeqCst);
+                    drop(qemu);
+                })
+            };
+            let out = settle_outcome(
+                &w.src.ctx,
+                &job(1),
+                &zc,
+                flight,
+                4,
+                Ok(Completed::default()),
+                Instant::now(),
+                &FakeLibvirt::new(Local::Absent),
+                false,
+                true,
+            );
+            assert!(out.unwrap().starts_with("zero-copy migration completed"));
+            assert!(
+                exited.load(Ordering::SeqCst),
+                "released only after the source QEMU exited"
+            );
+            exiting.join().unwrap();
+            only_on(&w, A2);
+            assert!(dev(&w.src).holdings().unwrap().is_empty());
+            assert_eq!(outgoing_job(&w.src), None);
+            assert_eq!(
+                w.src.fake.calls(),
+                [
+                    format!("link_ram resource2 {MEMORY}"),
+                    "arm_source resource2".into(),
+                    "disarm 2s".into()
+                ]
+            );
+            // The destination owns it: destroyed there, nothing is left on the host.
+            crate::hooks::handle(&w.dst.ctx, &args("release", "end"), &domain_xml("cvm2")).unwrap();
+            assert!(w.host.attached().is_empty());
+            assert!(w.host.files().is_empty());
+        }
+
+        #[test]
+        fn a_failure_before_the_guest_ran_keeps_the_source_and_the_destination_withdraws() {
+            let w = world();
+            let zc = planned(&w);
+            arrive(&w, &zc);
+            assert!(!dev(&w.src).has_ran(&uuid()).unwrap());
+            let libvirt = FakeLibvirt::new(Local::Running);
+            let flight = arm_zero_copy(&w.src.ctx, 1, &zc).unwrap();
+            let m = failure_text(settle_outcome(
+                &w.src.ctx,
+                &job(1),
+                &zc,
+                flight,
+                4,
+                libvirt_failed(),
+                Instant::now(),
+                &libvirt,
+                false,
+                true,
+            ));
+            assert!(
+                m.contains("boom") && m.contains("keeps running on the source"),
+                "{m}"
+            );
+            assert!(!libvirt.fenced());
+            let held = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            assert_eq!((held.role, held.shared_with), (Role::Owner, None));
+            // libvirt ends the destination's QEMU; its release hook withdraws the share
+            // once that QEMU's mapping is gone.
+            let dest_path = w.host.pci_devices(A2);
+            let dest_path = std::fs::read_dir(dest_path)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path()
+                .join("resource2");
+            let qemu = QemuMapping::new(&dest_path);
+            let exited = Arc::new(AtomicBool::new(false));
+            let exiting = {
+                let exited = exited.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    exited.store(true, Ordering::SeqCst);
+                    drop(qemu);
+                })
+            };
+            crate::hooks::handle(&w.dst.ctx, &args("release", "end"), &domain_xml("cvm2")).unwrap();
+            assert!(
+                exited.load(Ordering::SeqCst),
+                "withdrawn only after the QEMU exited"
+            );
+            exiting.join().unwrap();
+            only_on(&w, A1);
+            assert!(dev(&w.dst).holdings().unwrap().is_empty());
+            // The guest goes on at the source, which can give its memory back later.
+            crate::hooks::handle(&w.src.ctx, &args("release", "end"), &domain_xml("cvm1")).unwrap();
+            assert!(w.host.files().is_empty());
+        }
+
+        #[test]
+        fn a_failure_after_the_guest_ran_fences_the_source_and_releases_its_device() {
+            let w = world();
+            let zc = planned(&w);
+            w.dst.fake.guest_runs_at_once.store(true, Ordering::SeqCst);
+            arrive(&w, &zc);
+            let libvirt = FakeLibvirt::new(Local::Running);
+            let flight = arm_zero_copy(&w.src.ctx, 1, &zc).unwrap();
+            let m = failure_text(settle_outcome(
+                &w.src.ctx,
+                &job(1),
+                &zc,
+                flight,
+                4,
+                libvirt_failed(),
+                Instant::now(),
+                &libvirt,
+                false,
+                true,
+            ));
+            assert!(libvirt.fenced(), "destroyed, never resumed");
+            assert!(m.contains("fenced") && !m.contains("keeps running"), "{m}");
+            only_on(&w, A2);
+            assert!(dev(&w.src).holdings().unwrap().is_empty());
+            assert_eq!(
+                dev(&w.dst).holding(&uuid()).unwrap().unwrap().role,
+                Role::Owner
+            );
+        }
+
+        #[test]
+        fn a_proof_against_the_wrong_device_or_a_forged_share_is_refused_with_its_reason() {
+            let w = world();
+            let g2 = DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ac").unwrap();
+            let wrong = dev(&w.dst).alloc(&g2, MEMORY).unwrap();
+            let zc = planned(&w);
+            // The share names g2's device at the destination (same size), not the guest's.
+            let mut lie = zc.device.clone().unwrap();
+            lie.placement.addr = wrong.placement.addr;
+            let lying = ZeroCopyPlan {
+                device: Some(lie),
+                ..planned(&w)
+            };
+            let x = zero_copy_xml(&w.src.ctx, &lying, &domain_xml("cvm1"), None).unwrap();
+            let r = crate::hooks::handle(&w.dst.ctx, &args("migrate", "begin"), &x.dest_xml);
+            let Err(DaemonError::TicketRefused(m)) = r else {
+                panic!("{r:?}")
+            };
+            assert!(
+                m.contains("does not prove") && m.contains("no proof record"),
+                "{m}"
+            );
+            assert!(m.contains("withdrawn"), "{m}");
+            // Nothing of the guest is left at the destination; g2 is untouched.
+            let held = dev(&w.dst).holdings().unwrap();
+            assert_eq!(held.len(), 1);
+            assert_eq!(held[0].guest, g2);
+            assert!(w.dst.ctx.tables.lock().unwrap().incoming.is_empty());
+
+            // Signed with another cloud's key: refused before anything is asked of the host.
+            let forged = DeviceShare {
+                guest: uuid(),
+                dest: cvm(A2),
+                ticket_nonce: vmbeam_core::Nonce::random(),
+                placement: zc.device.as_ref().unwrap().placement,
+                proof: zc.device.as_ref().unwrap().proof,
+            }
+            .encode(&vmbeam_core::TicketKey::from_bytes(vec![9; 32]).unwrap());
+            let good = zero_copy_xml(&w.src.ctx, &zc, &domain_xml("cvm1"), None).unwrap();
+            let tampered = carrier::insert_device_share(&good.dest_xml, &forged).unwrap();
+            let r = crate::hooks::handle(&w.dst.ctx, &args("migrate", "begin"), &tampered);
+            let Err(DaemonError::TicketRefused(m)) = r else {
+                panic!("{r:?}")
+            };
+            assert!(m.contains("signature is invalid"), "{m}");
+            assert_eq!(dev(&w.dst).holdings().unwrap().len(), 1);
+            // A directory-kind destination refuses a device share with its reason.
+            let plain = Cloud::new().host("cvm3");
+            let r = crate::hooks::handle(&plain.ctx, &args("migrate", "begin"), &good.dest_xml);
+            let Err(DaemonError::TicketRefused(m)) = r else {
+                panic!("{r:?}")
+            };
+            assert!(m.contains("beam pool is a directory"), "{m}");
+        }
     }
 }

@@ -10,9 +10,10 @@
 //!
 //! The hooks take memory for a start ([`GuestPool::take`]), undo that when the start fails
 //! before QEMU ran ([`GuestPool::undo_take`]), and give it back when the domain is gone
-//! ([`GuestPool::give_back`]); they never ask which kind it is. Zero-copy migration runs
-//! through the directory kind only so far: the engine's use of the device kind's share,
-//! proof, release and withdraw is not wired yet (the planner says so and migrates by copy).
+//! ([`GuestPool::give_back`]); they never ask which kind it is. In the device kind a
+//! zero-copy destination's share is given back too (WITHDRAW after a failed migration,
+//! once its QEMU exited: [`DevicePool::let_go`]); the migration's own steps (share, proof,
+//! release) are the engine's and the destination hooks'.
 
 use std::path::PathBuf;
 
@@ -170,7 +171,7 @@ impl GuestPool {
                     }
                 }
             }
-            Self::HostDevice(d) => match d.free(uuid) {
+            Self::HostDevice(d) => match d.let_go(uuid, cfg.hook_timeout / 3) {
                 Ok(true) => info!("domain gone for good here: its memory given back to the host"),
                 Ok(false) => {}
                 Err(e) => {

@@ -14,10 +14,13 @@ use crate::error::DaemonError;
 use tracing::{error, info, info_span, warn};
 use vmbeam_core::backend::BackendError;
 use vmbeam_core::carrier;
+use vmbeam_core::device_share::DeviceShare;
 use vmbeam_core::hook::{HookOp, HookSubOp};
 use vmbeam_core::pool::BeamPool;
 use vmbeam_core::ticket::{Expectations, Ticket};
-use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent};
+use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HookEvent, HostId};
+
+use crate::devpool::{error_chain, DevicePool, Role};
 
 use crate::guest_pool::Taken;
 use crate::state::{now_secs, Incoming, Running, SharedCtx};
@@ -64,6 +67,9 @@ fn migrate_begin(
 ) -> Result<String, DaemonError> {
     let (clean, ticket) =
         carrier::extract_ticket(xml).map_err(|e| DaemonError::bad_input("", e))?;
+    // The host-device pool's part of a ticket never reaches a definition either.
+    let (clean, share) =
+        carrier::extract_device_share(&clean).map_err(|e| DaemonError::bad_input("", e))?;
     let id = &ctx.cfg.identity;
     let Some(encoded) = ticket else {
         info!("incoming copying migration: the domain gets a fresh pool file here");
@@ -75,6 +81,14 @@ fn migrate_begin(
         return owned_here(ctx, &clean, meta, None);
     };
     let ticket = Ticket::decode(&encoded).map_err(DaemonError::Ticket)?;
+    if let Some(device) = ctx.pool.device() {
+        return migrate_begin_device(ctx, device, &clean, facts, meta, ticket, share);
+    }
+    if share.is_some() {
+        return Err(DaemonError::TicketRefused(
+            "the source shares the guest's memory through the primary cloud's devices, but this cloud VM's beam pool is a directory".into(),
+        ));
+    }
     let pool = BeamPool::new(&id.pool_dir);
     // The pool file must be in our own view of the pool, and be the very file the source
     // named (device and inode), before the ticket counts.
@@ -112,6 +126,89 @@ fn migrate_begin(
         },
     );
     owned_here(ctx, &clean, meta, Some(ticket.pool_file))
+}
+
+/// `migrate begin` in the host-device pool: the ticket and its device share verified (the
+/// share signed by the cloud's key, bound to the ticket and addressed to this cloud VM as
+/// the host knows it, the ticket addressed to that id), then the shared device waited for
+/// and its control page checked through this cloud VM's own mapping
+/// ([`DevicePool::accept_share`]). A device that does not prove is withdrawn at once (no
+/// QEMU maps it yet): a refusal leaves nothing here, and the source's job fails in
+/// Prepare with the reason.
+fn migrate_begin_device(
+    ctx: &SharedCtx,
+    device: &DevicePool,
+    clean: &str,
+    facts: &DomainFacts,
+    meta: &BeamMetadata,
+    ticket: Ticket,
+    share: Option<String>,
+) -> Result<String, DaemonError> {
+    let id = &ctx.cfg.identity;
+    let refused = |why: String| {
+        warn!(%why, "ticket refused");
+        DaemonError::TicketRefused(why)
+    };
+    let share = share.ok_or_else(|| {
+        refused("the ticket comes without a device share: the source's beam pool is a directory, this cloud VM's is host-device".into())
+    })?;
+    let share = DeviceShare::decode(&share, &ctx.key).map_err(|e| refused(e.to_string()))?;
+    let me = device.cloud_vm().map_err(|e| {
+        refused(format!(
+            "the primary cloud's host cannot say who this cloud VM is: {}",
+            error_chain(&e)
+        ))
+    })?;
+    let me_host = HostId::new(me.to_string()).map_err(|e| refused(e.to_string()))?;
+    share
+        .check(&ticket, &me)
+        .map_err(|e| refused(e.to_string()))?;
+    let expectations = Expectations {
+        cloud: &id.cloud,
+        dest_host: &me_host,
+        domain_uuid: &facts.uuid,
+        source_host: None,
+        pool_identity: None,
+    };
+    {
+        let mut replay = ctx.replay.lock().expect("lock");
+        ticket
+            .verify(&ctx.key, &expectations, now_secs(), &mut *replay)
+            .map_err(|e| {
+                warn!(error = %e, "ticket refused");
+                DaemonError::Ticket(e)
+            })?;
+    }
+    let backing = match device.accept_share(&facts.uuid, &share.placement, &share.proof) {
+        Ok(b) => b,
+        Err(e) => {
+            let why = error_chain(&e);
+            let left = match device.holding(&facts.uuid) {
+                Ok(Some(h)) if h.role == Role::Destination => match device.withdraw(&facts.uuid) {
+                    Ok(()) => "the share was withdrawn".to_string(),
+                    Err(w) => format!(
+                        "the share could not be withdrawn ({}); recovery withdraws it",
+                        error_chain(&w)
+                    ),
+                },
+                _ => "nothing was taken here".to_string(),
+            };
+            return Err(refused(format!(
+                "the shared device does not prove the guest's memory: {why}; {left}"
+            )));
+        }
+    };
+    let path = backing.path.display().to_string();
+    info!(source = %ticket.source_host, device = %path, proof = %share.proof.nonce, "ticket and device share accepted: incoming zero-copy migration");
+    ctx.tables.lock().expect("lock").incoming.insert(
+        facts.uuid.clone(),
+        Incoming {
+            pool_file: path,
+            source: ticket.source_host.clone(),
+            expires_at: ticket.expires_at,
+        },
+    );
+    owned_here(ctx, clean, meta, None)
 }
 
 /// The incoming domain's XML with its metadata saying this host owns it now (the pool's
@@ -212,6 +309,26 @@ fn started_begin(ctx: &SharedCtx, facts: &DomainFacts) -> Result<(), DaemonError
         return Ok(());
     };
     let pool_path = ctx.cfg.identity.pool_dir.join(&pool_file);
+    if ctx.pool.device().is_some() {
+        // The host-device pool: the ran record goes into the control page (the source
+        // reads it through its own mapping), and this cloud VM owns the guest's memory
+        // from then on.
+        let (ctx2, guest) = (ctx.clone(), facts.uuid.clone());
+        return ctx
+            .backend
+            .arm_destination(
+                facts,
+                &pool_path,
+                Box::new(move || {
+                    if let Some(device) = ctx2.pool.device() {
+                        if let Err(e) = device.mark_ran(&guest) {
+                            error!(error = %error_chain(&e), "the guest runs here but the control page could not be marked: a failing source will not know to fence itself");
+                        }
+                    }
+                }),
+            )
+            .map_err(backend_err);
+    }
     // Once the guest has run here, the source must never run it again: leave the pool's
     // marker for the source's failure path.
     let pool = BeamPool::new(&ctx.cfg.identity.pool_dir);

@@ -206,3 +206,41 @@ fn hot_plug_step(fake: &FakeHost, root: &Path) {
         }
     }
 }
+
+/// A mapping of a device's BAR held as QEMU holds it (by this process, for as long as the
+/// value lives). It can be moved to another thread, which ends it as a QEMU exits.
+pub struct QemuMapping(usize, std::num::NonZeroUsize);
+
+impl QemuMapping {
+    /// Maps the first page of `path` shared.
+    pub fn new(path: &Path) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open the BAR");
+        let len = std::num::NonZeroUsize::new(4096).expect("a page");
+        // SAFETY: a fresh shared mapping at an address the kernel chooses; the test never
+        // dereferences it, and it is unmapped once, in drop.
+        let p = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                len,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &f,
+                0,
+            )
+        }
+        .expect("map the BAR");
+        Self(p.as_ptr() as usize, len)
+    }
+}
+
+impl Drop for QemuMapping {
+    fn drop(&mut self) {
+        let p = std::ptr::NonNull::new(self.0 as *mut std::ffi::c_void).expect("mapped");
+        // SAFETY: the mapping made in `new`, unmapped only here.
+        unsafe { nix::sys::mman::munmap(p, self.1.get()) }.expect("unmap");
+    }
+}
