@@ -196,14 +196,55 @@ pub fn co_location(ctx: &SharedCtx, dest_uri: &str) -> Result<CoLocation, OpErro
     })
 }
 
+/// `Status`'s rows for the devices this cloud VM holds (host-device pool): BAR 2's file,
+/// the BAR's size, and the record in words (guest, role, the hand-over's destination and
+/// proof while one is open, what recovery waits for).
+fn device_rows(
+    device: &crate::devpool::DevicePool,
+    in_doubt: &std::collections::HashMap<String, String>,
+) -> Result<Vec<PoolFileRow>, OpError> {
+    let holdings = device.holdings().map_err(|e| {
+        OpError::Engine(crate::error::DaemonError::Failed(format!(
+            "host-device pool: {}",
+            crate::devpool::error_chain(&e)
+        )))
+    })?;
+    Ok(holdings
+        .into_iter()
+        .map(|h| {
+            let mut rec = format!("host-device guest={} role={}", h.guest, h.role);
+            if let Some(to) = &h.shared_with {
+                rec.push_str(&format!(" shared-with={to}"));
+            }
+            if let Some(p) = &h.proof {
+                rec.push_str(&format!(" proof={p}"));
+            }
+            if let Some(advice) = in_doubt.get(h.guest.as_str()) {
+                rec = format!("{rec}; {advice}");
+            }
+            let path = device
+                .held_path(&h.guest, h.role)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| h.addr.clone());
+            (path, h.bar_size as i64, rec)
+        })
+        .collect())
+}
+
 /// `Status`: identity, the pool's files with their owner records, and `jobs` (object
 /// path, view) as the face's job table has them.
 pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonStatus, OpError> {
     let id = &ctx.cfg.identity;
     let pool = BeamPool::new(&id.pool_dir);
     let in_doubt = ctx.tables.lock().expect("lock").in_doubt.clone();
-    let pool_files = pool
-        .list()?
+    // In the host-device pool the shared directory may not exist: its files are listed
+    // when it does, and the devices this cloud VM holds follow.
+    let files = match (pool.list(), ctx.pool.device()) {
+        (Ok(files), _) => files,
+        (Err(_), Some(_)) => Vec::new(),
+        (Err(e), None) => return Err(e.into()),
+    };
+    let mut pool_files: Vec<PoolFileRow> = files
         .into_iter()
         .map(|e| -> PoolFileRow {
             let mut rec = match &e.record {
@@ -226,6 +267,9 @@ pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonSta
             (e.file_name, size, rec)
         })
         .collect();
+    if let Some(device) = ctx.pool.device() {
+        pool_files.extend(device_rows(device, &in_doubt)?);
+    }
     let jobs = jobs
         .into_iter()
         .map(|(p, v)| -> JobRow {

@@ -206,7 +206,12 @@ pub fn reconcile(ctx: &Ctx, domains: &dyn LocalDomains) -> Vec<String> {
         };
         settled.extend(done);
     }
-    settled.extend(reconcile_devices(ctx, domains, DEVICE_MIN_AGE));
+    settled.extend(reconcile_devices_with(
+        ctx,
+        domains,
+        DEVICE_MIN_AGE,
+        &mut doubts,
+    ));
     // What is no longer in doubt leaves the table.
     let mut t = ctx.tables.lock().expect("lock");
     t.in_doubt
@@ -371,6 +376,22 @@ pub const DEVICE_MIN_AGE: Duration = Duration::from_secs(60);
 /// maps the device. Records younger than `min_age` are left alone. Returns what was given
 /// back.
 pub fn reconcile_devices(ctx: &Ctx, domains: &dyn LocalDomains, min_age: Duration) -> Vec<String> {
+    let mut doubts = Vec::new();
+    let settled = reconcile_devices_with(ctx, domains, min_age, &mut doubts);
+    let mut t = ctx.tables.lock().expect("lock");
+    for (guest, advice) in doubts {
+        t.in_doubt.insert(guest, advice);
+    }
+    settled
+}
+
+/// [`reconcile_devices`], what is held in doubt (by guest UUID) added to `doubts`.
+fn reconcile_devices_with(
+    ctx: &Ctx,
+    domains: &dyn LocalDomains,
+    min_age: Duration,
+    doubts: &mut Vec<(String, String)>,
+) -> Vec<String> {
     use crate::devpool::{error_chain, DevicePool, Role};
     let Some(device) = ctx.pool.device() else {
         return Vec::new();
@@ -384,6 +405,25 @@ pub fn reconcile_devices(ctx: &Ctx, domains: &dyn LocalDomains, min_age: Duratio
     };
     let mut settled = Vec::new();
     for h in holdings {
+        // An interrupted hand-over (a share the source's record still names, or a share
+        // whose guest runs here unmarked) is settled at once, by what is observed.
+        let open = match h.role {
+            Role::Owner => h.shared_with.is_some(),
+            Role::Destination => h.proof.is_some(),
+        };
+        if open {
+            let Some(_claim) = RecoveryClaim::take(ctx, &h.guest) else {
+                continue;
+            };
+            match device_hand_over(ctx, device, &h, domains, doubts) {
+                HandOver::Settled(done) => {
+                    settled.push(done);
+                    continue;
+                }
+                HandOver::Held => continue,
+                HandOver::NotOpen => {}
+            }
+        }
         let young = !matches!(device.age(&h.guest), Some(age) if age >= min_age);
         if young
             || ctx
@@ -424,6 +464,132 @@ pub fn reconcile_devices(ctx: &Ctx, domains: &dyn LocalDomains, min_age: Duratio
         }
     }
     settled
+}
+
+/// What [`device_hand_over`] did.
+enum HandOver {
+    /// Settled, in words.
+    Settled(String),
+    /// Waits (in doubt, or a job in flight).
+    Held,
+    /// Nothing of a hand-over to settle: the ordinary pass goes on.
+    NotOpen,
+}
+
+/// One interrupted hand-over of device memory (`vmbeamd` died, or its job left it to
+/// recovery), settled by what libvirt shows here and the ran record in the control page:
+///
+/// - Source (the owner, its record names the share): libvirt's job still in flight → wait;
+///   the destination ran the guest → a copy libvirt keeps here is destroyed (never resumed)
+///   and the device RELEASEd once nothing maps it; the guest runs here and never ran there
+///   → `x-ignore-shared` off and the hand-over closed (the destination WITHDRAWs at its
+///   `release end`); otherwise held, with what it waits for in `vmbeam status`.
+/// - Destination: the guest runs here and no ran record was left (the watcher died with
+///   its daemon) → `x-ignore-shared` off, the record left and the memory adopted, so the
+///   source can settle. A destination whose guest is gone is the ordinary pass's (WITHDRAW).
+fn device_hand_over(
+    ctx: &Ctx,
+    device: &crate::devpool::DevicePool,
+    h: &crate::devpool::Holding,
+    domains: &dyn LocalDomains,
+    doubts: &mut Vec<(String, String)>,
+) -> HandOver {
+    use crate::devpool::{error_chain, DevicePoolError, Role};
+    let guest = &h.guest;
+    let span = info_span!("recover_device", %guest, role = %h.role);
+    let _g = span.enter();
+    let observed = match domains.observe(guest) {
+        Ok(o) => o,
+        Err(e) => {
+            warn!(error = %e, "recovery: cannot ask libvirt about a guest whose memory is being handed over");
+            return HandOver::Held;
+        }
+    };
+    let reset = |facts: &Option<DomainFacts>| {
+        if let Some(f) = facts {
+            match ctx.backend.reset_zero_copy(f) {
+                Ok(o) => info!(outcome = %o, "recovery: x-ignore-shared off"),
+                Err(e) => warn!(error = %e, "recovery: cannot turn x-ignore-shared off"),
+            }
+        }
+    };
+    if h.role == Role::Destination {
+        if observed.local != Local::Running {
+            return HandOver::NotOpen;
+        }
+        reset(&observed.facts);
+        return match device.mark_ran(guest) {
+            Ok(()) => HandOver::Settled(format!(
+                "{guest}: the guest runs here: ran record left in the control page, its memory adopted"
+            )),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "recovery: cannot leave the ran record");
+                HandOver::Held
+            }
+        };
+    }
+    let to = h.shared_with.clone().unwrap_or_default();
+    let mut held = |advice: String| {
+        doubts.push((guest.as_str().to_owned(), advice));
+        HandOver::Held
+    };
+    if observed.local == Local::Migrating {
+        return HandOver::Held;
+    }
+    let ran = match device.has_ran(guest) {
+        Ok(r) => r,
+        Err(e) => {
+            return held(format!(
+            "hand-over of the guest's memory to {to} open: the control page cannot be read ({})",
+            error_chain(&e)
+        ))
+        }
+    };
+    if ran {
+        if observed.local != Local::Absent {
+            warn!("recovery: the guest ran on the destination; destroying the copy libvirt keeps here");
+            if let Err(e) = domains.destroy(guest) {
+                return held(format!(
+                    "the guest ran on {to}, but destroying its copy here failed ({e}); vmbeamd keeps trying"
+                ));
+            }
+        }
+        return match device.release(guest) {
+            Ok(()) => {
+                if UndefineAfterHandOver(&ctx.cfg).take(guest) {
+                    if let Err(e) = domains.undefine(guest) {
+                        warn!(error = %e, "recovery: could not remove the source's definition");
+                    }
+                }
+                HandOver::Settled(format!(
+                    "{guest}: the guest ran on {to}: its memory released here"
+                ))
+            }
+            Err(DevicePoolError::StillMapped { pids, .. }) => held(format!(
+                "the guest ran on {to}; its memory is released here once processes {pids:?} let go of it"
+            )),
+            Err(e) => held(format!(
+                "the guest ran on {to}; releasing its memory here failed ({}); vmbeamd keeps trying",
+                error_chain(&e)
+            )),
+        };
+    }
+    if observed.local == Local::Running {
+        reset(&observed.facts);
+        return match device.close_hand_over(guest) {
+            Ok(()) => HandOver::Settled(format!(
+                "{guest}: the guest runs here and never ran on {to}: hand-over closed"
+            )),
+            Err(e) => held(format!(
+                "the guest runs here; the hand-over to {to} cannot be closed ({})",
+                error_chain(&e)
+            )),
+        };
+    }
+    held(format!(
+        "hand-over of the guest's memory to {to} open: the guest is {} and has not run on {to}; held until one of them runs it (`virsh resume` here, or finish the migration)",
+        observed.local
+    ))
 }
 
 /// Recovery for the daemon's lifetime: a pass at once, then one every [`RECOVERY_INTERVAL`]
@@ -516,6 +682,109 @@ mod tests {
         assert!(host.files().is_empty(), "nothing left on the host");
         assert!(device.holdings().unwrap().is_empty());
         assert!(reconcile_devices(&after.ctx, &gone, Duration::ZERO).is_empty());
+    }
+
+    /// An interrupted hand-over in the host-device pool: the guest started on a1, its memory
+    /// shared with a2 and proven there; then the source's job was gone.
+    fn device_hand_over(host: &crate::host_fixture::HostFixture, cloud: &Cloud) -> (Host, Host) {
+        use crate::host_fixture::{cvm, A1, A2};
+        let src = cloud.device_host("cvm1", host, A1);
+        let dst = cloud.device_host("cvm2", host, A2);
+        crate::hooks::handle(
+            &src.ctx,
+            &["web1", "start", "begin", "-"].map(String::from),
+            &crate::testing::domain_xml("cvm1"),
+        )
+        .unwrap();
+        let s = src.ctx.pool.device().unwrap();
+        let there = s.share(&uuid(), &cvm(A2)).unwrap();
+        let token = s.prove(&uuid()).unwrap();
+        dst.ctx
+            .pool
+            .device()
+            .unwrap()
+            .accept_share(&uuid(), &there, &token)
+            .unwrap();
+        (src, dst)
+    }
+
+    #[test]
+    fn an_interrupted_device_hand_over_is_settled_by_the_control_pages_ran_record() {
+        use crate::devpool::Role;
+        use crate::host_fixture::{HostFixture, A2};
+        let host = HostFixture::new();
+        let cloud = Cloud::new();
+        let (src, dst) = device_hand_over(&host, &cloud);
+        let (s, d) = (
+            src.ctx.pool.device().unwrap(),
+            dst.ctx.pool.device().unwrap(),
+        );
+        // The destination runs the guest but its watcher died: recovery leaves the record
+        // and adopts the memory.
+        let done = reconcile_devices(&dst.ctx, &FakeLibvirt::new(Local::Running), DEVICE_MIN_AGE);
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(done[0].contains("ran record"), "{done:?}");
+        assert_eq!(dst.fake.calls(), ["reset_zero_copy web1"]);
+        assert_eq!(d.holding(&uuid()).unwrap().unwrap().role, Role::Owner);
+        assert!(s.has_ran(&uuid()).unwrap());
+
+        // The source: nothing moves while libvirt's job is in flight.
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Migrating)).is_empty());
+        assert_eq!(host.attached().len(), 2);
+        // A copy libvirt keeps here is destroyed, never resumed; then the device goes.
+        let libvirt = FakeLibvirt::new(Local::Running);
+        let done = reconcile(&src.ctx, &libvirt);
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(libvirt.fenced());
+        let attached = host.attached();
+        assert_eq!(attached.len(), 1);
+        assert_eq!(attached[0].0, A2);
+        assert!(s.holdings().unwrap().is_empty());
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
+    }
+
+    #[test]
+    fn a_device_hand_over_whose_guest_never_left_is_held_in_doubt_then_closed() {
+        use crate::host_fixture::{HostFixture, A1, A2};
+        let host = HostFixture::new();
+        let cloud = Cloud::new();
+        let (src, dst) = device_hand_over(&host, &cloud);
+        let s = src.ctx.pool.device().unwrap();
+        // Seen nowhere, never ran at the destination: held, and `vmbeam status` says so.
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
+        let advice = doubt(&src, uuid().as_str()).expect("in doubt");
+        assert!(advice.contains("has not run on"), "{advice}");
+        let st = crate::ops::status(&src.ctx, Vec::new()).unwrap();
+        let row = st
+            .pool_files
+            .iter()
+            .find(|(_, _, rec)| rec.starts_with("host-device"))
+            .expect("a device row");
+        assert!(row.0.ends_with("resource2"), "{row:?}");
+        assert!(
+            row.2.contains("role=owner")
+                && row.2.contains(&format!("shared-with={A2}"))
+                && row.2.contains("proof=")
+                && row.2.contains(&advice),
+            "{row:?}"
+        );
+        assert_eq!(host.attached().len(), 2);
+
+        // Running here again: x-ignore-shared off, the hand-over closed, the doubt gone.
+        let done = reconcile(&src.ctx, &FakeLibvirt::new(Local::Running));
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(src
+            .fake
+            .calls()
+            .contains(&"reset_zero_copy web1".to_string()));
+        assert_eq!(s.holding(&uuid()).unwrap().unwrap().shared_with, None);
+        assert_eq!(doubt(&src, uuid().as_str()), None);
+        // The destination, whose guest is gone, withdraws its share.
+        let done = reconcile_devices(&dst.ctx, &FakeLibvirt::new(Local::Absent), Duration::ZERO);
+        assert_eq!(done.len(), 1, "{done:?}");
+        let attached = host.attached();
+        assert_eq!(attached.len(), 1);
+        assert_eq!(attached[0].0, A1);
     }
 
     #[test]
