@@ -24,6 +24,11 @@
 //!   process still mapping the BAR would silently read zeroes.
 //! - [`DevicePool::free`] (guest destroyed): the same check, then FREE; nothing is left on
 //!   the host.
+//! - The `.ran` marker's counterpart: [`DevicePool::mark_ran`] (destination, once the guest
+//!   runs there: a record naming the migration's proof at `RAN_OFFSET` of the control page,
+//!   and ownership adopted) and [`DevicePool::has_ran`] (source, through its own mapping).
+//!   The hand-over record is the owner's `shared_with` (and `proof`), closed by
+//!   [`DevicePool::close_hand_over`] or gone with RELEASE.
 
 use std::fs;
 use std::io;

@@ -5,6 +5,13 @@
 //! [`run`] is the only step that talks to libvirt; the zero-copy steps it calls
 //! (`zero_copy_xml`, `arm_zero_copy`, `settle_outcome`) work on the pool, the daemon's
 //! tables and the backend only, so the split-brain fence is unit-tested without libvirt.
+//!
+//! In the host-device pool (`pool_kind = "host-device"`) the same steps run on the
+//! primary cloud's devices: co-location is the host's COLOCATED answer for the
+//! destination's cloud-VM id (`probe_device`), the planner's zero-copy is followed by SHARE
+//! and the control-page proof (`share_with_destination`), the ticket travels with a signed
+//! device share (`vmbeam_core::device_share`), and settling releases the source's device
+//! once its QEMU let go, or fences by the control page's ran record (`settle_device`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -7,6 +7,13 @@
 //! accepted zero-copy migration, else to a fresh file), `started begin` (QEMU waits in
 //! `inmigrate`: set `x-ignore-shared` for zero-copy and watch the incoming migration to reset
 //! it). Any host: `release end` (the owner deletes a pool file whose domain is gone for good).
+//!
+//! In the host-device pool `migrate begin` verifies the ticket's device share too and runs
+//! `DevicePool::accept_share` (the control-page proof through this cloud VM's mapping)
+//! instead of looking for a pool file; `start begin` links the RAM path to the shared
+//! device's `resource2`; the watcher's "guest runs here" leaves the ran record in the
+//! control page and adopts the memory; `release end` of a share that never became this
+//! cloud VM's withdraws it (a failed migration).
 
 use std::time::Duration;
 

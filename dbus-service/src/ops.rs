@@ -177,6 +177,11 @@ pub fn co_location(ctx: &SharedCtx, dest_uri: &str) -> Result<CoLocation, OpErro
                     "{} is in virtual IaaS cloud '{}', not '{}'",
                     r.host_id, r.cloud, id.cloud
                 )
+            } else if co_located && ctx.pool.device().is_some() {
+                format!(
+                    "the primary cloud's host says cloud VM {} is co-located (each migration proves the shared device through its control page)",
+                    r.host_id
+                )
             } else if co_located {
                 format!("{} shares the beam pool (proven)", r.host_id)
             } else {
