@@ -1052,6 +1052,57 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_that_never_ran_the_guest_lets_go_as_the_owner_the_host_made_it() {
+        // A paused guest's migration succeeded: the source released, but no ran record
+        // made the destination adopt. Its `release end` cannot WITHDRAW (the host counts it
+        // as the owner now): it adopts and FREEs, and nothing is left on the host.
+        let h = HostFixture::new();
+        let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (h.pool(A1, sa.path()), h.pool(A2, sb.path()));
+        src.alloc(&guest(), 64 * MIB).unwrap();
+        let there = src.share(&guest(), &cvm(A2)).unwrap();
+        let token = src.prove(&guest()).unwrap();
+        dst.accept_share(&guest(), &there, &token).unwrap();
+        src.release(&guest()).unwrap();
+        assert_eq!(
+            dst.holding(&guest()).unwrap().unwrap().role,
+            Role::Destination
+        );
+        assert!(dst.let_go(&guest(), Duration::from_secs(1)).unwrap());
+        assert!(h.attached().is_empty());
+        assert!(h.files().is_empty());
+        assert!(dst.holdings().unwrap().is_empty());
+        assert!(!dst.let_go(&guest(), Duration::from_secs(1)).unwrap());
+    }
+
+    #[test]
+    fn the_ran_record_names_the_proof_and_only_the_destination_leaves_it() {
+        let h = HostFixture::new();
+        let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (h.pool(A1, sa.path()), h.pool(A2, sb.path()));
+        src.alloc(&guest(), 64 * MIB).unwrap();
+        // No migration proved yet: nothing to tell.
+        assert!(matches!(
+            src.has_ran(&guest()),
+            Err(DevicePoolError::NoProof(_))
+        ));
+        let there = src.share(&guest(), &cvm(A2)).unwrap();
+        let token = src.prove(&guest()).unwrap();
+        dst.accept_share(&guest(), &there, &token).unwrap();
+        assert!(!src.has_ran(&guest()).unwrap());
+        assert!(matches!(
+            src.mark_ran(&guest()),
+            Err(DevicePoolError::WrongRole { .. })
+        ));
+        dst.mark_ran(&guest()).unwrap();
+        assert!(src.has_ran(&guest()).unwrap());
+        assert_eq!(dst.holding(&guest()).unwrap().unwrap().role, Role::Owner);
+        // A later migration's proof: the earlier record does not count for it.
+        src.prove(&guest()).unwrap();
+        assert!(!src.has_ran(&guest()).unwrap());
+    }
+
+    #[test]
     fn a_failed_migration_withdraws_the_destinations_share_after_its_qemu_exited() {
         let h = HostFixture::new();
         let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
