@@ -2,7 +2,8 @@
 # The whole test suite: formatting, lints and unused dependencies, unit tests, the QEMU
 # backend's tests against real QEMU processes, the Nova shim's tests against the real nova
 # package, and the end-to-end tiers on the real lab (libvirtd, QEMU, dbus-daemon, vmbeamd, the
-# guest agent, Nova's live-migration loop, `vmbeam-lab bench --quick`) and the packages.
+# guest agent, Nova's live-migration loop, Nova's API with its services, `vmbeam-lab bench
+# --quick`) and the packages.
 # Needs root on Debian 12.
 #
 # The tiers follow crosvm's policy: `cargo test --workspace` alone is the unit tier (no root,
@@ -20,7 +21,7 @@
 #                                    Debian 12's own QEMU 7.2 / libvirt 9.0 (scripts/setup.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(format clippy units qemu root-units nova-shim lab zero-copy faults nova-e2e bench packaging)
+ALL=(format clippy units qemu root-units nova-shim lab zero-copy faults nova-e2e openstack bench packaging)
 want=("$@")
 ((${#want[@]})) || want=("${ALL[@]}")
 for t in "${want[@]}"; do
@@ -105,6 +106,12 @@ tier zero-copy e2e zero_copy
 # scripts/fault-matrix.sh.
 tier faults e2e faults
 tier nova-e2e e2e nova_shim
+# OpenStack through Nova's real API: the control plane of scripts/openstack.sh (Keystone,
+# Glance, Placement, Nova's services, MariaDB, RabbitMQ, the Neutron stand-in; its Debian
+# packages and venv installed on first use, then cached) and a nova-compute in each of three
+# cloud VMs; `openstack server migrate --live-migration` and os-migrateLive.
+openstack_api() { scripts/openstack.sh install && e2e nova_api; }
+tier openstack openstack_api
 tier bench e2e bench
 tier packaging e2e packaging
 summary

@@ -142,6 +142,14 @@ fn openstack_server_migrate_live_moves_guests_zero_copy() {
         .find_map(|l| l.strip_prefix("RESULT "))
         .map(|l| serde_json::from_str(l).expect("RESULT is JSON"))
         .unwrap_or_else(|| panic!("no RESULT line; stdout:\n{stdout}"));
+    // The whole record (each case's migration record, allocations, VMBeam's log lines,
+    // `migration list/show` as an admin sees them) for the README and for failures.
+    let logs = repo().join("target/test-logs");
+    let _ = std::fs::create_dir_all(&logs);
+    let saved = logs.join("nova_api-result.json");
+    if let Err(e) = std::fs::write(&saved, format!("{r:#}")) {
+        eprintln!("cannot save {}: {e}", saved.display());
+    }
     for c in r["cases"].as_array().into_iter().flatten() {
         println!(
             "{}: {} -> {} in {} s ({} bytes, {} ms downtime): {}",
@@ -160,7 +168,8 @@ fn openstack_server_migrate_live_moves_guests_zero_copy() {
     }
     assert!(
         o.status.success() && r["ok"] == true,
-        "the API cases failed: {}\n{r:#}",
-        r["failed"]
+        "the API cases failed: {} (the whole record, also in {}):\n{r:#}",
+        r["failed"],
+        saved.display()
     );
 }

@@ -243,10 +243,14 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                          instance=instance)
             with rec.lock:
                 rec.route = "libvirt"
-                if rec.cancel_requested:
-                    raise exception.MigrationError(
-                        reason="live migration aborted before it started")
+                cancelled = rec.cancel_requested
                 forced = rec.force_requested
+            if cancelled:
+                self._vmbeam_ended_here(
+                    guest, instance, dest,
+                    "live migration aborted before it started",
+                    cancelled=True)
+                return
             if forced:
                 LOG.info("VMBeam: the force-complete requested while the "
                          "route was decided now goes to Nova's own "
@@ -412,25 +416,32 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                      e.text, instance=instance)
             return False
         with client:
+            refused = None
             with rec.lock:
-                if rec.cancel_requested:
-                    raise exception.MigrationError(
-                        reason="live migration aborted before it started")
-                try:
-                    rec.path = client.migrate(guest.name, plan.dest_uri,
-                                              options)
-                    rec.route = "vmbeam"
-                    forced = rec.force_requested
-                except bus.VMBeamError as e:
-                    if (isinstance(e, bus.VMBeamUnavailable) or
-                            e.short in _FALL_BACK_AT_START):
-                        LOG.info("VMBeam: live migration to %s runs as Nova's "
-                                 "own libvirt migration: vmbeamd refused it "
-                                 "(%s: %s)", plan.dest_uri, e.short, e.text,
-                                 instance=instance)
-                        return False
-                    raise exception.MigrationError(
-                        reason="vmbeamd: %s" % e.text) from e
+                cancelled = rec.cancel_requested
+                if not cancelled:
+                    try:
+                        rec.path = client.migrate(guest.name, plan.dest_uri,
+                                                  options)
+                        rec.route = "vmbeam"
+                        forced = rec.force_requested
+                    except bus.VMBeamError as e:
+                        if (isinstance(e, bus.VMBeamUnavailable) or
+                                e.short in _FALL_BACK_AT_START):
+                            LOG.info("VMBeam: live migration to %s runs as "
+                                     "Nova's own libvirt migration: vmbeamd "
+                                     "refused it (%s: %s)", plan.dest_uri,
+                                     e.short, e.text, instance=instance)
+                            return False
+                        refused = "vmbeamd: %s (%s)" % (e.text, e.short)
+            if cancelled:
+                return self._vmbeam_ended_here(
+                    guest, instance, plan.dest_uri,
+                    "live migration aborted before it started",
+                    cancelled=True)
+            if refused:
+                return self._vmbeam_ended_here(guest, instance, plan.dest_uri,
+                                               refused)
             LOG.info("VMBeam: zero-copy live migration to %s through vmbeamd "
                      "(job %s): %s", plan.dest_uri, rec.path, plan.reason,
                      instance=instance)
@@ -439,10 +450,11 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
             props = self._vmbeam_follow(client, rec, instance, guest)
         if props is None:
             # Lost vmbeamd; libvirt's job has ended (see _vmbeam_follow).
-            if guest.is_active():
-                raise exception.MigrationError(
-                    reason="lost contact with vmbeamd and the guest still "
-                           "runs on the source")
+            if self._still_here(guest):
+                return self._vmbeam_ended_here(
+                    guest, instance, plan.dest_uri,
+                    "lost contact with vmbeamd and the guest still runs on "
+                    "the source")
             LOG.info("VMBeam: lost contact with vmbeamd; libvirt's job ended "
                      "with the guest gone from the source", instance=instance)
             return True
@@ -474,11 +486,30 @@ class VMBeamLibvirtDriver(libvirt_driver.LibvirtDriver):
                 rec.path = None
                 rec.route = None
             return False
-        LOG.info("VMBeam: zero-copy live migration to %s %s: %s",
-                 plan.dest_uri, "cancelled" if cancelled else phase, error,
-                 instance=instance)
-        raise exception.MigrationError(
-            reason="vmbeamd: %s (%s)" % (error, short or phase))
+        return self._vmbeam_ended_here(
+            guest, instance, plan.dest_uri,
+            "vmbeamd: %s (%s)" % (error, short or phase),
+            cancelled=cancelled)
+
+    def _vmbeam_ended_here(self, guest, instance, dest_uri, reason,
+                           cancelled=False):
+        """A live migration that did not happen. With the guest still
+        running here, it is Nova's rollback, not an error: Nova's monitor sees
+        libvirt's job end (cancelled or failed), or none with the operation
+        done and the guest here, and rolls back (the migration ``cancelled``
+        or ``error``, the instance ACTIVE on this host), so the operation
+        returns. Nova 34's ``_live_migration`` re-raises what the operation
+        raises (``future.result()``) and the compute manager then puts the
+        instance in ERROR "as its almost certainly too late to rollback"; it
+        is raised only when the guest is gone from here."""
+        if self._still_here(guest):
+            log = LOG.warning if cancelled else LOG.error
+            log("VMBeam: live migration to %s %s: %s; the guest "
+                "runs on here, Nova rolls the migration back",
+                dest_uri, "cancelled" if cancelled else "failed", reason,
+                instance=instance)
+            return True
+        raise exception.MigrationError(reason=reason)
 
     @staticmethod
     def _still_here(guest):

@@ -344,10 +344,12 @@ class Harness:
                 c["in_progress"] = {k: m.get(k) for k in (
                     "status", "memory_total_bytes", "memory_processed_bytes",
                     "memory_remaining_bytes")}
-                # ... and `migration show` of the running migration.
+                # ... and `migration show` of the running migration, by its UUID: with a
+                # numeric ID, python-openstackclient 10.3.1 passes server and migration to
+                # openstacksdk 4.22's get_server_migration in the wrong order (404).
                 shown = json.loads(self.cli(
-                    "--os-compute-api-version", "2.24", "server", "migration", "show",
-                    s.id, str(m["id"]), "-f", "json"))
+                    "--os-compute-api-version", LIST_MICROVERSION, "server", "migration",
+                    "show", s.id, m["uuid"], "-f", "json"))
                 c["shown"] = shown
                 if str(shown.get("Status", shown.get("status"))) != "running":
                     raise Failed(f"migration show: {shown}")

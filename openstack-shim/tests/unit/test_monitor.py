@@ -5,7 +5,7 @@ that vmbeamd runs."""
 from unittest import mock
 
 import fixtures
-from nova import exception, objects
+from nova import objects
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.virt.libvirt import migration as libvirt_migrate
 
@@ -112,7 +112,7 @@ class NovaMonitorTest(base.DriverTestCase):
         stuck = fakes.success_script(migrating_reads=100000)
         self.vmbeamd.script = stuck
         inst, guest = self.beam_guest()
-        self.assertRaises(exception.MigrationError, self.run_live_migration, inst)
+        self.run_live_migration(inst)
         (job,) = self.vmbeamd.jobs.values()
         self.assertEqual("cancelled", job.phase)
         self.assertEqual(["migrating"], job.cancels)
@@ -127,7 +127,9 @@ class NovaMonitorTest(base.DriverTestCase):
     def test_failed_zero_copy_is_nova_s_rollback(self):
         self.vmbeamd.script = fakes.failure_script("MigrationFailed", "migration failed: boom; the guest keeps running on the source")
         inst, guest = self.beam_guest()
-        self.assertRaises(exception.MigrationError, self.run_live_migration, inst)
+        # Nova's rollback, and no exception: Nova 34's _live_migration re-raises what the
+        # operation raised, and the compute manager would put the instance in ERROR.
+        self.run_live_migration(inst)
         self.post.assert_not_called()
         self.recover.assert_called_once()
         self.assertTrue(guest.is_active())
