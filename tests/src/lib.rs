@@ -202,8 +202,10 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// What the lab could leave behind on the host: namespaces, mounts, links, lab files,
-/// processes whose command line mentions the lab. Compared before `up` and after `down`.
+/// What the lab could leave behind on the host: its namespaces, mounts, links and files, and
+/// its processes. Compared before `up` and after `down`. Only what the lab itself names: the
+/// machine is shared, and other software (another job's namespaces, a build whose command line
+/// mentions `vmbeam-lab`, files in `/dev/shm`) comes and goes meanwhile.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Residue {
     pub netns: Vec<String>,
@@ -235,10 +237,9 @@ impl Residue {
             .collect();
         let mut files = Vec::new();
         for d in [
-            "/run/vmbeam-lab",
+            vmbeam_lab::state::LAB_ROOT,
             "/var/lib/vmbeam",
             "/etc/vmbeam",
-            "/dev/shm",
         ] {
             if let Ok(rd) = std::fs::read_dir(d) {
                 for e in rd.flatten() {
@@ -252,19 +253,25 @@ impl Residue {
         let mut processes: Vec<String> = Vec::new();
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
-                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                if cmd.contains("vmbeam-lab")
-                    || cmd.contains("/etc/libvirt/libvirtd.conf")
-                    || cmd.contains("vmbeam-cvm")
-                {
-                    processes.push(cmd);
+                let raw = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&raw).to_string();
+                let args: Vec<&str> = cmd.split('\0').filter(|a| !a.is_empty()).collect();
+                if is_lab_process(&args) {
+                    processes.push(args.join(" "));
                 }
             }
         }
         processes.sort();
         Residue {
-            netns: lines_of("ip", &["netns", "list"]),
+            netns: lines_of("ip", &["netns", "list"])
+                .into_iter()
+                .filter(|n| {
+                    let name = n.split_whitespace().next().unwrap_or("");
+                    name == vmbeam_lab::net::HUB_NS
+                        || name == vmbeam_lab::net::LOAD_NS
+                        || name.starts_with("vmbeam-cvm")
+                })
+                .collect(),
             mounts,
             links: lines_of("ip", &["-o", "link", "show"])
                 .into_iter()
@@ -275,6 +282,20 @@ impl Residue {
             processes,
         }
     }
+}
+
+/// A process the lab started: the lab program itself, or one whose arguments name the lab's
+/// directories, a cloud VM's libvirtd configuration or a cloud VM's namespace.
+fn is_lab_process(args: &[&str]) -> bool {
+    let Some(first) = args.first() else {
+        return false;
+    };
+    first.rsplit('/').next() == Some("vmbeam-lab")
+        || args.iter().any(|a| {
+            a.starts_with(vmbeam_lab::state::LAB_ROOT)
+                || a.contains("/etc/libvirt/libvirtd.conf")
+                || a.contains("vmbeam-cvm")
+        })
 }
 
 /// Runs `vmbeam ARGS` inside a cloud VM (where its vmbeamd and system bus are), through
