@@ -31,7 +31,7 @@ pub const HOSTROOT_TAG: &str = "hostroot";
 /// The 9p tag of the cloud VM's own writable directory.
 pub const CVMDATA_TAG: &str = "cvmdata";
 /// Bump when /init changes.
-const BUILDER_VERSION: &str = "vmbeam-nested-cvm-image-1";
+const BUILDER_VERSION: &str = "vmbeam-nested-cvm-image-2";
 
 /// The full kernel package of the same version as the lab's cloud kernel package:
 /// `linux-image-6.1.0-57-cloud-amd64` -> `linux-image-6.1.0-57-amd64`.

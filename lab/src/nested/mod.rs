@@ -412,6 +412,11 @@ mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] && ln -sf "../$(basename "$p")" "/dev/virtio-ports/$(cat "$p/name")"
 done
+# Fresh state and configuration directories: the lower layer is the host libvirtd's view,
+# whose /etc/libvirt holds the cloud VMs' own definitions.
+for m in /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /etc/vmbeam /var/lib/vmbeam; do
+    mkdir -p "$m" && mount -t tmpfs -o mode=0755 tmpfs "$m" || fail "tmpfs on $m"
+done
 # The packages' files, where the packages install them; then this cloud VM's configuration.
 cp -rs {pkgroot}/. / || fail "install the packages' files"
 mkdir -p /etc/vmbeam {pool} /var/lib/vmbeam /run/dbus /run/libvirt /var/lib/libvirt/qemu/ram /var/log/libvirt "$D/log"
@@ -1210,7 +1215,9 @@ mod tests {
             Path::new("/var/lib/vmbeam-nested/pkgroot"),
             Path::new("/x/vmbeam-lab"),
         );
+        let fresh = s.find("mount -t tmpfs -o mode=0755 tmpfs \"$m\"").unwrap();
         let install = s.find("cp -rs /var/lib/vmbeam-nested/pkgroot/. /").unwrap();
+        assert!(fresh < install);
         let bus = s.find("dbus-daemon --system").unwrap();
         let lv = s.find("libvirtd -d --listen").unwrap();
         let vd = s.find("vmbeamd --config /etc/vmbeam/vmbeam.conf").unwrap();
@@ -1361,6 +1368,10 @@ mod nested_e2e {
 
         let st = NestedState::load().unwrap().expect("recorded");
         assert!(st.complete);
+        // A second `up` is refused and changes nothing.
+        let (ok, text) = lab(&["nested", "up"]);
+        assert!(!ok && text.contains("already up"), "{text}");
+        assert_eq!(NestedState::load().unwrap().as_ref(), Some(&st));
         assert_eq!(st.cloud_vms.len(), 2);
         let s = status().unwrap();
         assert!(s.libvirtd_alive && s.vmbeam_host_alive);
@@ -1380,6 +1391,15 @@ mod nested_e2e {
                 "{}",
                 c.cvm.name
             );
+            // A fresh libvirt: none of the host libvirtd's definitions (its /etc/libvirt
+            // is in the cloud VM's lower layer).
+            let doms = sys::run_in_ns(
+                HOST_NETNS,
+                "virsh",
+                &["-c", &c.cvm.uri, "list", "--all", "--name"],
+            )
+            .unwrap();
+            assert_eq!(doms.trim(), "", "{}", c.cvm.name);
             assert!(
                 c.host_connected,
                 "{}: vmbeam-host has no channel",
@@ -1409,6 +1429,8 @@ mod nested_e2e {
         let (ok, text) = lab(&["nested", "down"]);
         assert!(ok, "nested down failed:\n{text}");
         let down_secs = t.elapsed().as_secs_f64();
+        let (ok, text) = lab(&["nested", "down"]);
+        assert!(!ok && text.contains("no nested lab is up"), "{text}");
         assert!(!Path::new(RUN_ROOT).exists());
         assert!(!Path::new(LIB_ROOT).exists());
         assert!(!crate::net::netns_exists(HOST_NETNS));
