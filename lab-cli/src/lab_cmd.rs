@@ -85,6 +85,15 @@ pub enum NestedCmd {
     },
     /// Show the host libvirtd, vmbeam-host and each cloud VM (its libvirtd, its host channel)
     Status,
+    /// Run a command inside a nested cloud VM (as root, through the lab's exec channel);
+    /// exits with the command's status
+    Exec {
+        /// Cloud VM name
+        cvm: String,
+        /// Command and arguments
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
     /// Remove everything `nested up` made
     Down,
 }
@@ -455,6 +464,15 @@ fn nested_cmd(cmd: NestedCmd) -> anyhow::Result<()> {
                     "the nested lab is up but not every cloud VM is reachable and greeted (see above); `vmbeam-lab nested down` removes it"
                 )
                 .context(Coded(exit::FAILED)));
+            }
+            Ok(())
+        }
+        NestedCmd::Exec { cvm, command } => {
+            let (rc, out) = lab(nested::exec(&cvm, &command))?;
+            print!("{out}");
+            // The command said what went wrong; pass its exit status on, adding nothing.
+            if rc != 0 {
+                std::process::exit(rc.clamp(1, 255));
             }
             Ok(())
         }

@@ -62,6 +62,12 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const READY_MARKER: &str = "VMBEAM-NESTED-READY";
 /// The cloud VM's failure marker on its serial console.
 pub const FAILED_MARKER: &str = "VMBEAM-NESTED-FAILED";
+/// The virtio-serial port of the lab's exec channel (a lab tool, not the product's).
+pub const EXEC_PORT: &str = "org.vmbeam.lab.exec.0";
+/// The line that ends a command's output on the exec channel, before its exit status.
+pub const EXEC_END: &str = "VMBEAM-EXEC-END rc=";
+/// How long one [`exec`] may take.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The host libvirtd's private directories: (name under `LIB_ROOT/host`, mount point).
 /// `/run` comes last (its backing directory is under [`RUN_ROOT`], which it hides).
@@ -119,6 +125,8 @@ pub struct NestedCvm {
     pub console: PathBuf,
     /// The host channel's socket on the host.
     pub channel: PathBuf,
+    /// The lab's exec channel's socket on the host ([`exec`]).
+    pub exec: PathBuf,
     /// Seconds from `virDomainCreate` to its ready marker.
     pub ready_secs: f64,
 }
@@ -419,6 +427,10 @@ for m in /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /etc/
 done
 # The packages' files, where the packages install them; then this cloud VM's configuration.
 cp -rs {pkgroot}/. / || fail "install the packages' files"
+# Their symbolic links as the packages make them (cp -rs would point them into the tree).
+(cd {pkgroot} && find . -type l) | while read -r l; do
+    ln -sfn "$(readlink "{pkgroot}/$l")" "/${{l#./}}" || fail "link /${{l#./}}"
+done
 mkdir -p /etc/vmbeam {pool} /var/lib/vmbeam /run/dbus /run/libvirt /var/lib/libvirt/qemu/ram /var/log/libvirt "$D/log"
 cp "$D/conf/vmbeam.conf" /etc/vmbeam/vmbeam.conf
 cp "$D/conf/cloud.key" /etc/vmbeam/cloud.key && chmod 600 /etc/vmbeam/cloud.key
@@ -431,6 +443,19 @@ waitfor "virsh -c qemu:///system uri" 300 || fail "libvirtd does not answer"
 say "{name} libvirtd up uptime=$(cut -d' ' -f1 /proc/uptime)"
 vmbeamd --config /etc/vmbeam/vmbeam.conf >>"$D/log/vmbeamd.log" 2>&1 &
 waitfor "grep -q 'vmbeamd ready' $D/log/vmbeamd.log" 600 || fail "vmbeamd did not start"
+# The lab's exec channel: one base64-encoded command line in, its output, then the end
+# line with its exit status out (one command at a time; the host side is `nested exec`).
+(
+    port=/dev/virtio-ports/{EXEC_PORT}
+    while :; do
+        line=$(head -n1 "$port" 2>/dev/null)
+        [ -n "$line" ] || {{ sleep 0.5; continue; }}
+        cmd=$(printf '%s' "$line" | base64 -d 2>/dev/null) || cmd="echo 'exec: bad request' >&2; exit 2"
+        (cd / && sh -c "$cmd") </dev/null >/run/vmbeam-exec.out 2>&1
+        rc=$?
+        {{ cat /run/vmbeam-exec.out; echo "{EXEC_END}$rc"; }} >"$port"
+    done
+) &
 echo "{READY_MARKER} {name} uptime=$(cut -d' ' -f1 /proc/uptime)"
 exec {reaper} reap -- sleep infinity
 "#,
@@ -494,6 +519,10 @@ pub fn domain_xml(cvm: &NestedCvm, image: &crate::image::GuestImage, domain_type
       <source mode='bind' path='{channel}'/>
       <target type='virtio' name='{chan_name}'/>
     </channel>
+    <channel type='unix'>
+      <source mode='bind' path='{exec}'/>
+      <target type='virtio' name='{EXEC_PORT}'/>
+    </channel>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -507,6 +536,7 @@ pub fn domain_xml(cvm: &NestedCvm, image: &crate::image::GuestImage, domain_type
         cvmdata = image::CVMDATA_TAG,
         console = cvm.console.display(),
         channel = cvm.channel.display(),
+        exec = cvm.exec.display(),
         chan_name = vmbeam_core::host_protocol::HOST_CHANNEL,
     )
 }
@@ -739,6 +769,7 @@ fn build(
             uri: format!("qemu+tcp://{addr}/system"),
             console: dir.join("log/console.log"),
             channel: chan.join(format!("{name}.sock")),
+            exec: chan.join(format!("{name}.exec")),
             dir: dir.clone(),
             addr: addr.clone(),
             name: name.clone(),
@@ -1007,6 +1038,85 @@ fn teardown(st: &mut NestedState) -> NestedDown {
     r
 }
 
+/// Runs `command` (a program and its arguments) inside cloud VM `cvm` through the lab's
+/// exec channel, as root in the cloud VM's root directory; returns its exit status and its
+/// output (stdout and stderr together). A lab tool: the product never uses this channel.
+pub fn exec(cvm: &str, command: &[String]) -> Result<(i32, String), LabError> {
+    use base64::Engine as _;
+    use std::io::{BufRead as _, Write as _};
+    let Some(st) = NestedState::load()?.filter(|s| s.complete) else {
+        return Err(LabError::BadInput(
+            "no nested lab is up: run `vmbeam-lab nested up`".into(),
+        ));
+    };
+    let Some(c) = st.cloud_vms.iter().find(|c| c.name == cvm) else {
+        return Err(LabError::UnknownCloudVm {
+            name: cvm.into(),
+            known: st.cloud_vms.iter().map(|c| c.name.clone()).collect(),
+        });
+    };
+    if command.is_empty() {
+        return Err(LabError::BadInput("exec: no command given".into()));
+    }
+    let line = shell_words(command);
+    let mut sock = std::os::unix::net::UnixStream::connect(&c.exec).map_err(|e| {
+        LabError::io(
+            format!("connect to {}'s exec channel {}", c.name, c.exec.display()),
+            e,
+        )
+    })?;
+    sock.set_read_timeout(Some(EXEC_TIMEOUT))
+        .map_err(|e| LabError::io("set the exec channel's timeout", e))?;
+    let req = base64::engine::general_purpose::STANDARD.encode(line.as_bytes());
+    sock.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| LabError::io(format!("write to {}'s exec channel", c.name), e))?;
+    let mut out = String::new();
+    let mut r = std::io::BufReader::new(sock);
+    loop {
+        let mut l = String::new();
+        let n = r.read_line(&mut l).map_err(|e| {
+            LabError::io(
+                format!("read {}'s exec channel (command: {line})", c.name),
+                e,
+            )
+        })?;
+        if n == 0 {
+            return Err(LabError::Setup(format!(
+                "{}'s exec channel closed before `{line}` ended",
+                c.name
+            )));
+        }
+        if let Some(rc) = l.trim_end().strip_prefix(EXEC_END) {
+            let rc = rc.parse().map_err(|_| {
+                LabError::Setup(format!(
+                    "{}'s exec channel sent a bad end line: {l:?}",
+                    c.name
+                ))
+            })?;
+            return Ok((rc, out));
+        }
+        out.push_str(&l);
+    }
+}
+
+/// `command` as one POSIX shell command line (each word single-quoted where it needs it).
+pub fn shell_words(command: &[String]) -> String {
+    command
+        .iter()
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One cloud VM as `nested status` shows it.
 #[derive(Debug, Clone)]
 pub struct CvmStatus {
@@ -1156,6 +1266,7 @@ mod tests {
             dir: PathBuf::from("/var/lib/vmbeam-nested/cvm1"),
             console: PathBuf::from("/var/lib/vmbeam-nested/cvm1/log/console.log"),
             channel: PathBuf::from("/var/lib/vmbeam-nested/chan/cvm1.sock"),
+            exec: PathBuf::from("/var/lib/vmbeam-nested/chan/cvm1.exec"),
             ready_secs: 0.0,
         }
     }
@@ -1274,6 +1385,28 @@ mod tests {
                 .to_string()
                 .contains(&format!("--cloud-vms {n} is out of range")));
         }
+    }
+
+    #[test]
+    fn exec_quotes_each_word_for_the_shell() {
+        let w = |v: &[&str]| shell_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(w(&["vmbeam", "status"]), "vmbeam status");
+        assert_eq!(
+            w(&["echo", "a b", "it's", "", "$HOME"]),
+            "echo 'a b' 'it'\\''s' '' '$HOME'"
+        );
+        // What sh makes of it: the words back.
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("printf '[%s]' {}", w(&["a b", "it's", "", "$X;`y`"])),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "[a b][it's][][$X;`y`]"
+        );
     }
 
     #[test]
@@ -1411,6 +1544,26 @@ mod nested_e2e {
             assert!(log.contains("beam pool kind=\"host-device\""), "{log}");
             assert!(log.contains("host channel: HELLO answered"), "{log}");
         }
+        // The lab's exec channel: output, exit status, the product's CLI against vmbeamd.
+        assert_eq!(
+            exec("cvm2", &["hostname".to_string()]).unwrap(),
+            (0, "cvm2\n".to_string())
+        );
+        assert_eq!(exec("cvm1", &["false".to_string()]).unwrap().0, 1);
+        let (ok, text) = lab(&[
+            "nested",
+            "exec",
+            "cvm1",
+            "--",
+            "sh",
+            "-c",
+            "readlink /etc/libvirt/hooks/qemu.d/vmbeam; cat /etc/vmbeam/vmbeam.conf",
+        ]);
+        assert!(ok, "{text}");
+        assert!(text.contains("/usr/libexec/vmbeam/vmbeam-hook"), "{text}");
+        assert!(text.contains("pool_kind = \"host-device\""), "{text}");
+        let (ok, text) = lab(&["nested", "exec", "cvm1", "--", "vmbeam", "status"]);
+        assert!(ok, "vmbeam status in cvm1:\n{text}");
         // vmbeam-host's own view: both cloud VMs, in the nested cloud, channel connected.
         let out = Command::new(bin_dir().join("vmbeam-host"))
             .args(["status", "--json", "--state-dir"])
