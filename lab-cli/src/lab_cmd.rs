@@ -485,12 +485,13 @@ fn nested_cmd(cmd: NestedCmd) -> anyhow::Result<()> {
             let t = Instant::now();
             let r = lab(nested::down())?;
             println!(
-                "nested lab down in {:.1} s: {} domain(s) destroyed, {} process(es) ended, {} namespace(s) and {} director(y/ies) removed",
+                "nested lab down in {:.1} s: {} domain(s) destroyed, {} process(es) ended, {} namespace(s), {} director(y/ies) and {} leftover backing file(s) removed",
                 t.elapsed().as_secs_f64(),
                 r.domains,
                 r.processes,
                 r.namespaces,
-                r.dirs
+                r.dirs,
+                r.files
             );
             if !r.problems.is_empty() {
                 return Err(

@@ -942,6 +942,8 @@ pub struct NestedDown {
     pub processes: usize,
     pub namespaces: usize,
     pub dirs: usize,
+    /// vmbeam-host's backing files left in /dev/shm.
+    pub files: usize,
     pub problems: Vec<String>,
 }
 
@@ -998,7 +1000,21 @@ fn teardown(st: &mut NestedState) -> NestedDown {
             }
         }
     }
-    // 3. The rest, newest first.
+    // 3. The backing files vmbeam-host made for the nested cloud's guests and could not
+    //    give back (the cloud VMs went before their guests): `/dev/shm/vmbeam-CLOUD-*`, a
+    //    name only this lab's cloud has.
+    let prefix = format!("vmbeam-{CLOUD}-");
+    for e in fs::read_dir("/dev/shm").into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            match fs::remove_file(e.path()) {
+                Ok(()) => r.files += 1,
+                Err(err) => r
+                    .problems
+                    .push(format!("remove {}: {err}", e.path().display())),
+            }
+        }
+    }
+    // 4. The rest, newest first.
     for res in st.resources.iter().rev() {
         match res {
             Resource::Process { .. } | Resource::Mount { .. } | Resource::HostLink { .. } => {}
@@ -1587,6 +1603,11 @@ mod nested_e2e {
         assert!(!Path::new(RUN_ROOT).exists());
         assert!(!Path::new(LIB_ROOT).exists());
         assert!(!crate::net::netns_exists(HOST_NETNS));
+        let prefix = format!("vmbeam-{CLOUD}-");
+        assert!(!fs::read_dir("/dev/shm")
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix)));
         for r in &st.resources {
             if let Resource::Process {
                 pid,
