@@ -51,6 +51,29 @@ fn device_err(e: DevicePoolError) -> DaemonError {
     ))
 }
 
+/// Says HELLO to the primary cloud's host through the host-device pool, once it answers:
+/// every 2 s until the host does, a warning at the first failure and every minute after.
+/// Returns at once in the directory kind. Run on a thread of its own.
+pub fn greet_host(pool: &GuestPool) {
+    let Some(device) = pool.device() else { return };
+    let mut failures = 0u64;
+    loop {
+        match device.cloud_vm() {
+            Ok(id) => {
+                info!(cloud_vm = %id, after_failures = failures, "host channel: HELLO answered");
+                return;
+            }
+            Err(e) => {
+                if failures.is_multiple_of(30) {
+                    warn!(error = %crate::devpool::error_chain(&e), "host channel: no HELLO answer yet; trying again every 2 s");
+                }
+                failures += 1;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
 impl GuestPool {
     /// The pool `cfg` selects. Host calls and the wait for a hot-plugged device are bounded
     /// so that a hook still answers within `hook_timeout`.

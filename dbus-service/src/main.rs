@@ -90,6 +90,15 @@ async fn main() -> anyhow::Result<()> {
         .context("connect to the system bus and own org.vmbeam.VMBeam1")?;
     info!(host = %ctx.cfg.identity.host_id, cloud = %ctx.cfg.identity.cloud, libvirt_uuid = %ctx.libvirt_uuid, "vmbeamd ready");
     vmbeamd::hooks::report_leftovers(&ctx);
+    if ctx.pool.device().is_some() {
+        // Greet the host at start: a missing or refusing vmbeam-host shows in the log now,
+        // not at the first guest start.
+        let greeting = ctx.clone();
+        std::thread::Builder::new()
+            .name("host-hello".into())
+            .spawn(move || vmbeamd::guest_pool::greet_host(&greeting.pool))
+            .context("start the host greeting thread")?;
+    }
     // Settle hand-overs a dead daemon left half done, now and for the daemon's lifetime.
     let recovering = ctx.clone();
     std::thread::Builder::new()

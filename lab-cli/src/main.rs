@@ -54,7 +54,9 @@ mod tests {
             .get_subcommands()
             .map(|s| s.get_name().to_string())
             .collect();
-        for n in ["up", "status", "down", "guest", "exec", "reap", "bench"] {
+        for n in [
+            "up", "status", "down", "nested", "guest", "exec", "reap", "bench",
+        ] {
             assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
         }
         let Cmd::Lab(lab_cmd::LabCmd::Exec { cvm, command }) =
@@ -68,5 +70,15 @@ mod tests {
             (cvm.as_str(), command.join(" ")),
             ("cvm1", "vmbeam status".into())
         );
+        let Cmd::Lab(lab_cmd::LabCmd::Nested {
+            cmd: lab_cmd::NestedCmd::Up { cloud_vms },
+        }) = Cli::try_parse_from(["vmbeam-lab", "nested", "up", "--cloud-vms", "3"])
+            .unwrap()
+            .cmd
+        else {
+            panic!("nested up");
+        };
+        assert_eq!(cloud_vms, 3);
+        assert!(Cli::try_parse_from(["vmbeam-lab", "nested", "up", "--cloud-vms", "x"]).is_err());
     }
 }

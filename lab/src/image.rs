@@ -321,7 +321,7 @@ const APT_HINT: &str = "the lab needs a Debian host with apt";
 
 /// apt, with at most one `apt-get update` per build.
 #[derive(Default)]
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
 }
 
@@ -338,7 +338,7 @@ impl Apt {
     }
 
     /// The versioned kernel package, e.g. linux-image-6.1.0-56-cloud-amd64.
-    fn kernel_package(&mut self) -> Result<String, ImageError> {
+    pub(crate) fn kernel_package(&mut self) -> Result<String, ImageError> {
         loop {
             let out = run(
                 "apt-cache",
@@ -423,7 +423,11 @@ fn list_debs(dir: &Path, package: &str) -> Result<Vec<String>, ImageError> {
 
 /// Makes sure `package`'s .deb is in `debs/` and unpacked in `pkgs/`; returns the
 /// unpacked root.
-fn fetch_package(cache: &Path, package: &str, apt: &mut Apt) -> Result<PathBuf, ImageError> {
+pub(crate) fn fetch_package(
+    cache: &Path,
+    package: &str,
+    apt: &mut Apt,
+) -> Result<PathBuf, ImageError> {
     let debs = cache.join("debs");
     let deb = match list_debs(&debs, package)?.into_iter().last() {
         Some(d) => d,
@@ -472,7 +476,7 @@ fn fetch_package(cache: &Path, package: &str, apt: &mut Apt) -> Result<PathBuf, 
 }
 
 /// The kernel version and bzImage of an unpacked kernel package.
-fn find_kernel(package: &str, root: &Path) -> Result<(String, PathBuf), ImageError> {
+pub(crate) fn find_kernel(package: &str, root: &Path) -> Result<(String, PathBuf), ImageError> {
     let boot = root.join("boot");
     let bad = |what: &str| ImageError::BadPackage {
         package: package.into(),

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cvm;
 pub mod guest;
 pub mod image;
+pub mod nested;
 pub mod net;
 pub mod probe;
 pub mod state;

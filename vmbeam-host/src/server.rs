@@ -355,16 +355,20 @@ impl Host {
         match st.topology.cloud_vms.get(cloud_vm) {
             Some(vm) => {
                 session.version = Some(VERSION);
+                tracing::info!(cloud_vm = %cloud_vm, name = %vm.name, cloud = %vm.cloud, "HELLO answered");
                 Answer::Ok(Reply::Hello {
                     version: VERSION,
                     cloud_vm: cloud_vm.clone(),
                     cloud: vm.cloud.clone(),
                 })
             }
-            None => Answer::err(
-                ErrorCode::NotReady,
-                "this cloud VM is not a usable VMBeam cloud VM of this host right now",
-            ),
+            None => {
+                tracing::info!(cloud_vm = %cloud_vm, "HELLO refused: not a usable cloud VM now");
+                Answer::err(
+                    ErrorCode::NotReady,
+                    "this cloud VM is not a usable VMBeam cloud VM of this host right now",
+                )
+            }
         }
     }
 
