@@ -71,10 +71,10 @@ keepalive_interval = 5
     )
 }
 
-fn qemu_conf(addr: &str, shared_fs: &[PathBuf]) -> String {
-    let mut conf = format!(
-        r#"# qemu.conf of a VMBeam lab cloud VM
-user = "root"
+/// The qemu.conf settings of every libvirtd the labs start (the namespace lab's cloud VMs, the
+/// nested lab's host and cloud VMs): QEMU as root, no confinement, ownership changes or
+/// labels, no cgroups or namespaces (a container may have neither).
+pub(crate) const LAB_QEMU_CONF: &str = r#"user = "root"
 group = "root"
 dynamic_ownership = 0
 remember_owner = 0
@@ -82,7 +82,12 @@ security_driver = "none"
 stdio_handler = "file"
 cgroup_controllers = [ ]
 namespaces = [ ]
-migration_address = "{addr}"
+"#;
+
+fn qemu_conf(addr: &str, shared_fs: &[PathBuf]) -> String {
+    let mut conf = format!(
+        r#"# qemu.conf of a VMBeam lab cloud VM
+{LAB_QEMU_CONF}migration_address = "{addr}"
 migration_host = "{addr}"
 memory_backing_dir = "/var/lib/libvirt/qemu/ram"
 migrate_tls_x509_cert_dir = "{tls}"
@@ -531,6 +536,31 @@ pub fn host_path(cvm: &CloudVm, inner: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_conf_is_the_lab_settings_then_this_cloud_vm_s() {
+        assert_eq!(
+            qemu_conf("198.18.0.11", &[]),
+            format!(
+                r#"# qemu.conf of a VMBeam lab cloud VM
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+stdio_handler = "file"
+cgroup_controllers = [ ]
+namespaces = [ ]
+migration_address = "198.18.0.11"
+migration_host = "198.18.0.11"
+memory_backing_dir = "/var/lib/libvirt/qemu/ram"
+migrate_tls_x509_cert_dir = "{}"
+migrate_tls_x509_verify = 1
+"#,
+                crate::tls::CERT_DIR_INNER
+            )
+        );
+    }
 
     #[test]
     fn qemu_conf_declares_shared_filesystems_only_when_asked() {

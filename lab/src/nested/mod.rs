@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vmbeam_core::CloudVmMetadata;
 
+use crate::cvm::LAB_QEMU_CONF;
 use crate::state::{AccelChoice, Resource};
 use crate::sys::{self, process_alive, process_start_time, wait_for, write_private};
 use crate::LabError;
@@ -274,17 +275,7 @@ log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 /// The host libvirtd's qemu.conf: QEMU as root, no confinement (the cloud VMs export the
 /// host's root over 9p), no cgroups or namespaces (a container may have neither).
 pub fn host_qemu_conf() -> String {
-    r#"# qemu.conf of the VMBeam nested lab's host libvirtd
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-stdio_handler = "file"
-cgroup_controllers = [ ]
-namespaces = [ ]
-"#
-    .to_string()
+    format!("# qemu.conf of the VMBeam nested lab's host libvirtd\n{LAB_QEMU_CONF}")
 }
 
 /// A cloud VM's libvirtd.conf: TCP without authentication on its cloud network address
@@ -308,15 +299,7 @@ log_outputs = "3:file:{log}"
 pub fn cvm_qemu_conf(addr: &str) -> String {
     format!(
         r#"# qemu.conf of a VMBeam nested lab cloud VM
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-stdio_handler = "file"
-cgroup_controllers = [ ]
-namespaces = [ ]
-migration_address = "{addr}"
+{LAB_QEMU_CONF}migration_address = "{addr}"
 migration_host = "{addr}"
 memory_backing_dir = "/var/lib/libvirt/qemu/ram"
 "#
