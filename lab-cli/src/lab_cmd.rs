@@ -82,6 +82,16 @@ pub enum NestedCmd {
         /// Number of cloud VMs
         #[arg(long, default_value_t = 2)]
         cloud_vms: u32,
+        /// How many of them (the last ones) belong to a second virtual IaaS cloud
+        /// (`nested-other`, its own cloud key)
+        #[arg(long, default_value_t = 0)]
+        other_cloud: u32,
+    },
+    /// Guests inside the nested cloud VMs (the lab's agent guest, beam-enabled, its RAM a
+    /// device from vmbeam-host)
+    Guest {
+        #[command(subcommand)]
+        cmd: NestedGuestCmd,
     },
     /// Show the host libvirtd, vmbeam-host and each cloud VM (its libvirtd, its host channel)
     Status,
@@ -96,6 +106,27 @@ pub enum NestedCmd {
     },
     /// Remove everything `nested up` made
     Down,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NestedGuestCmd {
+    /// Define and start a guest in a cloud VM through its libvirtd; waits for its agent
+    Start {
+        name: String,
+        /// Cloud VM to start it in
+        #[arg(long, default_value = "cvm1")]
+        on: String,
+        /// Guest memory
+        #[arg(long, value_name = "MIB", default_value_t = 256)]
+        memory: u64,
+        /// Memory the agent fills and verifies
+        #[arg(long, value_name = "MIB", default_value_t = 64)]
+        fill: u64,
+    },
+    /// Verify the guest's memory where it runs (its agent, through that cloud VM's libvirt)
+    Check { name: String },
+    /// Destroy and undefine the guest wherever it is defined
+    Destroy { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -407,16 +438,65 @@ fn print_made(s: &vmbeam_lab::state::LabState) {
     }
 }
 
+fn nested_guest_cmd(cmd: NestedGuestCmd) -> anyhow::Result<()> {
+    use vmbeam_lab::nested::guest;
+    match cmd {
+        NestedGuestCmd::Start {
+            name,
+            on,
+            memory,
+            fill,
+        } => {
+            let image = lab(vmbeam_lab::guest_image(&agent_binary()?))?;
+            let g = lab(guest::start(
+                &guest::NestedGuestSpec {
+                    name,
+                    memory_mib: memory,
+                    fill_mib: fill,
+                    on,
+                },
+                &image,
+            ))?;
+            println!(
+                "{} runs in {} (boot id {}), agent answered after {:.1} s",
+                g.name, g.on, g.boot_id, g.boot_secs
+            );
+            Ok(())
+        }
+        NestedGuestCmd::Check { name } => {
+            let (on, r) = lab(guest::check(&name))?;
+            println!("{name} in {on}: {}", r.line);
+            if !r.pass {
+                return Err(anyhow!("{name}'s memory check failed").context(Coded(exit::FAILED)));
+            }
+            Ok(())
+        }
+        NestedGuestCmd::Destroy { name } => {
+            let gone = lab(guest::destroy(&name))?;
+            if gone.is_empty() {
+                return Err(anyhow!("no guest {name} in the nested lab")
+                    .context(Coded(exit::BAD_INPUT)));
+            }
+            println!("{name} destroyed and undefined in {}", gone.join(", "));
+            Ok(())
+        }
+    }
+}
+
 fn nested_cmd(cmd: NestedCmd) -> anyhow::Result<()> {
     use vmbeam_lab::nested;
     match cmd {
-        NestedCmd::Up { cloud_vms } => {
+        NestedCmd::Up {
+            cloud_vms,
+            other_cloud,
+        } => {
             let dir = own_dir()?;
             for b in ["vmbeamd", "vmbeam", "vmbeam-hook", "vmbeam-host"] {
                 sibling(&dir, b)?;
             }
             let made = lab(nested::up(&nested::NestedUpOptions {
                 cloud_vms,
+                other_cloud,
                 lab_binary: dir.join("vmbeam-lab"),
                 bin_dir: dir,
             }))?;
@@ -437,10 +517,11 @@ fn nested_cmd(cmd: NestedCmd) -> anyhow::Result<()> {
             );
             for c in &st.cloud_vms {
                 println!(
-                    "  {:<5} {:<15} {:<30} ready in {:.1} s (console {})",
+                    "  {:<5} {:<15} {:<30} {:<13} ready in {:.1} s (console {})",
                     c.name,
                     c.addr,
                     c.uri,
+                    c.cloud,
                     c.ready_secs,
                     c.console.display()
                 );
@@ -476,6 +557,7 @@ fn nested_cmd(cmd: NestedCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        NestedCmd::Guest { cmd } => nested_guest_cmd(cmd),
         NestedCmd::Status => {
             let s = lab(nested::status())?;
             nested::render_status(&s, &mut std::io::stdout())?;

@@ -24,6 +24,7 @@
 //!
 //! `nested down` removes exactly what the state file records.
 
+pub mod guest;
 pub mod image;
 
 use std::fs;
@@ -55,6 +56,9 @@ pub const BRIDGE: &str = "vbn-br0";
 pub const BRIDGE_ADDR: &str = "198.18.128.1/20";
 /// The virtual IaaS cloud of the nested cloud VMs.
 pub const CLOUD: &str = "nested-cloud";
+/// A second virtual IaaS cloud on the same host (`nested up --other-cloud N`): its cloud
+/// VMs have their own cloud key, and vmbeam-host never shares a device across clouds.
+pub const OTHER_CLOUD: &str = "nested-other";
 /// Memory of one cloud VM.
 pub const CVM_MEMORY_MIB: u64 = 1024;
 /// How long one cloud VM may take to say it is ready.
@@ -118,6 +122,9 @@ pub struct NestedCvm {
     pub uuid: String,
     /// Its address on the cloud network.
     pub addr: String,
+    /// Its virtual IaaS cloud ([`CLOUD`], or [`OTHER_CLOUD`] for `--other-cloud` ones).
+    #[serde(default = "default_cloud")]
+    pub cloud: String,
     /// Its libvirtd's URI (reachable from [`HOST_NETNS`]).
     pub uri: String,
     /// Its writable directory (host path, mounted at the same path inside).
@@ -130,6 +137,10 @@ pub struct NestedCvm {
     pub exec: PathBuf,
     /// Seconds from `virDomainCreate` to its ready marker.
     pub ready_secs: f64,
+}
+
+fn default_cloud() -> String {
+    CLOUD.to_string()
 }
 
 /// A recorded process (PID and start time).
@@ -231,6 +242,8 @@ fn lock() -> Result<NestedLock, LabError> {
 #[derive(Debug, Clone)]
 pub struct NestedUpOptions {
     pub cloud_vms: u32,
+    /// How many of them (the last ones) belong to [`OTHER_CLOUD`] instead of [`CLOUD`].
+    pub other_cloud: u32,
     /// Where `vmbeamd`, `vmbeam`, `vmbeam-hook` and `vmbeam-host` are.
     pub bin_dir: PathBuf,
     /// The `vmbeam-lab` binary: its `reap` is the parent of the host libvirtd and PID 1's
@@ -428,15 +441,18 @@ vmbeamd --config /etc/vmbeam/vmbeam.conf >>"$D/log/vmbeamd.log" 2>&1 &
 waitfor "grep -q 'vmbeamd ready' $D/log/vmbeamd.log" 600 || fail "vmbeamd did not start"
 # The lab's exec channel: one base64-encoded command line in, its output, then the end
 # line with its exit status out (one command at a time; the host side is `nested exec`).
+# The port stays open: Linux's virtio_console discards what arrives for a port no one
+# has open, so a request written between one command's answer and reopening the port
+# would be lost (a `head -n1 port` per request did lose them).
 (
-    port=/dev/virtio-ports/{EXEC_PORT}
+    exec 3<>/dev/virtio-ports/{EXEC_PORT}
     while :; do
-        line=$(head -n1 "$port" 2>/dev/null)
-        [ -n "$line" ] || {{ sleep 0.5; continue; }}
+        IFS= read -r line <&3 || {{ sleep 0.5; continue; }}
+        [ -n "$line" ] || continue
         cmd=$(printf '%s' "$line" | base64 -d 2>/dev/null) || cmd="echo 'exec: bad request' >&2; exit 2"
-        (cd / && sh -c "$cmd") </dev/null >/run/vmbeam-exec.out 2>&1
+        (cd / && sh -c "$cmd") </dev/null >/run/vmbeam-exec.out 2>&1 3>&-
         rc=$?
-        {{ cat /run/vmbeam-exec.out; echo "{EXEC_END}$rc"; }} >"$port"
+        {{ cat /run/vmbeam-exec.out; echo "{EXEC_END}$rc"; }} >&3
     done
 ) &
 echo "{READY_MARKER} {name} uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -453,7 +469,7 @@ exec {reaper} reap -- sleep infinity
 /// The cloud VM's domain XML for the host libvirtd.
 pub fn domain_xml(cvm: &NestedCvm, image: &crate::image::GuestImage, domain_type: &str) -> String {
     let meta = CloudVmMetadata {
-        cloud: vmbeam_core::CloudId::new(CLOUD).expect("a valid cloud id"),
+        cloud: vmbeam_core::CloudId::new(&cvm.cloud).expect("a valid cloud id"),
     }
     .to_namespaced_xml();
     let mac = format!("52:54:00:c8:80:{:02x}", cvm.index);
@@ -539,6 +555,12 @@ pub fn up(opts: &NestedUpOptions) -> Result<NestedUp, LabError> {
         return Err(LabError::BadInput(format!(
             "--cloud-vms {} is out of range: use 1 to 8",
             opts.cloud_vms
+        )));
+    }
+    if opts.other_cloud >= opts.cloud_vms {
+        return Err(LabError::BadInput(format!(
+            "--other-cloud {} leaves no cloud VM in {CLOUD}: use fewer than --cloud-vms ({})",
+            opts.other_cloud, opts.cloud_vms
         )));
     }
     if !nix::unistd::Uid::effective().is_root() {
@@ -706,7 +728,9 @@ fn build(
     let pkg = lib.join("pkgroot");
     make_dir(st, &pkg)?;
     pkgroot(&pkg, &opts.bin_dir)?;
+    // One key per virtual IaaS cloud (tickets of one cloud mean nothing in another).
     let key = hex::encode(rand::random::<[u8; 32]>());
+    let other_key = hex::encode(rand::random::<[u8; 32]>());
     // vmbeam-host, against the private libvirtd.
     let hs = lib.join("vmbeam-host");
     make_dir(st, &hs)?;
@@ -746,7 +770,9 @@ fn build(
         make_dir(st, &dir.join("conf"))?;
         make_dir(st, &dir.join("log"))?;
         let addr = cvm_addr(i);
+        let other = i > opts.cloud_vms - opts.other_cloud;
         let cvm = NestedCvm {
+            cloud: (if other { OTHER_CLOUD } else { CLOUD }).to_string(),
             domain: format!("vmbeam-nested-{name}"),
             uuid: uuid_v4(),
             uri: format!("qemu+tcp://{addr}/system"),
@@ -760,8 +786,8 @@ fn build(
             ready_secs: 0.0,
         };
         let conf = dir.join("conf");
-        write(&conf.join("vmbeam.conf"), &cvm_vmbeam_conf(&name, CLOUD))?;
-        write_private(&conf.join("cloud.key"), &key)
+        write(&conf.join("vmbeam.conf"), &cvm_vmbeam_conf(&name, &cvm.cloud))?;
+        write_private(&conf.join("cloud.key"), if other { &other_key } else { &key })
             .map_err(|e| LabError::io(format!("write {}", conf.join("cloud.key").display()), e))?;
         write(
             &conf.join("libvirtd.conf"),
@@ -819,7 +845,7 @@ fn wait_ready(cvm: &NestedCvm, started: Instant, deadline: Instant) -> Result<f6
     }
 }
 
-fn uuid_v4() -> String {
+pub(crate) fn uuid_v4() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -1261,6 +1287,7 @@ mod tests {
             domain: "vmbeam-nested-cvm1".into(),
             uuid: "6f1c6d2e-0b9a-4c1e-9a37-1d2c3b4a5f60".into(),
             addr: cvm_addr(1),
+            cloud: CLOUD.into(),
             uri: format!("qemu+tcp://{}/system", cvm_addr(1)),
             dir: PathBuf::from("/var/lib/vmbeam-nested/cvm1"),
             console: PathBuf::from("/var/lib/vmbeam-nested/cvm1/log/console.log"),
@@ -1375,6 +1402,7 @@ mod tests {
         for n in [0, 9] {
             let e = up(&NestedUpOptions {
                 cloud_vms: n,
+                other_cloud: 0,
                 bin_dir: PathBuf::from("/nonexistent"),
                 lab_binary: PathBuf::from("/nonexistent/vmbeam-lab"),
             })
@@ -1384,6 +1412,14 @@ mod tests {
                 .to_string()
                 .contains(&format!("--cloud-vms {n} is out of range")));
         }
+        let e = up(&NestedUpOptions {
+            cloud_vms: 2,
+            other_cloud: 2,
+            bin_dir: PathBuf::from("/nonexistent"),
+            lab_binary: PathBuf::from("/nonexistent/vmbeam-lab"),
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("--other-cloud 2 leaves no cloud VM"), "{e}");
     }
 
     #[test]
