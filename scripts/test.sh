@@ -21,7 +21,7 @@
 #                                    Debian 12's own QEMU 7.2 / libvirt 9.0 (scripts/setup.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(format clippy units qemu root-units nova-shim lab zero-copy faults nova-e2e openstack bench packaging)
+ALL=(format clippy units qemu root-units nova-shim lab zero-copy faults nested nova-e2e openstack bench packaging)
 want=("$@")
 ((${#want[@]})) || want=("${ALL[@]}")
 for t in "${want[@]}"; do
@@ -105,6 +105,11 @@ tier zero-copy e2e zero_copy
 # link cut; domjobabort), each at the phase most likely to break; the whole matrix is
 # scripts/fault-matrix.sh.
 tier faults e2e faults
+# The paper's topology: cloud VMs that are real QEMU VMs (TCG; KVM where the boot probe
+# allows) under a private host libvirtd, vmbeam-host on the host sharing and releasing each
+# guest's RAM device; a guest moved zero-copy between them by `vmbeam migrate` inside the
+# source cloud VM, a destination killed mid-migration, a cloud VM of another virtual IaaS cloud.
+tier nested e2e nested
 tier nova-e2e e2e nova_shim
 # OpenStack through Nova's real API: the control plane of scripts/openstack.sh (Keystone,
 # Glance, Placement, Nova's services, MariaDB, RabbitMQ, the Neutron stand-in; its Debian

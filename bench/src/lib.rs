@@ -9,12 +9,14 @@
 //! - [`plot`]: the figures (PNG and SVG) with plotters, text drawn with a TTF file;
 //! - [`report`]: the Markdown report;
 //! - [`plan`]: the `vmbeam-lab bench` arguments and the experiment plan as pure data;
+//! - [`nested`]: `vmbeam-lab nested bench`, zero-copy vs traditional on the nested lab;
 //! - [`runner`]: `vmbeam-lab bench` itself: the plan run on a lab it brings up and tears down;
 //! - [`webload`]: the web clients of experiment g, in the load-generator namespace.
 
 pub mod measure;
 pub mod memtraffic;
 pub mod model;
+pub mod nested;
 pub mod plan;
 pub mod plot;
 pub mod report;

@@ -93,6 +93,18 @@ pub enum NestedCmd {
         #[command(subcommand)]
         cmd: NestedGuestCmd,
     },
+    /// Zero-copy vs traditional on the nested lab: moves a running nested guest between the
+    /// first two cloud VMs RUNS times each way; prints medians and ratios (TCG-in-TCG times)
+    Bench {
+        /// The nested guest to move (`nested guest start` it first)
+        guest: String,
+        /// Moves per mode
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where the JSON report goes
+        #[arg(long, value_name = "DIR", default_value = "target/nested-bench")]
+        out: PathBuf,
+    },
     /// Show the host libvirtd, vmbeam-host and each cloud VM (its libvirtd, its host channel)
     Status,
     /// Run a command inside a nested cloud VM (as root, through the lab's exec channel);
@@ -474,8 +486,9 @@ fn nested_guest_cmd(cmd: NestedGuestCmd) -> anyhow::Result<()> {
         NestedGuestCmd::Destroy { name } => {
             let gone = lab(guest::destroy(&name))?;
             if gone.is_empty() {
-                return Err(anyhow!("no guest {name} in the nested lab")
-                    .context(Coded(exit::BAD_INPUT)));
+                return Err(
+                    anyhow!("no guest {name} in the nested lab").context(Coded(exit::BAD_INPUT))
+                );
             }
             println!("{name} destroyed and undefined in {}", gone.join(", "));
             Ok(())
@@ -558,6 +571,25 @@ fn nested_cmd(cmd: NestedCmd) -> anyhow::Result<()> {
             Ok(())
         }
         NestedCmd::Guest { cmd } => nested_guest_cmd(cmd),
+        NestedCmd::Bench { guest, runs, out } => {
+            let r = vmbeam_bench::nested::run(&guest, runs).map_err(|e| {
+                let code = match &e {
+                    vmbeam_bench::Error::Lab(l) => code_for(l),
+                    _ => exit::FAILED,
+                };
+                anyhow!(e).context(Coded(code))
+            })?;
+            for x in &r.runs {
+                println!(
+                    "  {:<11} {} -> {}: {:.0} ms, downtime {:.0} ms, stream {:.0} B, cloud network {} B, host CPU {:.2} s",
+                    x.mode, x.from, x.to, x.total_ms, x.downtime_ms, x.stream_bytes, x.cloud_net_bytes, x.host_cpu_s
+                );
+            }
+            print!("{}", vmbeam_bench::nested::render(&r));
+            let p = vmbeam_bench::nested::save(&r, &out)?;
+            println!("JSON: {}", p.display());
+            Ok(())
+        }
         NestedCmd::Status => {
             let s = lab(nested::status())?;
             nested::render_status(&s, &mut std::io::stdout())?;

@@ -71,14 +71,35 @@ mod tests {
             ("cvm1", "vmbeam status".into())
         );
         let Cmd::Lab(lab_cmd::LabCmd::Nested {
-            cmd: lab_cmd::NestedCmd::Up { cloud_vms },
-        }) = Cli::try_parse_from(["vmbeam-lab", "nested", "up", "--cloud-vms", "3"])
-            .unwrap()
-            .cmd
+            cmd:
+                lab_cmd::NestedCmd::Up {
+                    cloud_vms,
+                    other_cloud,
+                },
+        }) = Cli::try_parse_from([
+            "vmbeam-lab",
+            "nested",
+            "up",
+            "--cloud-vms",
+            "3",
+            "--other-cloud",
+            "1",
+        ])
+        .unwrap()
+        .cmd
         else {
             panic!("nested up");
         };
-        assert_eq!(cloud_vms, 3);
+        assert_eq!((cloud_vms, other_cloud), (3, 1));
+        let Cmd::Lab(lab_cmd::LabCmd::Nested {
+            cmd: lab_cmd::NestedCmd::Bench { guest, runs, .. },
+        }) = Cli::try_parse_from(["vmbeam-lab", "nested", "bench", "g1", "--runs", "5"])
+            .unwrap()
+            .cmd
+        else {
+            panic!("nested bench");
+        };
+        assert_eq!((guest.as_str(), runs), ("g1", 5));
         assert!(Cli::try_parse_from(["vmbeam-lab", "nested", "up", "--cloud-vms", "x"]).is_err());
     }
 }

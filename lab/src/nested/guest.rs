@@ -221,8 +221,9 @@ pub fn start(spec: &NestedGuestSpec, image: &GuestImage) -> Result<NestedGuest, 
     loop {
         match agent_request(c, &spec.name, "PING") {
             Ok(a) => {
-                let boot_id = field(&a, "boot_id")
-                    .ok_or_else(|| LabError::Setup(format!("{}: bad PING answer {a}", spec.name)))?;
+                let boot_id = field(&a, "boot_id").ok_or_else(|| {
+                    LabError::Setup(format!("{}: bad PING answer {a}", spec.name))
+                })?;
                 return Ok(NestedGuest {
                     name: spec.name.clone(),
                     on: spec.on.clone(),

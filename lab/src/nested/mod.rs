@@ -786,9 +786,15 @@ fn build(
             ready_secs: 0.0,
         };
         let conf = dir.join("conf");
-        write(&conf.join("vmbeam.conf"), &cvm_vmbeam_conf(&name, &cvm.cloud))?;
-        write_private(&conf.join("cloud.key"), if other { &other_key } else { &key })
-            .map_err(|e| LabError::io(format!("write {}", conf.join("cloud.key").display()), e))?;
+        write(
+            &conf.join("vmbeam.conf"),
+            &cvm_vmbeam_conf(&name, &cvm.cloud),
+        )?;
+        write_private(
+            &conf.join("cloud.key"),
+            if other { &other_key } else { &key },
+        )
+        .map_err(|e| LabError::io(format!("write {}", conf.join("cloud.key").display()), e))?;
         write(
             &conf.join("libvirtd.conf"),
             &cvm_libvirtd_conf(&addr, &dir.join("log/libvirtd.log")),
@@ -1419,7 +1425,10 @@ mod tests {
             lab_binary: PathBuf::from("/nonexistent/vmbeam-lab"),
         })
         .unwrap_err();
-        assert!(e.to_string().contains("--other-cloud 2 leaves no cloud VM"), "{e}");
+        assert!(
+            e.to_string().contains("--other-cloud 2 leaves no cloud VM"),
+            "{e}"
+        );
     }
 
     #[test]
