@@ -18,6 +18,11 @@
 //!   into the destination too, then a fresh proof record written into the control page
 //!   through this side's mapping; [`DevicePool::accept_share`] (destination) waits for the
 //!   device and checks the record through *its* mapping (`vmbeam_core::control_page`).
+//! - [`DevicePool::accept_share`] says ACCEPT to the host before it first maps the device,
+//!   and until then the source may take the share back itself with [`DevicePool::unshare`]
+//!   (a migration that failed before the destination's `migrate begin`: nothing there maps
+//!   the device, and only the host knows whether ACCEPT came first; see
+//!   `vmbeam_core::host_protocol`, "Who takes a share back").
 //! - [`DevicePool::release`] (source, after success) and [`DevicePool::withdraw`]
 //!   (destination, after failure) only once no process here maps the device
 //!   ([`mappers`]: QEMU has exited): the host's unplug does not wait for users, and a
@@ -189,6 +194,28 @@ pub enum DevicePoolError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// UNSHARE refused: the share's destination has accepted it (it may map the device), so
+    /// only it takes the share back (WITHDRAW at its `release end`). Nothing changed.
+    #[error("cloud VM {with} has accepted the share of guest {guest}: it withdraws the share itself once nothing there maps the device")]
+    ShareAccepted {
+        /// The guest.
+        guest: DomainUuid,
+        /// The share's destination.
+        with: String,
+        /// The host's refusal.
+        #[source]
+        source: HostLinkError,
+    },
+    /// ACCEPT refused: the host holds no share of the guest for this cloud VM (the owner took
+    /// it back, or never made it). Nothing here maps the device; the record is gone.
+    #[error("the primary cloud's host has no share of guest {guest} for this cloud VM (the source took it back, or never shared it)")]
+    ShareGone {
+        /// The guest.
+        guest: DomainUuid,
+        /// The host's refusal.
+        #[source]
+        source: HostLinkError,
     },
     /// The step needs the migration's proof, and the record has none.
     #[error("guest {0}'s record names no control-page proof (no zero-copy migration of it)")]
@@ -599,6 +626,23 @@ impl DevicePool {
                 ..Holding::new(guest, Role::Destination, placement)
             })?,
         }
+        // ACCEPT before the first mapping: from now on the source cannot UNSHARE it.
+        match self.call(|l| l.accept(guest)) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(ErrorCode::NotHolder | ErrorCode::UnknownGuest)
+                ) =>
+            {
+                self.forget(guest)?;
+                return Err(DevicePoolError::ShareGone {
+                    guest: guest.clone(),
+                    source: e,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         let path = match self.wait_plugged(placement) {
             Ok(path) => path,
             Err((path, e)) => {
@@ -623,6 +667,32 @@ impl DevicePool {
             path,
             placement: *placement,
         })
+    }
+
+    /// Source, after a migration that failed before the destination accepted the share
+    /// (its `migrate begin` never ran, or refused before ACCEPT): the share taken back (the
+    /// host unplugs the device from the destination) and the hand-over record closed.
+    /// Nothing in the destination can map the device before ACCEPT, which the host orders
+    /// against this request; once the destination accepted,
+    /// [`DevicePoolError::ShareAccepted`] (nothing changed: the destination withdraws it).
+    /// A guest with no share in place on the host is taken back already.
+    pub fn unshare(&self, guest: &DomainUuid) -> Result<(), DevicePoolError> {
+        let mut h = self.held_as(guest, Role::Owner)?;
+        match self.call(|l| l.unshare(guest)) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::Accepted) => {
+                return Err(DevicePoolError::ShareAccepted {
+                    guest: guest.clone(),
+                    with: h.shared_with.unwrap_or_else(|| "the destination".into()),
+                    source: e,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let with = h.shared_with.take();
+        self.remember(&h)?;
+        info!(%guest, with = with.as_deref().unwrap_or("-"), "unaccepted share taken back from the destination");
+        Ok(())
     }
 
     /// Source, after a successful migration, once its QEMU has exited: the device taken
@@ -1131,6 +1201,77 @@ mod tests {
         assert!(dst.holdings().unwrap().is_empty());
         // The guest goes on at the source, whose memory is untouched by all this.
         assert_eq!(src.holding(&guest()).unwrap().unwrap().role, Role::Owner);
+        assert!(src.free(&guest()).unwrap());
+        assert!(h.files().is_empty());
+    }
+
+    /// The owner-side cancel: a share the destination never accepted goes back at the
+    /// source's word; once accepted it is the destination's to withdraw, and UNSHARE is
+    /// refused with one typed error that changes nothing.
+    #[test]
+    fn the_source_takes_back_a_share_its_destination_never_accepted() {
+        let h = HostFixture::new();
+        let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (h.pool(A1, sa.path()), h.pool(A2, sb.path()));
+        let here = src.alloc(&guest(), 64 * MIB).unwrap();
+        let there = src.share(&guest(), &cvm(A2)).unwrap();
+        let token = src.prove(&guest()).unwrap();
+        assert_eq!(h.attached().len(), 2);
+
+        // Not the owner: the destination holds no record yet; and one that claims to own
+        // it is the destination to the host, which refuses.
+        assert!(matches!(
+            dst.unshare(&guest()),
+            Err(DevicePoolError::NotHeld(_))
+        ));
+        dst.remember(&Holding::new(&guest(), Role::Owner, &there))
+            .unwrap();
+        match dst.unshare(&guest()) {
+            Err(DevicePoolError::Host(e)) => assert_eq!(e.code(), Some(ErrorCode::WrongRole)),
+            other => panic!("{other:?}"),
+        }
+        dst.forget(&guest()).unwrap();
+        // An unknown guest.
+        let g2 = DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ac").unwrap();
+        src.remember(&Holding::new(&g2, Role::Owner, &here.placement))
+            .unwrap();
+        match src.unshare(&g2) {
+            Err(DevicePoolError::Host(e)) => assert_eq!(e.code(), Some(ErrorCode::UnknownGuest)),
+            other => panic!("{other:?}"),
+        }
+        src.forget(&g2).unwrap();
+        assert_eq!(h.attached().len(), 2, "no refusal changed anything");
+
+        // The owner, before the destination accepted: the device leaves the destination.
+        src.unshare(&guest()).unwrap();
+        assert_eq!(h.attached(), [(A1.to_owned(), here.placement.addr.slot)]);
+        let rec = src.holding(&guest()).unwrap().unwrap();
+        assert_eq!((rec.role, rec.shared_with), (Role::Owner, None));
+        // The destination's hook comes late: nothing to accept, nothing recorded, nothing
+        // mapped.
+        assert!(matches!(
+            dst.accept_share(&guest(), &there, &token),
+            Err(DevicePoolError::ShareGone { .. })
+        ));
+        assert!(dst.holdings().unwrap().is_empty());
+
+        // Shared again and accepted: refused, nothing changes.
+        let there = src.share(&guest(), &cvm(A2)).unwrap();
+        let token = src.prove(&guest()).unwrap();
+        dst.accept_share(&guest(), &there, &token).unwrap();
+        match src.unshare(&guest()) {
+            Err(DevicePoolError::ShareAccepted { with, source, .. }) => {
+                assert_eq!(with, A2);
+                assert_eq!(source.code(), Some(ErrorCode::Accepted));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.attached().len(), 2);
+        assert_eq!(
+            src.holding(&guest()).unwrap().unwrap().shared_with,
+            Some(A2.to_owned())
+        );
+        dst.withdraw(&guest()).unwrap();
         assert!(src.free(&guest()).unwrap());
         assert!(h.files().is_empty());
     }
