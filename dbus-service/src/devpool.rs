@@ -5,10 +5,17 @@
 //! (`vmbeam_core::pool::BeamPool`); `pool_kind` in vmbeam.conf selects it, and
 //! [`crate::guest_pool::GuestPool`] puts both behind one interface.
 //!
-//! What this cloud VM holds is remembered in the state directory, one record per guest
-//! (`device-pool/<uuid>.json`: role, placement, share), written before anything relies on
-//! it and removed once the host took the device back, so a restarted vmbeamd knows what it
-//! holds (the protocol has no listing).
+//! What this cloud VM holds is remembered in vmbeamd's persistent directory
+//! (`/var/lib/vmbeam`), one record per guest (`device-pool/<uuid>.json`: role, placement,
+//! share), written before anything relies on it and removed once the host took the device
+//! back, so a restarted vmbeamd knows what it holds (the protocol has no listing). Not
+//! under `/run`: the devices are plugged into this cloud VM's domain on the primary cloud's
+//! host, and a reboot inside the cloud VM keeps them there, held in the host's ledger;
+//! with the records gone, nothing here would ever give that memory back. Kept, the records
+//! let recovery give back the memory of guests that died with the reboot (a FREE or
+//! WITHDRAW the host answers `not-holder` or `unknown-guest`, when the cloud VM was powered
+//! off and its devices went with it, counts as done). Records an earlier vmbeamd kept in
+//! the runtime state directory are moved over at start ([`DevicePool::take_over_records`]).
 //!
 //! The paper's two steps and their order:
 //! - [`DevicePool::alloc`] (guest start): ALLOC, then wait for the kernel to show the
@@ -266,7 +273,8 @@ pub struct DevicePool {
 
 impl DevicePool {
     /// The pool behind the host channel `channel`, devices under `pci_devices`, records in
-    /// `state_dir/device-pool`; each host call waits at most `timeout`.
+    /// `state_dir/device-pool` (vmbeamd's persistent directory, see the module docs); each
+    /// host call waits at most `timeout`.
     pub fn new(
         channel: impl Into<PathBuf>,
         pci_devices: impl Into<PathBuf>,
@@ -339,6 +347,53 @@ impl DevicePool {
     }
 
     // ---- records ----
+
+    /// Moves the records an earlier vmbeamd kept under `old_state_dir/device-pool` (the
+    /// runtime state directory, `/run/vmbeam/state`) into this pool's directory; a record
+    /// already there wins. Best effort, logged: returns how many moved.
+    pub fn take_over_records(&self, old_state_dir: &Path) -> usize {
+        let old = old_state_dir.join("device-pool");
+        if old == self.records {
+            return 0;
+        }
+        let Ok(entries) = fs::read_dir(&old) else {
+            return 0;
+        };
+        let mut moved = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(guest) = name
+                .strip_suffix(".json")
+                .and_then(|u| DomainUuid::new(u).ok())
+            else {
+                continue;
+            };
+            let from = e.path();
+            let take = || -> Result<(), DevicePoolError> {
+                if self.holding(&guest)?.is_none() {
+                    let bytes = fs::read(&from).map_err(io_err("read", &from))?;
+                    let h: Holding = serde_json::from_slice(&bytes).map_err(|source| {
+                        DevicePoolError::Record {
+                            path: from.clone(),
+                            source,
+                        }
+                    })?;
+                    self.remember(&h)?;
+                }
+                fs::remove_file(&from).map_err(io_err("remove", &from))
+            };
+            match take() {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    warn!(%guest, error = %error_chain(&e), "cannot move an old device-pool record")
+                }
+            }
+        }
+        if moved > 0 {
+            info!(moved, from = %old.display(), to = %self.records.display(), "device-pool records moved to the persistent directory");
+        }
+        moved
+    }
 
     fn record_path(&self, guest: &DomainUuid) -> PathBuf {
         self.records.join(format!("{}.json", guest.as_str()))
@@ -1013,6 +1068,35 @@ mod tests {
         assert!(again.holdings().unwrap().is_empty());
         // Nothing held: nothing to give back.
         assert!(!again.free(&guest()).unwrap());
+    }
+
+    /// Records an earlier vmbeamd kept under /run move to the persistent directory; one
+    /// already there wins.
+    #[test]
+    fn records_of_the_runtime_state_directory_move_to_the_persistent_one() {
+        let h = HostFixture::new();
+        let (run, lib) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let old = h.pool(A1, run.path());
+        let b = old.alloc(&guest(), 64 * MIB).unwrap();
+        let g2 = DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ac").unwrap();
+        old.remember(&Holding::new(&g2, Role::Destination, &b.placement))
+            .unwrap();
+        let new = h.pool(A1, lib.path());
+        new.remember(&Holding::new(&g2, Role::Owner, &b.placement))
+            .unwrap();
+        assert_eq!(new.take_over_records(run.path()), 2);
+        assert!(old.holdings().unwrap().is_empty());
+        let held = new.holdings().unwrap();
+        assert_eq!(held.len(), 2);
+        assert_eq!(
+            new.holding(&guest()).unwrap().unwrap().addr,
+            b.placement.addr.to_string()
+        );
+        assert_eq!(new.holding(&g2).unwrap().unwrap().role, Role::Owner);
+        assert_eq!(new.take_over_records(run.path()), 0);
+        new.forget(&g2).unwrap();
+        assert!(new.free(&guest()).unwrap());
+        assert!(h.files().is_empty());
     }
 
     #[test]

@@ -1954,10 +1954,21 @@ mod tests {
         #[test]
         fn a_share_whose_proof_cannot_be_written_is_taken_back() {
             let w = world();
-            let path = src_path(&w);
-            // The kernel no longer shows BAR 2 where the record says: no proof.
-            let aside = path.with_file_name("resource2.aside");
-            std::fs::rename(&path, &aside).unwrap();
+            // The record names an address where this kernel shows no device: no proof.
+            let mut rec = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            let real = rec.clone();
+            rec.addr = "0000:00:05.0".into();
+            let record = w
+                .src
+                .ctx
+                .cfg
+                .persistent_dir
+                .join("device-pool")
+                .join(format!("{}.json", uuid().as_str()));
+            let write = |h: &crate::devpool::Holding| {
+                std::fs::write(&record, serde_json::to_vec(h).unwrap()).unwrap()
+            };
+            write(&rec);
             let why =
                 share_with_destination(&w.src.ctx, &uuid(), &HostId::new(A2).unwrap()).unwrap_err();
             assert!(
@@ -1965,7 +1976,15 @@ mod tests {
                 "{why}"
             );
             only_on(&w, A1);
-            std::fs::rename(&aside, &path).unwrap();
+            assert_eq!(
+                dev(&w.src).holding(&uuid()).unwrap().unwrap().shared_with,
+                None
+            );
+            write(&real);
+            assert_eq!(
+                src_path(&w),
+                dev(&w.src).held_path(&uuid(), Role::Owner).unwrap()
+            );
         }
 
         #[test]
