@@ -291,6 +291,11 @@ impl DevicePool {
         }
     }
 
+    /// The host channel this pool asks the host over.
+    pub fn channel(&self) -> &Path {
+        &self.channel
+    }
+
     /// Waits up to `wait` for hot-plugged devices to show.
     pub fn with_plug_wait(mut self, wait: Duration) -> Self {
         self.plug_wait = wait;

@@ -832,6 +832,12 @@ mod tests {
         let advice = doubt(&src, uuid().as_str()).expect("in doubt");
         assert!(advice.contains("has not run on"), "{advice}");
         let st = crate::ops::status(&src.ctx, Vec::new()).unwrap();
+        // The pool is the host's devices, not the (unused) directory.
+        let channel = host.channel(A1);
+        assert_eq!(
+            st.pool,
+            format!("host-device (vmbeam-host channel {})", channel.display())
+        );
         let row = st
             .pool_files
             .iter()
@@ -957,6 +963,10 @@ mod tests {
         );
         // The status row carries it.
         let status = crate::ops::status(&src.ctx, Vec::new()).unwrap();
+        assert_eq!(
+            status.pool,
+            format!("directory ({})", src.ctx.cfg.identity.pool_dir.display())
+        );
         let row = status.pool_files.iter().find(|r| r.0 == file).unwrap();
         assert!(
             row.2.contains("state=handing-over") && row.2.contains("in doubt"),
