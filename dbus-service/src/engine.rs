@@ -494,6 +494,20 @@ fn plan_migration(
     dest_uri: &str,
     opts: &MigrateOptions,
 ) -> Result<Option<ZeroCopyPlan>, DaemonError> {
+    plan_with_probe(ctx, job, xml, opts, |pool_file| {
+        probe_destination(ctx, dest_uri, pool_file)
+    })
+}
+
+/// [`plan_migration`] with the co-location probe given (tests ask the host about a
+/// cloud VM of their choice without a destination libvirt).
+fn plan_with_probe(
+    ctx: &SharedCtx,
+    job: &JobHandle,
+    xml: &str,
+    opts: &MigrateOptions,
+    probe: impl FnOnce(Option<&str>) -> Result<Colocation, DaemonError>,
+) -> Result<Option<ZeroCopyPlan>, DaemonError> {
     let id = &ctx.cfg.identity;
     let facts = DomainFacts::from_xml(xml).map_err(|e| DaemonError::Failed(e.to_string()))?;
     let mut meta =
@@ -513,7 +527,7 @@ fn plan_migration(
     if opts.mode != RequestedMode::ForceTraditional && meta.is_some() {
         job.phase(Phase::ProvingColocation);
         fault::hold("proving");
-        colo = probe_destination(ctx, dest_uri, pool_file.as_deref())?;
+        colo = probe(pool_file.as_deref())?;
     }
     // The backend's part (QEMU: the private monitor and x-ignore-shared).
     let caps = if colo.report.is_some() {
@@ -1947,6 +1961,77 @@ mod tests {
             // The source shares again for the next migration, to any cloud VM.
             let again = share_with_destination(&w.src.ctx, &uuid(), &zc.dest).unwrap();
             assert_eq!(again.dest, cvm(A2));
+        }
+
+        /// The planner with the host's COLOCATED answered "no" (a cloud VM of another cloud,
+        /// or one not on this host: the host answers both alike): automatic mode plans a
+        /// copy with the reason, `--zero-copy` is refused with one typed error, and nothing
+        /// is shared.
+        #[test]
+        fn not_colocated_per_the_host_plans_a_copy_or_refuses_zero_copy_and_shares_nothing() {
+            const ELSEWHERE: &str = "5f0c2b5e-1a2b-4c3d-8e4f-0000000000ff";
+            for peer in [B1, ELSEWHERE] {
+                not_colocated(peer);
+            }
+        }
+
+        fn not_colocated(peer: &str) {
+            let w = world();
+            // Everything zero-copy needs but the co-location: the metadata names this cloud
+            // VM's pool and the private QMP monitor is there, as `enable` leaves them.
+            let xml = domain_xml("cvm1")
+                .replace(
+                    "/var/lib/vmbeam/pool",
+                    &w.src.ctx.cfg.identity.pool_dir.display().to_string(),
+                )
+                .replace(
+                    "<domain type='qemu' id='7'>",
+                    "<domain type='qemu' id='7' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+                )
+                .replace(
+                    "</domain>",
+                    &format!(
+                        "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/vmbeam/qmp/{}.sock,server=on,wait=off'/></qemu:commandline></domain>",
+                        uuid()
+                    ),
+                );
+            let probe = |_: Option<&str>| Ok(probe_device(&w.src.ctx, dev(&w.src), peer));
+            let auto = job(1);
+            let planned =
+                plan_with_probe(&w.src.ctx, &auto, &xml, &MigrateOptions::default(), probe)
+                    .unwrap();
+            assert!(planned.is_none(), "a copy");
+            let view = auto.view.lock().unwrap().clone();
+            assert_eq!(view.mode, Some(MigrationMode::Traditional));
+            assert!(
+                view.mode_reason
+                    .starts_with(&plan::Reason::DestinationUnknown.to_string())
+                    && view.mode_reason.contains("not co-located"),
+                "{}",
+                view.mode_reason
+            );
+            // A copy carries all of RAM: x-ignore-shared made sure off.
+            assert!(w
+                .src
+                .fake
+                .calls()
+                .contains(&"reset_zero_copy web1".to_string()));
+            let required = MigrateOptions {
+                mode: RequestedMode::RequireZeroCopy,
+                ..MigrateOptions::default()
+            };
+            match plan_with_probe(&w.src.ctx, &job(2), &xml, &required, probe) {
+                Err(DaemonError::ZeroCopyRefused(why)) => assert!(
+                    why.starts_with(&plan::Reason::DestinationUnknown.to_string())
+                        && why.contains("not co-located"),
+                    "{why}"
+                ),
+                Err(e) => panic!("{e}"),
+                Ok(p) => panic!("planned: zero-copy {}", p.is_some()),
+            }
+            only_on(&w, A1);
+            let held = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            assert_eq!((held.role, held.shared_with), (Role::Owner, None));
         }
 
         /// Before libvirt's job: a failure after SHARE (here: the proof cannot be written)
