@@ -25,9 +25,29 @@
 //! | `ID ALLOC GUEST RAM-BYTES` | the cloud VM starting the guest | `ID OK addr=0000:00:1f.0 bar-size=N ram-offset=0 control-offset=M` |
 //! | `ID COLOCATED PEER` | any | `ID OK colocated=yes`, or `ID OK colocated=no reason=not-colocated` (or `reason=self`) |
 //! | `ID SHARE GUEST PEER` | the guest's owner (the migration's source) | the device's placement in PEER, as for ALLOC |
+//! | `ID ACCEPT GUEST` | the share's destination, before anything there maps the device | `ID OK` (the owner can no longer UNSHARE) |
+//! | `ID UNSHARE GUEST` | the owner, while the destination has not ACCEPTed (failed migration) | `ID OK` (device unplugged from the destination; the owner keeps it) |
 //! | `ID RELEASE GUEST` | the owner, after its QEMU exited and nothing maps the BAR | `ID OK` (the destination becomes the owner) |
 //! | `ID WITHDRAW GUEST` | the share's destination, after its QEMU exited (failed migration) | `ID OK` (the owner keeps it) |
 //! | `ID FREE GUEST` | the owner, sole holder, guest destroyed for good | `ID OK` (device gone, file deleted) |
+//!
+//! # Who takes a share back
+//!
+//! A device is only unplugged from a cloud VM when nothing in that cloud VM maps it: the
+//! host's unplug does not wait for users, and a process still mapping the BAR silently reads
+//! zeroes. Each cloud VM can check that only for itself (`/proc/*/maps`), so a share's
+//! destination WITHDRAWs it itself once its QEMU exited. The owner cannot see into the
+//! destination, and the protocol has no request from the host to a cloud VM, so the host
+//! cannot ask either. What makes UNSHARE safe instead is an order both sides keep: the
+//! destination says ACCEPT *before* it maps the device for the first time (its proof check
+//! in `migrate begin`, then QEMU), and the host decides ACCEPT and UNSHARE of one guest one
+//! at a time. So either UNSHARE comes first (the device is unplugged and the destination's
+//! ACCEPT is refused `not-holder`: it never mapped anything and fails libvirt's Prepare),
+//! or ACCEPT comes first (UNSHARE is refused `accepted`, and the destination withdraws the
+//! share itself after the failed migration, at its `release end`). "Not yet accepted" is
+//! thus exactly "nothing in the destination maps it"; a destination the host cannot vouch
+//! for (a share the host adopted from libvirt's view, or one recorded before ACCEPT
+//! existed) counts as accepted.
 //!
 //! Every refusal is `ID ERR CODE TEXT` ([`ErrorCode`]) and changes nothing. A placement
 //! answer means libvirt has the device in the cloud VM; the cloud VM's kernel sees it a
@@ -210,6 +230,19 @@ pub enum Op {
         /// The destination.
         peer: CloudVmId,
     },
+    /// The share's destination takes the share: from now on it may map the device, and
+    /// the owner can no longer [`Op::Unshare`] it (sent before the first mapping).
+    Accept {
+        /// The guest.
+        guest: DomainUuid,
+    },
+    /// The owner takes back a share its destination has not accepted: the device is
+    /// unplugged from the destination (a migration that failed before the destination's
+    /// `migrate begin`).
+    Unshare {
+        /// The guest.
+        guest: DomainUuid,
+    },
     /// Unplug the guest's device from the asker, the owner (migration's end).
     Release {
         /// The guest.
@@ -234,6 +267,8 @@ impl Op {
             Self::Alloc { .. } => "ALLOC",
             Self::Colocated { .. } => "COLOCATED",
             Self::Share { .. } => "SHARE",
+            Self::Accept { .. } => "ACCEPT",
+            Self::Unshare { .. } => "UNSHARE",
             Self::Release { .. } => "RELEASE",
             Self::Withdraw { .. } => "WITHDRAW",
             Self::Free { .. } => "FREE",
@@ -245,6 +280,8 @@ impl Op {
         match self {
             Self::Alloc { guest, .. }
             | Self::Share { guest, .. }
+            | Self::Accept { guest }
+            | Self::Unshare { guest }
             | Self::Release { guest }
             | Self::Withdraw { guest }
             | Self::Free { guest } => Some(guest),
@@ -275,7 +312,11 @@ impl Request {
                     Op::Alloc { guest, ram_bytes } => format!("{id} {verb} {guest} {ram_bytes}"),
                     Op::Colocated { peer } => format!("{id} {verb} {peer}"),
                     Op::Share { guest, peer } => format!("{id} {verb} {guest} {peer}"),
-                    Op::Release { guest } | Op::Withdraw { guest } | Op::Free { guest } => {
+                    Op::Accept { guest }
+                    | Op::Unshare { guest }
+                    | Op::Release { guest }
+                    | Op::Withdraw { guest }
+                    | Op::Free { guest } => {
                         format!("{id} {verb} {guest}")
                     }
                 }
@@ -365,6 +406,18 @@ pub fn parse_request(line: &str) -> Result<(RequestId, Request), BadRequest> {
                 peer: peer(args[1])?,
             }
         }
+        "ACCEPT" => {
+            arity(1, "GUEST-UUID")?;
+            Op::Accept {
+                guest: guest(args[0])?,
+            }
+        }
+        "UNSHARE" => {
+            arity(1, "GUEST-UUID")?;
+            Op::Unshare {
+                guest: guest(args[0])?,
+            }
+        }
         "RELEASE" => {
             arity(1, "GUEST-UUID")?;
             Op::Release {
@@ -452,7 +505,7 @@ pub enum Reply {
     Placed(Placement),
     /// COLOCATED's answer.
     Colocated(Result<(), NoReason>),
-    /// RELEASE's, WITHDRAW's and FREE's answer.
+    /// ACCEPT's, UNSHARE's, RELEASE's, WITHDRAW's and FREE's answer.
     Done,
 }
 
@@ -481,6 +534,9 @@ pub enum ErrorCode {
     LastHolder,
     /// Another operation on the guest is in progress, or the guest is shared.
     Busy,
+    /// UNSHARE of a share its destination has accepted (it may map the device): the
+    /// destination withdraws it.
+    Accepted,
     /// The guest, or its file, exists already.
     Exists,
     /// The device does not fit the cloud VM's 64-bit PCI window.
@@ -494,7 +550,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 16] = [
+    const ALL: [ErrorCode; 17] = [
         Self::BadRequest,
         Self::LineTooLong,
         Self::HelloFirst,
@@ -506,6 +562,7 @@ impl ErrorCode {
         Self::WrongRole,
         Self::LastHolder,
         Self::Busy,
+        Self::Accepted,
         Self::Exists,
         Self::WindowFull,
         Self::NoFreeSlot,
@@ -527,6 +584,7 @@ impl ErrorCode {
             Self::WrongRole => "wrong-role",
             Self::LastHolder => "last-holder",
             Self::Busy => "busy",
+            Self::Accepted => "accepted",
             Self::Exists => "exists",
             Self::WindowFull => "window-full",
             Self::NoFreeSlot => "no-free-slot",
@@ -778,6 +836,14 @@ pub(crate) mod tests {
                 Request::Op(Op::Withdraw { guest: uuid(G) }),
             ),
             (
+                &format!("8 ACCEPT {G}"),
+                Request::Op(Op::Accept { guest: uuid(G) }),
+            ),
+            (
+                &format!("9 UNSHARE {G}"),
+                Request::Op(Op::Unshare { guest: uuid(G) }),
+            ),
+            (
                 &format!("18446744073709551615 FREE {G}"),
                 Request::Op(Op::Free { guest: uuid(G) }),
             ),
@@ -932,7 +998,7 @@ mod prop_tests {
 
         #[test]
         fn prop_protocol_requestish_lines_never_panic(
-            line in "[0-9]{0,3} (HELLO|ALLOC|COLOCATED|SHARE|RELEASE|WITHDRAW|FREE|X)( [0-9a-fA-F-]{0,40}){0,3}"
+            line in "[0-9]{0,3} (HELLO|ALLOC|COLOCATED|SHARE|ACCEPT|UNSHARE|RELEASE|WITHDRAW|FREE|X)( [0-9a-fA-F-]{0,40}){0,3}"
         ) {
             if let Ok((id, req)) = parse_request(&line) {
                 // What parses prints back to something that parses to itself.
@@ -970,7 +1036,7 @@ mod prop_tests {
         fn prop_protocol_requests_round_trip(
             id in any::<u64>(),
             ram in any::<u64>(),
-            which in 0u8..7,
+            which in 0u8..9,
             versions in proptest::collection::vec(any::<u32>(), 1..5),
         ) {
             let g = DomainUuid::new(G).unwrap();
@@ -982,6 +1048,8 @@ mod prop_tests {
                 3 => Request::Op(Op::Share { guest: g, peer: p }),
                 4 => Request::Op(Op::Release { guest: g }),
                 5 => Request::Op(Op::Withdraw { guest: g }),
+                6 => Request::Op(Op::Accept { guest: g }),
+                7 => Request::Op(Op::Unshare { guest: g }),
                 _ => Request::Op(Op::Free { guest: g }),
             };
             let line = req.to_line(RequestId(id));

@@ -25,9 +25,12 @@ pub struct Args {
     /// Directory of the private QMP sockets
     #[arg(long, default_value = vmbeam_core::domain::DEFAULT_QMP_DIR)]
     pub qmp_dir: PathBuf,
-    /// Daemon state (the ticket replay cache)
+    /// Daemon state for this boot (the ticket replay cache)
     #[arg(long, default_value = "/run/vmbeam/state")]
     pub state_dir: PathBuf,
+    /// Daemon state that outlives a reboot (the host-device pool's records)
+    #[arg(long, default_value = "/var/lib/vmbeam")]
+    pub persistent_dir: PathBuf,
     /// How long to wait for a destination's answer through the pool, in ms
     #[arg(long, default_value_t = 1500)]
     pub rendezvous_timeout_ms: u64,
@@ -52,5 +55,7 @@ mod tests {
         assert_eq!(a.config, PathBuf::from("/etc/vmbeam/vmbeam.conf"));
         assert_eq!(a.libvirt_uri, "qemu:///system");
         assert_eq!(a.hook_timeout_secs, 20);
+        assert_eq!(a.state_dir, PathBuf::from("/run/vmbeam/state"));
+        assert_eq!(a.persistent_dir, PathBuf::from("/var/lib/vmbeam"));
     }
 }

@@ -18,8 +18,15 @@ pub struct DaemonConfig {
     pub memory_backing_dir: PathBuf,
     /// Where the private QMP sockets live (as put in the domain XML by `enable`).
     pub qmp_dir: PathBuf,
-    /// Where the daemon keeps its own state (the replay cache of tickets).
+    /// Where the daemon keeps its own state for the life of this boot (the replay cache of
+    /// tickets; `/run/vmbeam/state`).
     pub state_dir: PathBuf,
+    /// Where the daemon keeps what must outlive a reboot of this cloud VM (`/var/lib/vmbeam`,
+    /// systemd's `StateDirectory`): the host-device pool's records (`device-pool/`). The
+    /// devices they name are the primary cloud's host's, plugged into this cloud VM's
+    /// domain there; a reboot inside this cloud VM keeps them plugged and counted as held,
+    /// so records lost with `/run` would leave that memory held on the host for good.
+    pub persistent_dir: PathBuf,
     /// How long to wait for a destination's answer through the pool.
     pub rendezvous_timeout: Duration,
     /// How long a hook event may take before the daemon gives up (and libvirt fails the

@@ -5,10 +5,17 @@
 //! (`vmbeam_core::pool::BeamPool`); `pool_kind` in vmbeam.conf selects it, and
 //! [`crate::guest_pool::GuestPool`] puts both behind one interface.
 //!
-//! What this cloud VM holds is remembered in the state directory, one record per guest
-//! (`device-pool/<uuid>.json`: role, placement, share), written before anything relies on
-//! it and removed once the host took the device back, so a restarted vmbeamd knows what it
-//! holds (the protocol has no listing).
+//! What this cloud VM holds is remembered in vmbeamd's persistent directory
+//! (`/var/lib/vmbeam`), one record per guest (`device-pool/<uuid>.json`: role, placement,
+//! share), written before anything relies on it and removed once the host took the device
+//! back, so a restarted vmbeamd knows what it holds (the protocol has no listing). Not
+//! under `/run`: the devices are plugged into this cloud VM's domain on the primary cloud's
+//! host, and a reboot inside the cloud VM keeps them there, held in the host's ledger;
+//! with the records gone, nothing here would ever give that memory back. Kept, the records
+//! let recovery give back the memory of guests that died with the reboot (a FREE or
+//! WITHDRAW the host answers `not-holder` or `unknown-guest`, when the cloud VM was powered
+//! off and its devices went with it, counts as done). Records an earlier vmbeamd kept in
+//! the runtime state directory are moved over at start ([`DevicePool::take_over_records`]).
 //!
 //! The paper's two steps and their order:
 //! - [`DevicePool::alloc`] (guest start): ALLOC, then wait for the kernel to show the
@@ -18,6 +25,11 @@
 //!   into the destination too, then a fresh proof record written into the control page
 //!   through this side's mapping; [`DevicePool::accept_share`] (destination) waits for the
 //!   device and checks the record through *its* mapping (`vmbeam_core::control_page`).
+//! - [`DevicePool::accept_share`] says ACCEPT to the host before it first maps the device,
+//!   and until then the source may take the share back itself with [`DevicePool::unshare`]
+//!   (a migration that failed before the destination's `migrate begin`: nothing there maps
+//!   the device, and only the host knows whether ACCEPT came first; see
+//!   `vmbeam_core::host_protocol`, "Who takes a share back").
 //! - [`DevicePool::release`] (source, after success) and [`DevicePool::withdraw`]
 //!   (destination, after failure) only once no process here maps the device
 //!   ([`mappers`]: QEMU has exited): the host's unplug does not wait for users, and a
@@ -190,6 +202,28 @@ pub enum DevicePoolError {
         #[source]
         source: io::Error,
     },
+    /// UNSHARE refused: the share's destination has accepted it (it may map the device), so
+    /// only it takes the share back (WITHDRAW at its `release end`). Nothing changed.
+    #[error("cloud VM {with} has accepted the share of guest {guest}: it withdraws the share itself once nothing there maps the device")]
+    ShareAccepted {
+        /// The guest.
+        guest: DomainUuid,
+        /// The share's destination.
+        with: String,
+        /// The host's refusal.
+        #[source]
+        source: HostLinkError,
+    },
+    /// ACCEPT refused: the host holds no share of the guest for this cloud VM (the owner took
+    /// it back, or never made it). Nothing here maps the device; the record is gone.
+    #[error("the primary cloud's host has no share of guest {guest} for this cloud VM (the source took it back, or never shared it)")]
+    ShareGone {
+        /// The guest.
+        guest: DomainUuid,
+        /// The host's refusal.
+        #[source]
+        source: HostLinkError,
+    },
     /// The step needs the migration's proof, and the record has none.
     #[error("guest {0}'s record names no control-page proof (no zero-copy migration of it)")]
     NoProof(DomainUuid),
@@ -239,7 +273,8 @@ pub struct DevicePool {
 
 impl DevicePool {
     /// The pool behind the host channel `channel`, devices under `pci_devices`, records in
-    /// `state_dir/device-pool`; each host call waits at most `timeout`.
+    /// `state_dir/device-pool` (vmbeamd's persistent directory, see the module docs); each
+    /// host call waits at most `timeout`.
     pub fn new(
         channel: impl Into<PathBuf>,
         pci_devices: impl Into<PathBuf>,
@@ -254,6 +289,11 @@ impl DevicePool {
             plug_wait: DEFAULT_PLUG_WAIT,
             link: Mutex::new(None),
         }
+    }
+
+    /// The host channel this pool asks the host over.
+    pub fn channel(&self) -> &Path {
+        &self.channel
     }
 
     /// Waits up to `wait` for hot-plugged devices to show.
@@ -312,6 +352,53 @@ impl DevicePool {
     }
 
     // ---- records ----
+
+    /// Moves the records an earlier vmbeamd kept under `old_state_dir/device-pool` (the
+    /// runtime state directory, `/run/vmbeam/state`) into this pool's directory; a record
+    /// already there wins. Best effort, logged: returns how many moved.
+    pub fn take_over_records(&self, old_state_dir: &Path) -> usize {
+        let old = old_state_dir.join("device-pool");
+        if old == self.records {
+            return 0;
+        }
+        let Ok(entries) = fs::read_dir(&old) else {
+            return 0;
+        };
+        let mut moved = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(guest) = name
+                .strip_suffix(".json")
+                .and_then(|u| DomainUuid::new(u).ok())
+            else {
+                continue;
+            };
+            let from = e.path();
+            let take = || -> Result<(), DevicePoolError> {
+                if self.holding(&guest)?.is_none() {
+                    let bytes = fs::read(&from).map_err(io_err("read", &from))?;
+                    let h: Holding = serde_json::from_slice(&bytes).map_err(|source| {
+                        DevicePoolError::Record {
+                            path: from.clone(),
+                            source,
+                        }
+                    })?;
+                    self.remember(&h)?;
+                }
+                fs::remove_file(&from).map_err(io_err("remove", &from))
+            };
+            match take() {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    warn!(%guest, error = %error_chain(&e), "cannot move an old device-pool record")
+                }
+            }
+        }
+        if moved > 0 {
+            info!(moved, from = %old.display(), to = %self.records.display(), "device-pool records moved to the persistent directory");
+        }
+        moved
+    }
 
     fn record_path(&self, guest: &DomainUuid) -> PathBuf {
         self.records.join(format!("{}.json", guest.as_str()))
@@ -599,6 +686,23 @@ impl DevicePool {
                 ..Holding::new(guest, Role::Destination, placement)
             })?,
         }
+        // ACCEPT before the first mapping: from now on the source cannot UNSHARE it.
+        match self.call(|l| l.accept(guest)) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(ErrorCode::NotHolder | ErrorCode::UnknownGuest)
+                ) =>
+            {
+                self.forget(guest)?;
+                return Err(DevicePoolError::ShareGone {
+                    guest: guest.clone(),
+                    source: e,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         let path = match self.wait_plugged(placement) {
             Ok(path) => path,
             Err((path, e)) => {
@@ -623,6 +727,32 @@ impl DevicePool {
             path,
             placement: *placement,
         })
+    }
+
+    /// Source, after a migration that failed before the destination accepted the share
+    /// (its `migrate begin` never ran, or refused before ACCEPT): the share taken back (the
+    /// host unplugs the device from the destination) and the hand-over record closed.
+    /// Nothing in the destination can map the device before ACCEPT, which the host orders
+    /// against this request; once the destination accepted,
+    /// [`DevicePoolError::ShareAccepted`] (nothing changed: the destination withdraws it).
+    /// A guest with no share in place on the host is taken back already.
+    pub fn unshare(&self, guest: &DomainUuid) -> Result<(), DevicePoolError> {
+        let mut h = self.held_as(guest, Role::Owner)?;
+        match self.call(|l| l.unshare(guest)) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::Accepted) => {
+                return Err(DevicePoolError::ShareAccepted {
+                    guest: guest.clone(),
+                    with: h.shared_with.unwrap_or_else(|| "the destination".into()),
+                    source: e,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let with = h.shared_with.take();
+        self.remember(&h)?;
+        info!(%guest, with = with.as_deref().unwrap_or("-"), "unaccepted share taken back from the destination");
+        Ok(())
     }
 
     /// Source, after a successful migration, once its QEMU has exited: the device taken
@@ -945,6 +1075,35 @@ mod tests {
         assert!(!again.free(&guest()).unwrap());
     }
 
+    /// Records an earlier vmbeamd kept under /run move to the persistent directory; one
+    /// already there wins.
+    #[test]
+    fn records_of_the_runtime_state_directory_move_to_the_persistent_one() {
+        let h = HostFixture::new();
+        let (run, lib) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let old = h.pool(A1, run.path());
+        let b = old.alloc(&guest(), 64 * MIB).unwrap();
+        let g2 = DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ac").unwrap();
+        old.remember(&Holding::new(&g2, Role::Destination, &b.placement))
+            .unwrap();
+        let new = h.pool(A1, lib.path());
+        new.remember(&Holding::new(&g2, Role::Owner, &b.placement))
+            .unwrap();
+        assert_eq!(new.take_over_records(run.path()), 2);
+        assert!(old.holdings().unwrap().is_empty());
+        let held = new.holdings().unwrap();
+        assert_eq!(held.len(), 2);
+        assert_eq!(
+            new.holding(&guest()).unwrap().unwrap().addr,
+            b.placement.addr.to_string()
+        );
+        assert_eq!(new.holding(&g2).unwrap().unwrap().role, Role::Owner);
+        assert_eq!(new.take_over_records(run.path()), 0);
+        new.forget(&g2).unwrap();
+        assert!(new.free(&guest()).unwrap());
+        assert!(h.files().is_empty());
+    }
+
     #[test]
     fn a_device_the_kernel_never_shows_is_given_back() {
         let h = HostFixture::new();
@@ -1131,6 +1290,77 @@ mod tests {
         assert!(dst.holdings().unwrap().is_empty());
         // The guest goes on at the source, whose memory is untouched by all this.
         assert_eq!(src.holding(&guest()).unwrap().unwrap().role, Role::Owner);
+        assert!(src.free(&guest()).unwrap());
+        assert!(h.files().is_empty());
+    }
+
+    /// The owner-side cancel: a share the destination never accepted goes back at the
+    /// source's word; once accepted it is the destination's to withdraw, and UNSHARE is
+    /// refused with one typed error that changes nothing.
+    #[test]
+    fn the_source_takes_back_a_share_its_destination_never_accepted() {
+        let h = HostFixture::new();
+        let (sa, sb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (h.pool(A1, sa.path()), h.pool(A2, sb.path()));
+        let here = src.alloc(&guest(), 64 * MIB).unwrap();
+        let there = src.share(&guest(), &cvm(A2)).unwrap();
+        let token = src.prove(&guest()).unwrap();
+        assert_eq!(h.attached().len(), 2);
+
+        // Not the owner: the destination holds no record yet; and one that claims to own
+        // it is the destination to the host, which refuses.
+        assert!(matches!(
+            dst.unshare(&guest()),
+            Err(DevicePoolError::NotHeld(_))
+        ));
+        dst.remember(&Holding::new(&guest(), Role::Owner, &there))
+            .unwrap();
+        match dst.unshare(&guest()) {
+            Err(DevicePoolError::Host(e)) => assert_eq!(e.code(), Some(ErrorCode::WrongRole)),
+            other => panic!("{other:?}"),
+        }
+        dst.forget(&guest()).unwrap();
+        // An unknown guest.
+        let g2 = DomainUuid::new("6e3b1e9a-1b2c-4d5e-8f90-0123456789ac").unwrap();
+        src.remember(&Holding::new(&g2, Role::Owner, &here.placement))
+            .unwrap();
+        match src.unshare(&g2) {
+            Err(DevicePoolError::Host(e)) => assert_eq!(e.code(), Some(ErrorCode::UnknownGuest)),
+            other => panic!("{other:?}"),
+        }
+        src.forget(&g2).unwrap();
+        assert_eq!(h.attached().len(), 2, "no refusal changed anything");
+
+        // The owner, before the destination accepted: the device leaves the destination.
+        src.unshare(&guest()).unwrap();
+        assert_eq!(h.attached(), [(A1.to_owned(), here.placement.addr.slot)]);
+        let rec = src.holding(&guest()).unwrap().unwrap();
+        assert_eq!((rec.role, rec.shared_with), (Role::Owner, None));
+        // The destination's hook comes late: nothing to accept, nothing recorded, nothing
+        // mapped.
+        assert!(matches!(
+            dst.accept_share(&guest(), &there, &token),
+            Err(DevicePoolError::ShareGone { .. })
+        ));
+        assert!(dst.holdings().unwrap().is_empty());
+
+        // Shared again and accepted: refused, nothing changes.
+        let there = src.share(&guest(), &cvm(A2)).unwrap();
+        let token = src.prove(&guest()).unwrap();
+        dst.accept_share(&guest(), &there, &token).unwrap();
+        match src.unshare(&guest()) {
+            Err(DevicePoolError::ShareAccepted { with, source, .. }) => {
+                assert_eq!(with, A2);
+                assert_eq!(source.code(), Some(ErrorCode::Accepted));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.attached().len(), 2);
+        assert_eq!(
+            src.holding(&guest()).unwrap().unwrap().shared_with,
+            Some(A2.to_owned())
+        );
+        dst.withdraw(&guest()).unwrap();
         assert!(src.free(&guest()).unwrap());
         assert!(h.files().is_empty());
     }

@@ -36,7 +36,7 @@ use vmbeam_core::recover::Local;
 use vmbeam_core::ticket::{Ticket, TicketFields};
 use vmbeam_core::{BeamMetadata, DomainFacts, DomainUuid, HostId, Phase, Progress};
 
-use crate::devpool::{error_chain, DevicePool, Role};
+use crate::devpool::{error_chain, DevicePool, DevicePoolError, Role};
 use crate::hostlink::Colocation as HostColocation;
 
 use crate::libvirt_job::{self, Flags, Request};
@@ -285,18 +285,47 @@ pub(crate) fn share_with_destination(
             error_chain(&e)
         )
     })?;
-    let proof = device.prove(guest).map_err(|e| {
-        format!(
-            "the control-page proof could not be written: {}",
-            error_chain(&e)
-        )
-    })?;
+    let proof = match device.prove(guest) {
+        Ok(p) => p,
+        Err(e) => {
+            // Nobody at the destination knows of the share yet: take it back here.
+            let back = take_back_share(device, guest);
+            return Err(format!(
+                "the control-page proof could not be written: {}; {back}",
+                error_chain(&e)
+            ));
+        }
+    };
     info!(%peer, addr = %placement.addr, proof = %proof.nonce, "guest memory shared with the destination; proof written");
     Ok(DeviceHandOver {
         dest: peer,
         placement,
         proof,
     })
+}
+
+/// The host-device pool, a zero-copy migration failed after SHARE: the share taken back
+/// by the source (UNSHARE) unless the destination accepted it (then it withdraws it at its
+/// `release end`, and the hand-over record closes here); what became of it, in words.
+/// Another failure leaves the hand-over record open: recovery tries again.
+fn take_back_share(device: &DevicePool, guest: &DomainUuid) -> String {
+    let _s = info_span!("unshare", %guest).entered();
+    match device.unshare(guest) {
+        Ok(()) => "the share was taken back from the destination, which never accepted it".into(),
+        Err(DevicePoolError::ShareAccepted { with, .. }) => {
+            if let Err(e) = device.close_hand_over(guest) {
+                warn!(error = %error_chain(&e), "could not close the device's hand-over record");
+            }
+            format!("{with} accepted the share and withdraws it once its QEMU has exited")
+        }
+        Err(e) => {
+            warn!(error = %error_chain(&e), "the unaccepted share could not be taken back: recovery tries again");
+            format!(
+                "the share could not be taken back yet ({}): vmbeamd's recovery tries again",
+                error_chain(&e)
+            )
+        }
+    }
 }
 
 /// Runs one migration to its end. `Ok` carries the one-line outcome.
@@ -355,7 +384,51 @@ pub fn run(
         return Ok(finish(job, &done, started, "traditional"));
     };
 
-    // Zero-copy.
+    // Zero-copy. Until libvirt's job starts, no destination hook has seen the device
+    // share: a failure takes the share back (UNSHARE) before it is reported.
+    let (flight, generation) = match ready_zero_copy(ctx, job, &dom, &zc, opts, &mut req) {
+        Ok(ready) => ready,
+        Err(e) => {
+            if let Some(device) = ctx.pool.device().filter(|_| zc.device.is_some()) {
+                let back = take_back_share(device, &zc.facts.uuid);
+                info!(%back, "zero-copy failed before libvirt's job");
+            }
+            return Err(e);
+        }
+    };
+    fault::hold("ticket");
+    info!(
+        backend = ctx.backend.name(),
+        "source armed; ticket issued; migrating"
+    );
+    job.phase(Phase::Migrating);
+    let result = libvirt_job::migrate(&req, Duration::from_millis(100), progress);
+    job.phase(Phase::Confirming);
+    fault::hold("settling");
+    settle_outcome(
+        ctx,
+        job,
+        &zc,
+        flight,
+        generation,
+        result,
+        started,
+        &LibvirtView::new(&ctx.cfg.libvirt_uri),
+        was_paused,
+        opts.undefine_source,
+    )
+}
+
+/// Zero-copy, before libvirt's job: the ticket and the XMLs libvirt takes (into `req`),
+/// then the source armed; the armed flight and the generation the destination gets.
+fn ready_zero_copy<'a>(
+    ctx: &'a SharedCtx,
+    job: &JobHandle,
+    dom: &Domain,
+    zc: &ZeroCopyPlan,
+    opts: &MigrateOptions,
+    req: &mut Request,
+) -> Result<(InFlight<'a>, u64), DaemonError> {
     job.phase(Phase::IssuingTicket);
     // The caller's destination XML (already checked to keep what zero-copy needs) carries
     // the ticket; without one, the source's migratable XML.
@@ -377,31 +450,11 @@ pub fn run(
     } else {
         Some(migratable.clone())
     };
-    let xmls = zero_copy_xml(ctx, &zc, &migratable, inactive.as_deref())?;
+    let xmls = zero_copy_xml(ctx, zc, &migratable, inactive.as_deref())?;
     req.dest_xml = Some(xmls.dest_xml);
     req.persist_xml = xmls.persist_xml;
-    let flight = arm_zero_copy(ctx, job.id, &zc)?;
-    fault::hold("ticket");
-    info!(
-        backend = ctx.backend.name(),
-        "source armed; ticket issued; migrating"
-    );
-    job.phase(Phase::Migrating);
-    let result = libvirt_job::migrate(&req, Duration::from_millis(100), progress);
-    job.phase(Phase::Confirming);
-    fault::hold("settling");
-    settle_outcome(
-        ctx,
-        job,
-        &zc,
-        flight,
-        xmls.generation,
-        result,
-        started,
-        &LibvirtView::new(&ctx.cfg.libvirt_uri),
-        was_paused,
-        opts.undefine_source,
-    )
+    let flight = arm_zero_copy(ctx, job.id, zc)?;
+    Ok((flight, xmls.generation))
 }
 
 /// What a zero-copy migration works with, as planned.
@@ -441,6 +494,20 @@ fn plan_migration(
     dest_uri: &str,
     opts: &MigrateOptions,
 ) -> Result<Option<ZeroCopyPlan>, DaemonError> {
+    plan_with_probe(ctx, job, xml, opts, |pool_file| {
+        probe_destination(ctx, dest_uri, pool_file)
+    })
+}
+
+/// [`plan_migration`] with the co-location probe given (tests ask the host about a
+/// cloud VM of their choice without a destination libvirt).
+fn plan_with_probe(
+    ctx: &SharedCtx,
+    job: &JobHandle,
+    xml: &str,
+    opts: &MigrateOptions,
+    probe: impl FnOnce(Option<&str>) -> Result<Colocation, DaemonError>,
+) -> Result<Option<ZeroCopyPlan>, DaemonError> {
     let id = &ctx.cfg.identity;
     let facts = DomainFacts::from_xml(xml).map_err(|e| DaemonError::Failed(e.to_string()))?;
     let mut meta =
@@ -460,7 +527,7 @@ fn plan_migration(
     if opts.mode != RequestedMode::ForceTraditional && meta.is_some() {
         job.phase(Phase::ProvingColocation);
         fault::hold("proving");
-        colo = probe_destination(ctx, dest_uri, pool_file.as_deref())?;
+        colo = probe(pool_file.as_deref())?;
     }
     // The backend's part (QEMU: the private monitor and x-ignore-shared).
     let caps = if colo.report.is_some() {
@@ -1059,10 +1126,10 @@ fn settle_device(
         };
         match back {
             Some(text) => {
-                if let Err(e) = device.close_hand_over(guest) {
-                    warn!(error = %error_chain(&e), "could not close the device's hand-over record");
-                }
-                format!("{text}; the destination withdraws its share once its QEMU has exited")
+                // Unaccepted (libvirt never reached the destination's `migrate begin`, or it
+                // refused before ACCEPT): taken back here; accepted: the destination
+                // withdraws it once its QEMU has exited.
+                format!("{text}; {}", take_back_share(device, guest))
             }
             None => {
                 if undefine_source {
@@ -1850,6 +1917,159 @@ mod tests {
             // The guest goes on at the source, which can give its memory back later.
             crate::hooks::handle(&w.src.ctx, &args("release", "end"), &domain_xml("cvm1")).unwrap();
             assert!(w.host.files().is_empty());
+        }
+
+        /// libvirt's job failed before the destination's `migrate begin` ran (its vmbeamd
+        /// refused, the job never reached Prepare): the source takes the unaccepted share
+        /// back, and the host is left with no share.
+        #[test]
+        fn a_failure_before_the_destination_accepted_takes_the_share_back_at_the_source() {
+            let w = world();
+            let zc = planned(&w);
+            assert_eq!(w.host.attached().len(), 2);
+            let libvirt = FakeLibvirt::new(Local::Running);
+            let flight = arm_zero_copy(&w.src.ctx, 1, &zc).unwrap();
+            let m = failure_text(settle_outcome(
+                &w.src.ctx,
+                &job(1),
+                &zc,
+                flight,
+                4,
+                libvirt_failed(),
+                Instant::now(),
+                &libvirt,
+                false,
+                false,
+            ));
+            assert!(
+                m.contains("keeps running on the source") && m.contains("never accepted"),
+                "{m}"
+            );
+            assert!(!libvirt.fenced());
+            only_on(&w, A1);
+            let held = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            assert_eq!((held.role, held.shared_with), (Role::Owner, None));
+            assert!(dev(&w.dst).holdings().unwrap().is_empty());
+            // A destination hook that comes late finds nothing to accept: Prepare fails.
+            let x = zero_copy_xml(&w.src.ctx, &zc, &domain_xml("cvm1"), None).unwrap();
+            let late = crate::hooks::handle(&w.dst.ctx, &args("migrate", "begin"), &x.dest_xml)
+                .unwrap_err()
+                .to_string();
+            assert!(late.contains("no share"), "{late}");
+            only_on(&w, A1);
+            assert!(dev(&w.dst).holdings().unwrap().is_empty());
+            // The source shares again for the next migration, to any cloud VM.
+            let again = share_with_destination(&w.src.ctx, &uuid(), &zc.dest).unwrap();
+            assert_eq!(again.dest, cvm(A2));
+        }
+
+        /// The planner with the host's COLOCATED answered "no" (a cloud VM of another cloud,
+        /// or one not on this host: the host answers both alike): automatic mode plans a
+        /// copy with the reason, `--zero-copy` is refused with one typed error, and nothing
+        /// is shared.
+        #[test]
+        fn not_colocated_per_the_host_plans_a_copy_or_refuses_zero_copy_and_shares_nothing() {
+            const ELSEWHERE: &str = "5f0c2b5e-1a2b-4c3d-8e4f-0000000000ff";
+            for peer in [B1, ELSEWHERE] {
+                not_colocated(peer);
+            }
+        }
+
+        fn not_colocated(peer: &str) {
+            let w = world();
+            // Everything zero-copy needs but the co-location: the metadata names this cloud
+            // VM's pool and the private QMP monitor is there, as `enable` leaves them.
+            let xml = domain_xml("cvm1")
+                .replace(
+                    "/var/lib/vmbeam/pool",
+                    &w.src.ctx.cfg.identity.pool_dir.display().to_string(),
+                )
+                .replace(
+                    "<domain type='qemu' id='7'>",
+                    "<domain type='qemu' id='7' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+                )
+                .replace(
+                    "</domain>",
+                    &format!(
+                        "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/vmbeam/qmp/{}.sock,server=on,wait=off'/></qemu:commandline></domain>",
+                        uuid()
+                    ),
+                );
+            let probe = |_: Option<&str>| Ok(probe_device(&w.src.ctx, dev(&w.src), peer));
+            let auto = job(1);
+            let planned =
+                plan_with_probe(&w.src.ctx, &auto, &xml, &MigrateOptions::default(), probe)
+                    .unwrap();
+            assert!(planned.is_none(), "a copy");
+            let view = auto.view.lock().unwrap().clone();
+            assert_eq!(view.mode, Some(MigrationMode::Traditional));
+            assert!(
+                view.mode_reason
+                    .starts_with(&plan::Reason::DestinationUnknown.to_string())
+                    && view.mode_reason.contains("not co-located"),
+                "{}",
+                view.mode_reason
+            );
+            // A copy carries all of RAM: x-ignore-shared made sure off.
+            assert!(w
+                .src
+                .fake
+                .calls()
+                .contains(&"reset_zero_copy web1".to_string()));
+            let required = MigrateOptions {
+                mode: RequestedMode::RequireZeroCopy,
+                ..MigrateOptions::default()
+            };
+            match plan_with_probe(&w.src.ctx, &job(2), &xml, &required, probe) {
+                Err(DaemonError::ZeroCopyRefused(why)) => assert!(
+                    why.starts_with(&plan::Reason::DestinationUnknown.to_string())
+                        && why.contains("not co-located"),
+                    "{why}"
+                ),
+                Err(e) => panic!("{e}"),
+                Ok(p) => panic!("planned: zero-copy {}", p.is_some()),
+            }
+            only_on(&w, A1);
+            let held = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            assert_eq!((held.role, held.shared_with), (Role::Owner, None));
+        }
+
+        /// Before libvirt's job: a failure after SHARE (here: the proof cannot be written)
+        /// takes the share back at once.
+        #[test]
+        fn a_share_whose_proof_cannot_be_written_is_taken_back() {
+            let w = world();
+            // The record names an address where this kernel shows no device: no proof.
+            let mut rec = dev(&w.src).holding(&uuid()).unwrap().unwrap();
+            let real = rec.clone();
+            rec.addr = "0000:00:05.0".into();
+            let record = w
+                .src
+                .ctx
+                .cfg
+                .persistent_dir
+                .join("device-pool")
+                .join(format!("{}.json", uuid().as_str()));
+            let write = |h: &crate::devpool::Holding| {
+                std::fs::write(&record, serde_json::to_vec(h).unwrap()).unwrap()
+            };
+            write(&rec);
+            let why =
+                share_with_destination(&w.src.ctx, &uuid(), &HostId::new(A2).unwrap()).unwrap_err();
+            assert!(
+                why.contains("proof could not be written") && why.contains("taken back"),
+                "{why}"
+            );
+            only_on(&w, A1);
+            assert_eq!(
+                dev(&w.src).holding(&uuid()).unwrap().unwrap().shared_with,
+                None
+            );
+            write(&real);
+            assert_eq!(
+                src_path(&w),
+                dev(&w.src).held_path(&uuid(), Role::Owner).unwrap()
+            );
         }
 
         #[test]

@@ -83,10 +83,20 @@ impl GuestPool {
             PoolKind::HostDevice {
                 channel,
                 pci_devices,
-            } => Self::HostDevice(Box::new(
-                DevicePool::new(channel, pci_devices, &cfg.state_dir, cfg.hook_timeout / 2)
-                    .with_plug_wait(cfg.hook_timeout / 3),
-            )),
+            } => {
+                // The records live in the persistent directory (see
+                // `DaemonConfig::persistent_dir`); records an earlier vmbeamd kept under the
+                // runtime state directory move there.
+                let pool = DevicePool::new(
+                    channel,
+                    pci_devices,
+                    &cfg.persistent_dir,
+                    cfg.hook_timeout / 2,
+                )
+                .with_plug_wait(cfg.hook_timeout / 3);
+                pool.take_over_records(&cfg.state_dir);
+                Self::HostDevice(Box::new(pool))
+            }
         }
     }
 

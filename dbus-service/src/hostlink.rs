@@ -24,6 +24,9 @@
 //!    destination is the owner from then on.
 //! 4. **After a failed migration** ([`HostLink::withdraw`]): the destination withdraws its
 //!    share once its QEMU has exited; the guest goes on at the source, which still owns it.
+//!    The destination says [`HostLink::accept`] before it first maps the device (its
+//!    `migrate begin`); until then the owner may take the share back itself
+//!    ([`HostLink::unshare`]: a migration that failed before the destination's hook ran).
 //! 5. **Guest destroyed for good** ([`HostLink::free`]): its owner, sole holder, gives the
 //!    memory back; the device is unplugged and the host's file deleted.
 //!
@@ -293,6 +296,23 @@ impl HostLink {
         self.placed(Op::Share {
             guest: guest.clone(),
             peer: peer.clone(),
+        })
+    }
+
+    /// The share's destination, before anything here maps the device (its `migrate begin`):
+    /// the share taken; the owner can no longer [`Self::unshare`] it.
+    pub fn accept(&mut self, guest: &DomainUuid) -> Result<(), HostLinkError> {
+        self.done(Op::Accept {
+            guest: guest.clone(),
+        })
+    }
+
+    /// A failed migration, asked by the owner while the destination has not accepted the
+    /// share (refused `accepted` once it has): the device unplugged from the destination;
+    /// the owner keeps the guest.
+    pub fn unshare(&mut self, guest: &DomainUuid) -> Result<(), HostLinkError> {
+        self.done(Op::Unshare {
+            guest: guest.clone(),
         })
     }
 
@@ -702,6 +722,33 @@ mod tests {
         assert_eq!(refused(a2.withdraw(&g)), ErrorCode::NotHolder);
         // The owner can share again.
         a1.share(&g, &cvm(A2)).unwrap();
+    }
+
+    #[test]
+    fn the_owner_unshares_only_until_the_destination_accepts() {
+        let h = RealHost::new();
+        let (mut a1, mut a2) = (h.link(A1), h.link(A2));
+        let g = uuid(G);
+        let here = a1.alloc(&g, 64 * MIB).unwrap();
+        a1.share(&g, &cvm(A2)).unwrap();
+        // Only the owner unshares; the destination withdraws.
+        assert_eq!(refused(a2.unshare(&g)), ErrorCode::WrongRole);
+        a1.unshare(&g).unwrap();
+        assert_eq!(h.attached(), [(A1.to_owned(), here.addr.slot)]);
+        // Repeated (its answer lost): nothing to take back.
+        a1.unshare(&g).unwrap();
+        // The destination that comes late cannot accept what is gone.
+        assert_eq!(refused(a2.accept(&g)), ErrorCode::NotHolder);
+
+        // Once accepted, the share is the destination's to take back.
+        a1.share(&g, &cvm(A2)).unwrap();
+        assert_eq!(refused(a1.accept(&g)), ErrorCode::WrongRole);
+        a2.accept(&g).unwrap();
+        a2.accept(&g).unwrap();
+        assert_eq!(refused(a1.unshare(&g)), ErrorCode::Accepted);
+        assert_eq!(h.attached().len(), 2);
+        a2.withdraw(&g).unwrap();
+        assert_eq!(h.attached(), [(A1.to_owned(), here.addr.slot)]);
     }
 
     #[test]

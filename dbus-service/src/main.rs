@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         memory_backing_dir: a.memory_backing_dir,
         qmp_dir: a.qmp_dir,
         state_dir: a.state_dir,
+        persistent_dir: a.persistent_dir,
         rendezvous_timeout: Duration::from_millis(a.rendezvous_timeout_ms),
         hook_timeout: Duration::from_secs(a.hook_timeout_secs),
     };

@@ -236,8 +236,22 @@ fn device_rows(
         .collect())
 }
 
-/// `Status`: identity, the pool's files with their owner records, and `jobs` (object
-/// path, view) as the face's job table has them.
+/// What `Status` says the pool is: its kind and where it is (`directory (/var/lib/vmbeam/pool)`,
+/// `host-device (vmbeam-host channel /dev/virtio-ports/org.vmbeam.host.0)`). The directory
+/// alone (the `PoolDir` property) says nothing in a host-device cloud VM.
+pub fn pool_description(ctx: &SharedCtx) -> String {
+    match ctx.pool.device() {
+        Some(device) => format!(
+            "host-device (vmbeam-host channel {})",
+            device.channel().display()
+        ),
+        None => format!("directory ({})", ctx.cfg.identity.pool_dir.display()),
+    }
+}
+
+/// `Status`: identity, the pool (kind and place, [`pool_description`]), its files with
+/// their owner records and the devices held from the host, and `jobs` (object path, view)
+/// as the face's job table has them.
 pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonStatus, OpError> {
     let id = &ctx.cfg.identity;
     let pool = BeamPool::new(&id.pool_dir);
@@ -291,7 +305,7 @@ pub fn status(ctx: &SharedCtx, jobs: Vec<(String, JobView)>) -> Result<DaemonSta
     Ok(DaemonStatus {
         host: id.host_id.to_string(),
         cloud: id.cloud.to_string(),
-        pool: id.pool_dir.display().to_string(),
+        pool: pool_description(ctx),
         libvirt_host_uuid: ctx.libvirt_uuid.clone(),
         pool_files,
         jobs,

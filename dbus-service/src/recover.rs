@@ -481,9 +481,12 @@ enum HandOver {
 ///
 /// - Source (the owner, its record names the share): libvirt's job still in flight → wait;
 ///   the destination ran the guest → a copy libvirt keeps here is destroyed (never resumed)
-///   and the device RELEASEd once nothing maps it; the guest runs here and never ran there
-///   → `x-ignore-shared` off and the hand-over closed (the destination WITHDRAWs at its
-///   `release end`); otherwise held, with what it waits for in `vmbeam status`.
+///   and the device RELEASEd once nothing maps it; the destination never ACCEPTed the
+///   share (a job that failed before its `migrate begin`, a daemon that died between
+///   SHARE and libvirt's job) → UNSHARE, whatever the guest's state here (`x-ignore-shared`
+///   off if it runs); the guest runs here and never ran there → `x-ignore-shared` off and
+///   the hand-over closed (the destination WITHDRAWs at its `release end`); otherwise
+///   held, with what it waits for in `vmbeam status`.
 /// - Destination: the guest runs here and no ran record was left (the watcher died with
 ///   its daemon) → `x-ignore-shared` off, the record left and the memory adopted, so the
 ///   source can settle. A destination whose guest is gone is the ordinary pass's (WITHDRAW).
@@ -573,6 +576,25 @@ fn device_hand_over(
                 error_chain(&e)
             )),
         };
+    }
+    // Not ran there, no job in flight: a share the destination never ACCEPTed (its
+    // `migrate begin` never ran) is taken back here, whatever the guest's state: nothing
+    // in the destination maps it, and the host refuses once the destination accepted.
+    match device.unshare(guest) {
+        Ok(()) => {
+            reset(&observed.facts);
+            return HandOver::Settled(format!(
+                "{guest}: {to} never accepted the share of the guest's memory: taken back (the guest is {} here)",
+                observed.local
+            ));
+        }
+        Err(DevicePoolError::ShareAccepted { .. }) => {}
+        Err(e) => {
+            return held(format!(
+                "hand-over of the guest's memory to {to} open: the guest has not run there, but the share could not be taken back ({}); vmbeamd keeps trying",
+                error_chain(&e)
+            ))
+        }
     }
     if observed.local == Local::Running {
         reset(&observed.facts);
@@ -743,6 +765,61 @@ mod tests {
         assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
     }
 
+    /// A vmbeamd that died between SHARE and the destination's `migrate begin` (or whose
+    /// job failed there and could not take the share back): recovery UNSHAREs the share the
+    /// destination never accepted, and the guest's memory is the source's alone again.
+    #[test]
+    fn a_leftover_share_the_destination_never_accepted_is_taken_back() {
+        use crate::host_fixture::{cvm, HostFixture, A1, A2};
+        let host = HostFixture::new();
+        let cloud = Cloud::new();
+        let src = cloud.device_host("cvm1", &host, A1);
+        let dst = cloud.device_host("cvm2", &host, A2);
+        crate::hooks::handle(
+            &src.ctx,
+            &["web1", "start", "begin", "-"].map(String::from),
+            &crate::testing::domain_xml("cvm1"),
+        )
+        .unwrap();
+        let s = src.ctx.pool.device().unwrap();
+        s.share(&uuid(), &cvm(A2)).unwrap();
+        s.prove(&uuid()).unwrap();
+        assert_eq!(host.attached().len(), 2);
+        // vmbeamd dies before libvirt's job; a new one starts.
+        drop(src);
+        let src = cloud.device_host("cvm1", &host, A1);
+        let s = src.ctx.pool.device().unwrap();
+        // The destination holds nothing to recover.
+        assert!(
+            reconcile_devices(&dst.ctx, &FakeLibvirt::new(Local::Absent), Duration::ZERO)
+                .is_empty()
+        );
+        // No move while libvirt's job may still be in flight.
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Migrating)).is_empty());
+        assert_eq!(host.attached().len(), 2);
+        // The guest runs here: the share is taken back, x-ignore-shared off.
+        let done = reconcile(&src.ctx, &FakeLibvirt::new(Local::Running));
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(done[0].contains("never accepted"), "{done:?}");
+        assert!(src
+            .fake
+            .calls()
+            .contains(&"reset_zero_copy web1".to_string()));
+        let attached = host.attached();
+        assert_eq!((attached.len(), attached[0].0.as_str()), (1, A1));
+        let rec = s.holding(&uuid()).unwrap().unwrap();
+        assert_eq!(
+            (rec.role, rec.shared_with),
+            (crate::devpool::Role::Owner, None)
+        );
+        assert_eq!(doubt(&src, uuid().as_str()), None);
+        // Nothing left to settle; a guest gone for good then gives its memory back.
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Running)).is_empty());
+        let done = reconcile_devices(&src.ctx, &FakeLibvirt::new(Local::Absent), Duration::ZERO);
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(host.attached().is_empty() && host.files().is_empty());
+    }
+
     #[test]
     fn a_device_hand_over_whose_guest_never_left_is_held_in_doubt_then_closed() {
         use crate::host_fixture::{HostFixture, A1, A2};
@@ -755,6 +832,12 @@ mod tests {
         let advice = doubt(&src, uuid().as_str()).expect("in doubt");
         assert!(advice.contains("has not run on"), "{advice}");
         let st = crate::ops::status(&src.ctx, Vec::new()).unwrap();
+        // The pool is the host's devices, not the (unused) directory.
+        let channel = host.channel(A1);
+        assert_eq!(
+            st.pool,
+            format!("host-device (vmbeam-host channel {})", channel.display())
+        );
         let row = st
             .pool_files
             .iter()
@@ -880,6 +963,10 @@ mod tests {
         );
         // The status row carries it.
         let status = crate::ops::status(&src.ctx, Vec::new()).unwrap();
+        assert_eq!(
+            status.pool,
+            format!("directory ({})", src.ctx.cfg.identity.pool_dir.display())
+        );
         let row = status.pool_files.iter().find(|r| r.0 == file).unwrap();
         assert!(
             row.2.contains("state=handing-over") && row.2.contains("in doubt"),

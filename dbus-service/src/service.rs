@@ -764,6 +764,7 @@ mod tests {
             memory_backing_dir: dir.path().into(),
             qmp_dir: dir.path().into(),
             state_dir: dir.path().into(),
+            persistent_dir: dir.path().into(),
             rendezvous_timeout: Duration::from_millis(10),
             hook_timeout: Duration::from_secs(1),
         };

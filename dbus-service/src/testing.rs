@@ -241,7 +241,7 @@ impl Cloud {
     ) -> Host {
         self.host_with(name, |cfg| {
             crate::guest_pool::GuestPool::HostDevice(Box::new(
-                fixture.pool(cloud_vm, &cfg.state_dir),
+                fixture.pool(cloud_vm, &cfg.persistent_dir),
             ))
         })
     }
@@ -266,6 +266,7 @@ impl Cloud {
             memory_backing_dir: state_dir.join("ram"),
             qmp_dir: PathBuf::from("/run/vmbeam/qmp"),
             state_dir: state_dir.clone(),
+            persistent_dir: state_dir.join("persistent"),
             rendezvous_timeout: Duration::from_millis(200),
             hook_timeout: Duration::from_secs(20),
         };

@@ -216,40 +216,133 @@ pub fn status() -> anyhow::Result<()> {
     let conn = bus()?;
     let mgr = ManagerProxyBlocking::new(&conn)?;
     let st = mgr.status().map_err(daemon_err)?;
+    let doms = mgr.list_domains().map_err(daemon_err)?;
+    print!("{}", render_status(&st, &doms));
+    Ok(())
+}
+
+/// What the device rows of `Status` start with (vmbeamd's `ops::device_rows`).
+const DEVICE_ROW: &str = "host-device ";
+
+/// `vmbeam status`'s text: the daemon's view, the pool as its kind and place (vmbeamd's
+/// `pool` field: `directory (DIR)` or `host-device (vmbeam-host channel PATH)`), the beam
+/// domains, then the pool's files or, in a host-device cloud VM, the devices it holds
+/// from the primary cloud's host (BAR 2's file, size, guest, role, share, proof), and jobs.
+pub fn render_status(st: &vmbeam_bus::DaemonStatus, doms: &[vmbeam_bus::DomainRow]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     for (k, v) in [
         ("host", &st.host),
         ("cloud", &st.cloud),
         ("pool", &st.pool),
         ("libvirt-host-uuid", &st.libvirt_host_uuid),
     ] {
-        println!("{k:<18} {v}");
+        let _ = writeln!(out, "{k:<18} {v}");
     }
-    let doms = mgr.list_domains().map_err(daemon_err)?;
-    println!("beam domains:");
+    let _ = writeln!(out, "beam domains:");
     if doms.is_empty() {
-        println!("  (none)");
+        let _ = writeln!(out, "  (none)");
     }
     for (name, uuid, state, owner, file, generation) in doms {
-        println!("  {name:<16} {state:<9} owner={owner} gen={generation} file={file} uuid={uuid}");
+        let _ = writeln!(
+            out,
+            "  {name:<16} {state:<9} owner={owner} gen={generation} file={file} uuid={uuid}"
+        );
     }
-    println!("pool files:");
-    if st.pool_files.is_empty() {
-        println!("  (none)");
+    let host_device = st.pool.starts_with("host-device");
+    let (devices, files): (Vec<_>, Vec<_>) = st
+        .pool_files
+        .iter()
+        .partition(|(_, _, rec)| rec.starts_with(DEVICE_ROW));
+    if !host_device || !files.is_empty() {
+        let _ = writeln!(out, "pool files:");
+        if files.is_empty() {
+            let _ = writeln!(out, "  (none)");
+        }
+        for (file, size, record) in &files {
+            let size = if *size < 0 {
+                "missing".to_string()
+            } else {
+                size.to_string()
+            };
+            let _ = writeln!(out, "  {file} size={size} {record}");
+        }
     }
-    for (file, size, record) in &st.pool_files {
-        let size = if *size < 0 {
-            "missing".to_string()
-        } else {
-            size.to_string()
-        };
-        println!("  {file} size={size} {record}");
+    if host_device || !devices.is_empty() {
+        let _ = writeln!(out, "host devices:");
+        if devices.is_empty() {
+            let _ = writeln!(out, "  (none)");
+        }
+        for (path, size, record) in &devices {
+            let record = record.strip_prefix(DEVICE_ROW).unwrap_or(record);
+            let _ = writeln!(out, "  {path} bar-size={size} {record}");
+        }
     }
-    println!("jobs:");
+    let _ = writeln!(out, "jobs:");
     if st.jobs.is_empty() {
-        println!("  (none)");
+        let _ = writeln!(out, "  (none)");
     }
     for (path, domain, dest, phase, progress, mode) in &st.jobs {
-        println!("  {path} {domain} -> {dest} phase={phase} progress={progress}% mode={mode}");
+        let _ = writeln!(
+            out,
+            "  {path} {domain} -> {dest} phase={phase} progress={progress}% mode={mode}"
+        );
     }
-    Ok(())
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(pool: &str, rows: Vec<vmbeam_bus::PoolFileRow>) -> vmbeam_bus::DaemonStatus {
+        vmbeam_bus::DaemonStatus {
+            host: "cvm1".into(),
+            cloud: "acme".into(),
+            pool: pool.into(),
+            libvirt_host_uuid: "5f0c2b5e-1a2b-4c3d-8e4f-0000000000a1".into(),
+            pool_files: rows,
+            jobs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn status_shows_the_host_device_pool_and_its_devices_not_a_directory() {
+        let st = status(
+            "host-device (vmbeam-host channel /dev/virtio-ports/org.vmbeam.host.0)",
+            vec![(
+                "/sys/bus/pci/devices/0000:00:1f.0/resource2".into(),
+                536870912,
+                "host-device guest=6e3b1e9a-1b2c-4d5e-8f90-0123456789ab role=owner shared-with=- proof=-".into(),
+            )],
+        );
+        let text = render_status(&st, &[]);
+        assert!(
+            text.contains("pool               host-device (vmbeam-host channel /dev/virtio-ports/org.vmbeam.host.0)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host devices:\n  /sys/bus/pci/devices/0000:00:1f.0/resource2 bar-size=536870912 guest=6e3b1e9a-1b2c-4d5e-8f90-0123456789ab role=owner"),
+            "{text}"
+        );
+        assert!(!text.contains("pool files:"), "{text}");
+        // None held yet: said so.
+        let text = render_status(&status(&st.pool, Vec::new()), &[]);
+        assert!(text.contains("host devices:\n  (none)\n"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_the_directory_pool_and_its_files() {
+        let st = status(
+            "directory (/var/lib/vmbeam/pool)",
+            vec![("web1.ram".into(), -1, "no owner record".into())],
+        );
+        let text = render_status(&st, &[]);
+        assert!(text.contains("pool               directory (/var/lib/vmbeam/pool)\n"));
+        assert!(
+            text.contains("pool files:\n  web1.ram size=missing no owner record\n"),
+            "{text}"
+        );
+        assert!(!text.contains("host devices:"), "{text}");
+    }
 }

@@ -12,7 +12,11 @@
 //!   whose ALLOC is in flight has none yet);
 //! - every holder belongs to the guest's cloud, which is part of the guest's name;
 //! - at most one operation per guest is in flight, and a guest is shared with at most one
-//!   destination at a time (SHARE needs a sole owner; RELEASE or WITHDRAW settles it);
+//!   destination at a time (SHARE needs a sole owner; RELEASE, WITHDRAW or UNSHARE settles
+//!   it);
+//! - only the owner's UNSHARE unplugs a share from its destination, and only while the
+//!   destination has not ACCEPTed it ([`Holder::accepted`]; why that is the safe moment:
+//!   `vmbeam_core::host_protocol`, "Who takes a share back");
 //! - no two guests at one PCI address of one cloud VM, and none on a slot another device
 //!   uses;
 //! - the VMBeam BARs of each cloud VM fit its 64-bit window ([`crate::device::window_fits`]).
@@ -54,6 +58,13 @@ pub struct Holder {
     pub addr: PciAddress,
     /// Its role.
     pub role: Role,
+    /// For a share's destination: whether it ACCEPTed the share (it may map the device from
+    /// then on, so only it takes the share back, by WITHDRAW). `false` only between SHARE and
+    /// ACCEPT, when nothing in the destination maps the device and the owner may UNSHARE it.
+    /// A destination the ledger cannot vouch for (adopted from libvirt's view, or loaded
+    /// from a ledger written before ACCEPT existed) counts as accepted. Always `true` for an
+    /// owner.
+    pub accepted: bool,
 }
 
 /// What kind of operation a transition is.
@@ -68,6 +79,8 @@ pub enum OpKind {
     Release,
     /// WITHDRAW.
     Withdraw,
+    /// UNSHARE (unplugs from the share's destination, asked by the owner).
+    Unshare,
     /// FREE.
     Free,
 }
@@ -79,6 +92,7 @@ impl fmt::Display for OpKind {
             Self::Share => "SHARE",
             Self::Release => "RELEASE",
             Self::Withdraw => "WITHDRAW",
+            Self::Unshare => "UNSHARE",
             Self::Free => "FREE",
         })
     }
@@ -160,7 +174,7 @@ pub struct Transition {
     /// The guest.
     pub guest: GuestKey,
     /// The cloud VM it plugs into (ALLOC: the asker; SHARE: the peer) or unplugs from (the
-    /// asker).
+    /// asker; UNSHARE: the share's destination).
     pub target: CloudVmId,
     /// The device in `target`.
     pub device: ShmemDevice,
@@ -186,7 +200,7 @@ impl Transition {
                 attach,
             ],
             OpKind::Share => vec![attach],
-            OpKind::Release | OpKind::Withdraw => vec![detach],
+            OpKind::Release | OpKind::Withdraw | OpKind::Unshare => vec![detach],
             OpKind::Free => vec![
                 detach,
                 Step::RemoveFile {
@@ -213,7 +227,7 @@ impl Transition {
             OpKind::Alloc | OpKind::Share => {
                 Reply::Placed(Placement::new(self.device.addr, self.device.bar_size))
             }
-            OpKind::Release | OpKind::Withdraw | OpKind::Free => Reply::Done,
+            OpKind::Release | OpKind::Withdraw | OpKind::Unshare | OpKind::Free => Reply::Done,
         }
     }
 }
@@ -297,6 +311,15 @@ pub enum Refusal {
         /// The destination.
         with: CloudVmId,
     },
+    /// UNSHARE of a share its destination has accepted: it may map the device, so only it
+    /// takes the share back (WITHDRAW, once nothing there maps it).
+    #[error("cloud VM {with} has accepted the share of guest {guest} and may map its device: only it takes the share back (WITHDRAW, once nothing there maps it)")]
+    Accepted {
+        /// The guest.
+        guest: vmbeam_core::DomainUuid,
+        /// The share's destination.
+        with: CloudVmId,
+    },
     /// ALLOC of a guest that exists.
     #[error("guest {0} exists here already")]
     Exists(vmbeam_core::DomainUuid),
@@ -332,6 +355,7 @@ impl Refusal {
             Self::WrongRole { .. } => ErrorCode::WrongRole,
             Self::LastHolder(_) => ErrorCode::LastHolder,
             Self::InFlight { .. } | Self::Shared { .. } => ErrorCode::Busy,
+            Self::Accepted { .. } => ErrorCode::Accepted,
             Self::Exists(_) => ErrorCode::Exists,
             Self::WindowFull { .. } => ErrorCode::WindowFull,
             Self::NoFreeSlot(_) => ErrorCode::NoFreeSlot,
@@ -359,8 +383,11 @@ impl Refusal {
 /// What [`Ledger::decide`] says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Answer at once; nothing to run (COLOCATED, a repeated ALLOC or SHARE).
+    /// Answer at once; nothing to run, nothing changed (COLOCATED, a repeated ALLOC, SHARE,
+    /// ACCEPT or UNSHARE).
     Answer(Reply),
+    /// Answer at once; nothing to run, but the ledger changed: save it first (ACCEPT).
+    Recorded(Reply),
     /// Run this transition, then [`Ledger::finish`] it.
     Run(Transition),
 }
@@ -555,6 +582,8 @@ impl Ledger {
             }
             Op::Alloc { guest, ram_bytes } => self.alloc(&ask, guest, *ram_bytes),
             Op::Share { guest, peer } => self.share(&ask, guest, peer),
+            Op::Accept { guest } => self.accept(&ask, guest),
+            Op::Unshare { guest } => self.unshare(&ask, guest),
             Op::Release { guest } => self.unplug(&ask, guest, OpKind::Release),
             Op::Withdraw { guest } => self.unplug(&ask, guest, OpKind::Withdraw),
             Op::Free { guest } => self.unplug(&ask, guest, OpKind::Free),
@@ -692,6 +721,74 @@ impl Ledger {
         Ok(self.begin(OpKind::Share, key, peer, device))
     }
 
+    /// ACCEPT: the share's destination takes the share before it maps the device; the
+    /// owner's UNSHARE is refused from then on. A repeated ACCEPT gets the same answer.
+    fn accept(
+        &mut self,
+        ask: &Ask<'_>,
+        uuid: &vmbeam_core::DomainUuid,
+    ) -> Result<Decision, Refusal> {
+        let (_, holder) = self.held(ask, uuid)?;
+        if holder.role != Role::Destination {
+            return Err(Refusal::WrongRole {
+                guest: uuid.clone(),
+                role: holder.role,
+                hint: "only a share's destination ACCEPTs it",
+            });
+        }
+        if holder.accepted {
+            return Ok(Decision::Answer(Reply::Done));
+        }
+        let key = ask.key(uuid);
+        if let Some(h) = self
+            .guests
+            .get_mut(&key)
+            .and_then(|g| g.holders.get_mut(&ask.me.id))
+        {
+            h.accepted = true;
+        }
+        self.touch(&key);
+        Ok(Decision::Recorded(Reply::Done))
+    }
+
+    /// UNSHARE: the owner takes back a share its destination has not ACCEPTed (unplugged
+    /// from the destination). Safe only before ACCEPT, since the destination ACCEPTs before
+    /// it maps the device and the host decides one operation per guest at a time; see
+    /// `vmbeam_core::host_protocol`, "Who takes a share back". The owner of a guest with no
+    /// share in place gets `OK` (a repeated UNSHARE whose answer was lost, or a share its
+    /// destination already withdrew): there is nothing to take back.
+    fn unshare(
+        &mut self,
+        ask: &Ask<'_>,
+        uuid: &vmbeam_core::DomainUuid,
+    ) -> Result<Decision, Refusal> {
+        let (g, holder) = self.held(ask, uuid)?;
+        if holder.role != Role::Owner {
+            return Err(Refusal::WrongRole {
+                guest: uuid.clone(),
+                role: holder.role,
+                hint: "only the owner UNSHAREs; the share's destination WITHDRAWs",
+            });
+        }
+        let Some((with, dest)) = g.holders.iter().find(|(id, _)| *id != &ask.me.id) else {
+            return Ok(Decision::Answer(Reply::Done));
+        };
+        if dest.accepted {
+            return Err(Refusal::Accepted {
+                guest: uuid.clone(),
+                with: with.clone(),
+            });
+        }
+        let (with, addr) = (with.clone(), dest.addr);
+        let key = ask.key(uuid);
+        let device = ShmemDevice {
+            guest: key.clone(),
+            bar_size: g.bar_size,
+            addr,
+        };
+        Ok(self.begin(OpKind::Unshare, key, &with, device))
+    }
+
     fn unplug(
         &mut self,
         ask: &Ask<'_>,
@@ -753,6 +850,8 @@ impl Ledger {
         let holder = |role| Holder {
             addr: t.device.addr,
             role,
+            // A new share waits for its destination's ACCEPT.
+            accepted: role == Role::Owner,
         };
         match t.kind {
             OpKind::Alloc if done => {
@@ -765,16 +864,18 @@ impl Ledger {
                 g.holders
                     .insert(t.target.clone(), holder(Role::Destination));
             }
-            OpKind::Release | OpKind::Withdraw if done => {
+            OpKind::Release | OpKind::Withdraw | OpKind::Unshare if done => {
                 g.holders.remove(&t.target);
                 for h in g.holders.values_mut() {
                     h.role = Role::Owner;
+                    h.accepted = true;
                 }
             }
             OpKind::Free if removed_device => {
                 self.guests.remove(&t.guest);
             }
-            OpKind::Share | OpKind::Release | OpKind::Withdraw | OpKind::Free => {}
+            OpKind::Share | OpKind::Release | OpKind::Withdraw | OpKind::Unshare | OpKind::Free => {
+            }
         }
         self.touch(&t.guest);
     }
@@ -842,6 +943,7 @@ impl Ledger {
             if !g.holders.is_empty() && g.owner().is_none() {
                 let (id, h) = g.holders.iter_mut().next().expect("not empty");
                 h.role = Role::Owner;
+                h.accepted = true;
                 out.push(Finding::Promoted {
                     guest: key.clone(),
                     cloud_vm: id.clone(),
@@ -888,8 +990,16 @@ impl Ledger {
                 } else {
                     Role::Destination
                 };
-                g.holders
-                    .insert(vm.id.clone(), Holder { addr: s.addr, role });
+                // A share found in libvirt's view: the ledger cannot tell whether its
+                // destination accepted it, so it counts as accepted (no UNSHARE).
+                g.holders.insert(
+                    vm.id.clone(),
+                    Holder {
+                        addr: s.addr,
+                        role,
+                        accepted: true,
+                    },
+                );
                 out.push(Finding::Adopted {
                     guest: key.clone(),
                     cloud_vm: vm.id.clone(),
@@ -992,6 +1102,7 @@ impl Ledger {
                             cloud_vm: id.clone(),
                             addr: h.addr,
                             role: h.role,
+                            awaiting_accept: !h.accepted,
                         })
                         .collect(),
                 })
@@ -1019,6 +1130,7 @@ impl Ledger {
                         Holder {
                             addr: h.addr,
                             role: h.role,
+                            accepted: h.role == Role::Owner || !h.awaiting_accept,
                         },
                     )
                 })
@@ -1106,6 +1218,10 @@ pub struct SavedHolder {
     pub addr: PciAddress,
     /// Its role.
     pub role: Role,
+    /// A share's destination that has not ACCEPTed yet (absent: accepted, as in ledgers
+    /// written before ACCEPT existed, which cannot vouch for their destinations).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_accept: bool,
 }
 
 /// A persisted ledger that cannot be loaded.
@@ -1422,6 +1538,105 @@ mod tests {
         assert!(l.guests().is_empty());
     }
 
+    /// UNSHARE: the owner's, before the destination ACCEPTed; refused with one typed error
+    /// and nothing changed otherwise.
+    #[test]
+    fn only_the_owner_unshares_and_only_before_the_destination_accepts() {
+        let topo = topo();
+        let mut l = Ledger::default();
+        let g = || uuid(G);
+        let unshare = || Op::Unshare { guest: g() };
+        let accept = || Op::Accept { guest: g() };
+        let share = || Op::Share {
+            guest: g(),
+            peer: id(A2),
+        };
+        assert_eq!(
+            refused(&mut l, &topo, A1, unshare()),
+            Refusal::UnknownGuest(g())
+        );
+        run_ok(&mut l, &topo, A1, alloc(G, 4096));
+        let owner_only = l.guests()[&key("acme", G)].clone();
+        run_ok(&mut l, &topo, A1, share());
+        let dest = l.guests()[&key("acme", G)].holders[&id(A2)];
+        assert_eq!((dest.role, dest.accepted), (Role::Destination, false));
+        // Not the owner: the destination, a cloud VM holding nothing, another cloud's.
+        assert_eq!(
+            refused(&mut l, &topo, A2, unshare()).code(),
+            ErrorCode::WrongRole
+        );
+        assert_eq!(
+            refused(&mut l, &topo, B1, unshare()),
+            Refusal::UnknownGuest(g())
+        );
+        // Only the destination accepts.
+        assert_eq!(
+            refused(&mut l, &topo, A1, accept()).code(),
+            ErrorCode::WrongRole
+        );
+        // The owner, before ACCEPT: the device is unplugged from the destination.
+        let t = run_ok(&mut l, &topo, A1, unshare());
+        assert_eq!((t.kind, &t.target), (OpKind::Unshare, &id(A2)));
+        assert_eq!(
+            t.steps(),
+            [Step::Detach {
+                cloud_vm: id(A2),
+                device: t.device.clone()
+            }]
+        );
+        assert_eq!(
+            l.guests()[&key("acme", G)].holders,
+            owner_only.holders,
+            "back to owner-only"
+        );
+        // Repeated: nothing to take back. The late destination has nothing to accept.
+        assert!(matches!(
+            l.decide(&topo, &id(A1), &unshare()),
+            Ok(Decision::Answer(Reply::Done))
+        ));
+        assert_eq!(
+            refused(&mut l, &topo, A2, accept()),
+            Refusal::NotHolder(g())
+        );
+        // A failed unplug keeps the share.
+        run_ok(&mut l, &topo, A1, share());
+        let Ok(Decision::Run(t)) = l.decide(&topo, &id(A1), &unshare()) else {
+            panic!()
+        };
+        l.finish(&t, &failed(0));
+        assert_eq!(l.guests()[&key("acme", G)].holders.len(), 2);
+        // Accepted (and saved so across a restart): the share is the destination's to take
+        // back.
+        assert!(matches!(
+            l.decide(&topo, &id(A2), &accept()),
+            Ok(Decision::Recorded(Reply::Done))
+        ));
+        assert!(matches!(
+            l.decide(&topo, &id(A2), &accept()),
+            Ok(Decision::Answer(Reply::Done))
+        ));
+        let reloaded = Ledger::from_saved(l.to_saved()).unwrap();
+        assert!(reloaded.guests()[&key("acme", G)].holders[&id(A2)].accepted);
+        assert_eq!(
+            refused(&mut l, &topo, A1, unshare()),
+            Refusal::Accepted {
+                guest: g(),
+                with: id(A2)
+            }
+        );
+        assert_eq!(
+            Refusal::Accepted {
+                guest: g(),
+                with: id(A2)
+            }
+            .code(),
+            ErrorCode::Accepted
+        );
+        run_ok(&mut l, &topo, A2, Op::Withdraw { guest: g() });
+        assert_eq!(l.guests()[&key("acme", G)].holders, owner_only.holders);
+        assert!(l.violations(&topo).is_empty());
+    }
+
     #[test]
     fn windows_and_slots_are_checked_before_anything_runs() {
         let mut topo = topo();
@@ -1610,6 +1825,13 @@ mod tests {
                 ..l.guests()[&key("acme", G)].clone()
             }
         );
+        // The share awaits its destination's ACCEPT, also after a reload; a ledger written
+        // before ACCEPT existed cannot vouch for its destinations: accepted.
+        assert!(json.contains("\"awaiting_accept\":true"));
+        assert!(!back.guests()[&key("acme", G)].holders[&id(A2)].accepted);
+        let old = json.replace(",\"awaiting_accept\":true", "");
+        let old = Ledger::from_saved(serde_json::from_str(&old).unwrap()).unwrap();
+        assert!(old.guests()[&key("acme", G)].holders[&id(A2)].accepted);
         let mut two_owners = saved.clone();
         two_owners.guests[0].holders[1].role = Role::Owner;
         assert!(matches!(
@@ -1711,7 +1933,7 @@ mod prop_tests {
             1 => Just(Some(FailOn::DetachTimeout)),
         ];
         // ALLOC, COLOCATED, SHARE, RELEASE, WITHDRAW, FREE.
-        let verb = prop_oneof![3 => Just(0u8), 1 => Just(1), 3 => Just(2), 2 => Just(3), 2 => Just(4), 1 => Just(5)];
+        let verb = prop_oneof![3 => Just(0u8), 1 => Just(1), 3 => Just(2), 2 => Just(3), 2 => Just(4), 1 => Just(5), 2 => Just(6), 2 => Just(7)];
         (
             proptest::bool::weighted(0.8),
             0..VMS.len(),
@@ -1755,8 +1977,8 @@ mod prop_tests {
             return vm_id(a.asker);
         }
         let wanted = match a.verb {
-            2 | 3 | 5 => Some(Role::Owner),
-            4 => Some(Role::Destination),
+            2 | 3 | 5 | 7 => Some(Role::Owner),
+            4 | 6 => Some(Role::Destination),
             _ => None,
         };
         holders
@@ -1788,6 +2010,8 @@ mod prop_tests {
             },
             3 => Op::Release { guest },
             4 => Op::Withdraw { guest },
+            6 => Op::Accept { guest },
+            7 => Op::Unshare { guest },
             _ => Op::Free { guest },
         }
     }
@@ -1859,6 +2083,21 @@ mod prop_tests {
             Ok(Decision::Answer(_)) => {
                 prop_assert_eq!(&*l, &before);
                 count(tally, format!("{} answered at once", op(a).verb()));
+                Ok(None)
+            }
+            Ok(Decision::Recorded(_)) => {
+                // ACCEPT: only the asker's hold changed, from awaiting to accepted.
+                let asker = asker(a, l);
+                let changed: Vec<_> = l
+                    .guests()
+                    .iter()
+                    .flat_map(|(k, g)| g.holders.iter().map(move |(id, h)| (k, id, *h)))
+                    .filter(|(k, id, h)| before.guests()[*k].holders[*id] != *h)
+                    .collect();
+                prop_assert_eq!(changed.len(), 1);
+                let (_, id, h) = changed[0];
+                prop_assert!(id == &asker && h.role == Role::Destination && h.accepted);
+                count(tally, format!("{} recorded", op(a).verb()));
                 Ok(None)
             }
             Err(r) => {

@@ -398,7 +398,12 @@ impl Host {
             let decision = {
                 let mut st = self.state();
                 let st = &mut *st;
-                st.ledger.decide(&st.topology, asker, &op)
+                let d = st.ledger.decide(&st.topology, asker, &op);
+                if matches!(d, Ok(Decision::Recorded(_))) {
+                    // Saved before the answer: an ACCEPT the asker relies on survives a restart.
+                    self.persist(st, true);
+                }
+                d
             };
             let t = match decision {
                 Err(refusal) => {
@@ -408,7 +413,7 @@ impl Host {
                         _ => Answer::err(refusal.code(), refusal.wire_text()),
                     };
                 }
-                Ok(Decision::Answer(reply)) => {
+                Ok(Decision::Answer(reply) | Decision::Recorded(reply)) => {
                     tracing::info!(?reply, "answered");
                     return Answer::Ok(reply);
                 }
