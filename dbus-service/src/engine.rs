@@ -356,6 +356,11 @@ pub fn run(
     }
     let was_paused = matches!(dom.get_state(), Ok((sys::VIR_DOMAIN_PAUSED, _)));
     let xml = dom.get_xml_desc(0).map_err(lv)?;
+    // Recovery keeps off the domain from here on: planning may already SHARE its memory.
+    let _migrating = match dom.get_uuid_string().map(|u| DomainUuid::new(&u)) {
+        Ok(Ok(uuid)) => Some(MigratingClaim::take(ctx, &uuid, job.id)?),
+        _ => None,
+    };
     let planned = plan_migration(ctx, job, &xml, dest_uri, opts)?;
     let flags = Flags {
         live: opts.live,
@@ -727,6 +732,46 @@ fn zero_copy_xml(
 /// migration's Confirm, or when the source is destroyed). Dropping the entry removes it
 /// only while it is still this job's, and then the destination's ran marker, which has
 /// served once the job settled: it never touches another job's entry or marker.
+/// A domain entered in `Tables::migrating` for one job; removed on drop.
+pub(crate) struct MigratingClaim<'a> {
+    ctx: &'a Ctx,
+    uuid: DomainUuid,
+    job: u64,
+}
+
+impl<'a> MigratingClaim<'a> {
+    /// Enters `uuid` for job `job`. Refused (nothing changed) while recovery settles an
+    /// interrupted hand-over of it or another job migrates it.
+    pub fn take(ctx: &'a Ctx, uuid: &DomainUuid, job: u64) -> Result<Self, DaemonError> {
+        let mut t = ctx.tables.lock().expect("lock");
+        if t.recovering.contains(uuid) {
+            return Err(DaemonError::Busy(format!(
+                "vmbeamd is recovering an interrupted hand-over of domain {uuid}'s memory; try again shortly"
+            )));
+        }
+        if let Some(other) = t.migrating.get(uuid).filter(|j| **j != job) {
+            return Err(DaemonError::Busy(format!(
+                "job {other} is migrating domain {uuid}"
+            )));
+        }
+        t.migrating.insert(uuid.clone(), job);
+        Ok(Self {
+            ctx,
+            uuid: uuid.clone(),
+            job,
+        })
+    }
+}
+
+impl Drop for MigratingClaim<'_> {
+    fn drop(&mut self) {
+        let mut t = self.ctx.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if t.migrating.get(&self.uuid) == Some(&self.job) {
+            t.migrating.remove(&self.uuid);
+        }
+    }
+}
+
 pub(crate) struct OutgoingEntry<'a> {
     ctx: &'a Ctx,
     uuid: DomainUuid,

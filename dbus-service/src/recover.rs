@@ -152,10 +152,14 @@ struct RecoveryClaim<'a> {
 }
 
 impl<'a> RecoveryClaim<'a> {
-    /// `None` while a job of this daemon migrates the domain (or another pass holds it).
+    /// `None` while a job of this daemon migrates the domain (from its planning on: see
+    /// `Tables::migrating`) or another pass holds it.
     fn take(ctx: &'a Ctx, uuid: &DomainUuid) -> Option<Self> {
         let mut t = ctx.tables.lock().expect("lock");
-        if t.outgoing.contains_key(uuid) || !t.recovering.insert(uuid.clone()) {
+        if t.outgoing.contains_key(uuid)
+            || t.migrating.contains_key(uuid)
+            || !t.recovering.insert(uuid.clone())
+        {
             return None;
         }
         Some(RecoveryClaim {
@@ -1056,9 +1060,29 @@ mod tests {
         assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
         assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
         drop(entry);
+        // A job that is still planning (in the host-device pool it SHAREs then, before its
+        // outgoing entry): recovery keeps out too.
+        let planning = crate::engine::MigratingClaim::take(&src.ctx, &uuid(), 9).unwrap();
+        assert!(RecoveryClaim::take(&src.ctx, &uuid()).is_none());
+        assert!(reconcile(&src.ctx, &FakeLibvirt::new(Local::Absent)).is_empty());
+        assert_eq!(record(&cloud, &file).state, OwnerState::HandingOver);
+        let other = crate::engine::MigratingClaim::take(&src.ctx, &uuid(), 10);
+        assert!(
+            matches!(&other, Err(DaemonError::Busy(m)) if m.contains("job 9")),
+            "{:?}",
+            other.err()
+        );
+        drop(planning);
+        assert!(src.ctx.tables.lock().unwrap().migrating.is_empty());
         // A recovery is on the domain: no job may start.
         let claim = RecoveryClaim::take(&src.ctx, &uuid()).unwrap();
         let refused = OutgoingEntry::register(&src.ctx, &uuid(), out());
+        assert!(
+            matches!(&refused, Err(DaemonError::Busy(m)) if m.contains("recovering")),
+            "{:?}",
+            refused.err()
+        );
+        let refused = crate::engine::MigratingClaim::take(&src.ctx, &uuid(), 11);
         assert!(
             matches!(&refused, Err(DaemonError::Busy(m)) if m.contains("recovering")),
             "{:?}",

@@ -43,6 +43,10 @@ pub struct Tables {
     pub incoming: HashMap<DomainUuid, Incoming>,
     pub running: HashMap<DomainUuid, Running>,
     pub outgoing: HashMap<DomainUuid, Outgoing>,
+    /// Domains a migration job of this daemon works on, by job id: from before its first
+    /// step on the guest's memory (the host-device pool's SHARE comes at planning, before
+    /// `outgoing` is entered) to the job's end. Recovery keeps its hands off them.
+    pub migrating: HashMap<DomainUuid, u64>,
     /// Domains whose interrupted hand-over a recovery pass is settling (no job may start
     /// on them meanwhile; see `recover`).
     pub recovering: HashSet<DomainUuid>,

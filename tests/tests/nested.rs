@@ -23,11 +23,26 @@ use vmbeam_tests::{lab, lab_ok, summary_field, target_dir};
 
 const GUEST: &str = "nz1";
 
-/// `nested down` on drop, also when the test panics.
+/// `nested down` on drop, also when the test panics (after keeping the cloud VMs' and
+/// vmbeam-host's logs in target/test-logs/nested/ when it does).
 struct Down;
 impl Drop for Down {
     fn drop(&mut self) {
-        if NestedState::load().ok().flatten().is_some() {
+        if let Some(st) = NestedState::load().ok().flatten() {
+            if std::thread::panicking() {
+                let keep = target_dir().join("../test-logs/nested");
+                let _ = std::fs::create_dir_all(&keep);
+                for c in &st.cloud_vms {
+                    for f in ["vmbeamd.log", "libvirtd.log", "console.log"] {
+                        let _ = std::fs::copy(
+                            c.dir.join("log").join(f),
+                            keep.join(format!("{}-{f}", c.name)),
+                        );
+                    }
+                }
+                let _ = std::fs::copy(&st.host_log, keep.join("vmbeam-host.log"));
+                eprintln!("nested: logs kept in {}", keep.display());
+            }
             let o = lab(&["nested", "down"]);
             eprintln!(
                 "nested down: {}{}",
@@ -222,6 +237,10 @@ fn nested_zero_copy_between_real_cloud_vms() {
         .count();
     let mover = std::thread::spawn(|| migrate("cvm1", "cvm2", &["--zero-copy"]));
     wait("cvm2's hook holding", Duration::from_secs(120), || {
+        assert!(
+            !mover.is_finished(),
+            "the migration ended before the destination's hook held"
+        );
         std::fs::read_to_string(&log)
             .unwrap()
             .matches("fault injection: holding")
