@@ -1,10 +1,14 @@
 //! `vmbeam-lab nested bench`: the paper's zero-copy-vs-traditional comparison on the nested
 //! lab (cloud VMs that are real QEMU VMs, `vmbeam-host` sharing each guest's RAM device).
 //!
-//! A guest already running in the nested lab is moved between the first two cloud VMs of
-//! the nested cloud, alternating direction, `runs` times zero-copy (`vmbeam migrate
-//! --zero-copy`, run inside the source cloud VM) and `runs` times traditionally (`vmbeam
-//! migrate --no-zero-copy`: libvirt copies the RAM over the cloud network). Each move records
+//! A guest already running in the nested lab is moved `runs` times zero-copy (`vmbeam
+//! migrate --zero-copy`, run inside the source cloud VM) between the first two cloud VMs of
+//! the nested cloud, alternating direction, then `runs` times traditionally (`vmbeam migrate
+//! --no-zero-copy`: libvirt copies the RAM over the cloud network) between its cloud VM and
+//! one of another virtual IaaS cloud on the same host and back (`nested up --other-cloud
+//! 1`). Within one cloud a copy cannot run in the host-device pool yet: the destination's
+//! ALLOC of a guest the host already holds for the source is refused (`exists`), since the
+//! host keeps one device per guest; the other cloud's cloud VM gets a device of its own. Each move records
 //! what `vmbeam migrate` reports (total time, downtime, bytes on the migration stream), the
 //! bytes the cloud network's bridge carried, and the host CPU time of the cloud VMs' QEMU
 //! processes and of vmbeam-host; the guest's memory is verified after each move.
@@ -134,9 +138,12 @@ pub fn run(guest: &str, runs: usize) -> Result<NestedReport> {
         .filter(|c| c.cloud == CLOUD)
         .take(2)
         .collect();
-    let [a, b] = pair.as_slice() else {
+    let other = st.cloud_vms.iter().find(|c| c.cloud != CLOUD);
+    let ([a, b], Some(other)) = (pair.as_slice(), other) else {
         return Err(Error::Run(format!(
-            "the nested bench needs two cloud VMs in {CLOUD}: `vmbeam-lab nested up --cloud-vms 2`"
+            "the nested bench needs two cloud VMs in {CLOUD} and one of another cloud (the copy's \
+             destination: within one cloud the host cannot hold a second device for the same \
+             guest yet): `vmbeam-lab nested up --cloud-vms 3 --other-cloud 1`"
         )));
     };
     let on = nguest::running_in(guest)?;
@@ -158,7 +165,15 @@ pub fn run(guest: &str, runs: usize) -> Result<NestedReport> {
     let mut out = Vec::new();
     for mode in ["zero-copy", "traditional"] {
         for _ in 0..runs {
-            let (from, to) = if here == a.name { (*a, *b) } else { (*b, *a) };
+            // Zero-copy between the two of the guest's cloud; the copy between the guest's
+            // cloud VM and the other cloud's (and back).
+            let (from, to) = match (mode, here == a.name, here == other.name) {
+                ("zero-copy", true, _) => (*a, *b),
+                ("zero-copy", false, _) => (*b, *a),
+                (_, _, true) => (other, *a),
+                (_, true, _) => (*a, other),
+                (_, false, _) => (*b, other),
+            };
             let flag = if mode == "zero-copy" {
                 "--zero-copy"
             } else {

@@ -169,20 +169,7 @@ impl AgentClient {
 
     /// `CHECK`: a full verification pass now.
     pub fn check(&mut self, timeout: Duration) -> Result<CheckResult, AgentError> {
-        let a = self.request("CHECK", timeout)?;
-        let pass = if a.starts_with("CHECK PASS") {
-            true
-        } else if a.starts_with("CHECK FAIL") {
-            false
-        } else {
-            return Err(AgentError::Protocol(a));
-        };
-        Ok(CheckResult {
-            pass,
-            boot_id: field(&a, "boot_id"),
-            pages: field(&a, "pages").and_then(|p| p.parse().ok()),
-            line: a,
-        })
+        CheckResult::parse(self.request("CHECK", timeout)?)
     }
 
     /// `STATS`: the agent's counters as key/value pairs.
@@ -194,6 +181,25 @@ impl AgentClient {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect())
+    }
+}
+
+impl CheckResult {
+    /// The agent's answer to `CHECK` (`CHECK PASS ...` or `CHECK FAIL ...`).
+    pub fn parse(a: String) -> Result<Self, AgentError> {
+        let pass = if a.starts_with("CHECK PASS") {
+            true
+        } else if a.starts_with("CHECK FAIL") {
+            false
+        } else {
+            return Err(AgentError::Protocol(a));
+        };
+        Ok(Self {
+            pass,
+            boot_id: field(&a, "boot_id"),
+            pages: field(&a, "pages").and_then(|p| p.parse().ok()),
+            line: a,
+        })
     }
 }
 

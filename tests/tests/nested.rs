@@ -7,8 +7,9 @@
 //! in order:
 //! 1. zero-copy cvm1 -> cvm2 and back: memory check, same boot id, under 1 MiB on the cloud
 //!    network, the device gone from the source cloud VM afterwards;
-//! 2. the destination's QEMU killed while it waits for the stream: the migration fails, the
-//!    guest goes on at the source, the destination's share is withdrawn;
+//! 2. the destination's QEMU killed while it waits for the stream, then the destination cloud
+//!    VM itself destroyed by the host at that point: the migration fails, the guest goes on
+//!    at the source, the destination's share is withdrawn or taken back;
 //! 3. cvm3, of the other cloud: `--zero-copy` is refused and changes nothing; the automatic
 //!    mode moves the guest by a traditional migration; the host never shares with cvm3;
 //! 4. `nested down`: nothing of the lab left on the host.
@@ -269,6 +270,52 @@ fn nested_zero_copy_between_real_cloud_vms() {
         vec![(cvm("cvm1").domain, "owner".to_string())]
     );
     assert_eq!(shmem_in("cvm1"), 1);
+
+    // 2b. The destination cloud VM itself destroyed (by the host) while its hook holds:
+    // the migration fails, the guest goes on in cvm1, the share is gone from the ledger.
+    let holds_before = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("fault injection: holding")
+        .count();
+    exec_ok(
+        "cvm2",
+        "mkdir -p /run/vmbeam && echo 60000 > /run/vmbeam/fault-hold-started-ms",
+    );
+    let mover = std::thread::spawn(|| migrate("cvm1", "cvm2", &["--zero-copy"]));
+    wait("cvm2's hook holding", Duration::from_secs(120), || {
+        assert!(
+            !mover.is_finished(),
+            "the migration ended before the destination's hook held"
+        );
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("fault injection: holding")
+            .count()
+            > holds_before
+    });
+    let o = Command::new("ip")
+        .args(["netns", "exec", HOST_NETNS, "virsh", "-c"])
+        .arg(nested::host_uri())
+        .args(["destroy", &cvm("cvm2").domain])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = mover.join().unwrap();
+    let out = text(&o);
+    assert!(
+        !o.status.success(),
+        "the migration should have failed: {out}"
+    );
+    assert!(out.contains("keeps running on the source"), "{out}");
+    check("cvm1", &boot);
+    wait("cvm2's share gone", Duration::from_secs(60), || {
+        holders(CLOUD) == vec![(cvm("cvm1").domain, "owner".to_string())]
+    });
+    assert_eq!(shmem_in("cvm1"), 1);
+    eprintln!(
+        "destination cloud VM destroyed mid-migration: {}",
+        out.trim()
+    );
 
     // 3. Another virtual IaaS cloud on the same host: refused with --zero-copy, nothing
     // changes; the automatic mode moves the guest traditionally; never a share with cvm3.

@@ -144,12 +144,27 @@ fn cvm<'a>(st: &'a NestedState, name: &str) -> Result<&'a NestedCvm, LabError> {
         })
 }
 
+/// Whether cloud VM `cvm`'s domain runs in the host libvirtd.
+pub fn cvm_running(cvm: &NestedCvm) -> Result<bool, LabError> {
+    let state = sys::run_in_ns(
+        HOST_NETNS,
+        "virsh",
+        &["-c", &super::host_uri(), "domstate", &cvm.domain],
+    )?;
+    Ok(state.trim() == "running")
+}
+
 /// The cloud VMs where domain `name` is running (one, except in a split brain).
 pub fn running_in(name: &str) -> Result<Vec<String>, LabError> {
     let st = lab()?;
     let mut on = Vec::new();
     for c in &st.cloud_vms {
-        let names = virsh(c, &["list", "--name", "--state-running"])?;
+        let names = match virsh(c, &["list", "--name", "--state-running"]) {
+            Ok(n) => n,
+            // A cloud VM that is not running (killed by a test, say) runs no guest.
+            Err(_) if !cvm_running(c)? => continue,
+            Err(e) => return Err(e),
+        };
         if names.lines().any(|l| l.trim() == name) {
             on.push(c.name.clone());
         }
@@ -254,22 +269,8 @@ pub fn check(name: &str) -> Result<(String, CheckResult), LabError> {
         )));
     };
     let a = agent_request(cvm(&st, on)?, name, "CHECK")?;
-    let pass = if a.starts_with("CHECK PASS") {
-        true
-    } else if a.starts_with("CHECK FAIL") {
-        false
-    } else {
-        return Err(LabError::Setup(format!("{name}'s agent: {a}")));
-    };
-    Ok((
-        on.clone(),
-        CheckResult {
-            pass,
-            boot_id: field(&a, "boot_id"),
-            pages: field(&a, "pages").and_then(|p| p.parse().ok()),
-            line: a,
-        },
-    ))
+    let r = CheckResult::parse(a).map_err(|e| LabError::Setup(format!("{name}'s agent: {e}")))?;
+    Ok((on.clone(), r))
 }
 
 /// Destroys and undefines guest `name` wherever the nested lab has it.
@@ -277,7 +278,11 @@ pub fn destroy(name: &str) -> Result<Vec<String>, LabError> {
     let st = lab()?;
     let mut gone = Vec::new();
     for c in &st.cloud_vms {
-        let all = virsh(c, &["list", "--all", "--name"])?;
+        let all = match virsh(c, &["list", "--all", "--name"]) {
+            Ok(a) => a,
+            Err(_) if !cvm_running(c)? => continue,
+            Err(e) => return Err(e),
+        };
         if all.lines().any(|l| l.trim() == name) {
             let _ = virsh(c, &["destroy", name]);
             virsh(c, &["undefine", name])?;
