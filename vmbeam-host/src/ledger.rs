@@ -320,8 +320,11 @@ pub enum Refusal {
         /// The share's destination.
         with: CloudVmId,
     },
-    /// ALLOC of a guest that exists.
-    #[error("guest {0} exists here already")]
+    /// ALLOC of a guest that exists (held by a cloud VM of its cloud, or by the asker at
+    /// another size). The host keeps one device per guest, so the destination of a copy
+    /// (a migration that is not zero-copy) between two cloud VMs of one cloud on this host
+    /// gets this too.
+    #[error("guest {0}'s memory exists on this host already (one device per guest: a copy between two cloud VMs of one cloud on one host cannot get a second; migrate it zero-copy)")]
     Exists(vmbeam_core::DomainUuid),
     /// The device would not fit the window.
     #[error("a {bar} byte BAR does not fit the 64-bit PCI window of {window} bytes of cloud VM {cloud_vm} next to VMBeam's {used} bytes (raise <pcihole64>)")]
