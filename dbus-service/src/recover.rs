@@ -92,11 +92,18 @@ fn observe_domain(d: &Domain) -> Result<Observed, DaemonError> {
             facts: None,
         });
     }
-    let job = d.get_job_info().map_err(DaemonError::libvirt)?;
+    // The destination of an incoming migration: libvirt refuses job statistics there
+    // ("migration statistics are available only on the source host"), which says just
+    // that a migration job is in progress here.
+    let migrating = match d.get_job_info() {
+        Ok(job) => job.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32,
+        Err(e) if e.code() == virt::error::ErrorNumber::OperationUnsupported => true,
+        Err(e) => return Err(DaemonError::libvirt(e)),
+    };
     let (state, _reason) = d.get_state().map_err(DaemonError::libvirt)?;
     let xml = d.get_xml_desc(0).map_err(DaemonError::libvirt)?;
     let facts = DomainFacts::from_xml(&xml).map_err(|e| DaemonError::bad_input("", e))?;
-    let local = if job.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32 {
+    let local = if migrating {
         Local::Migrating
     } else if state == virt::sys::VIR_DOMAIN_RUNNING {
         Local::Running
