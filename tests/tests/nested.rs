@@ -196,6 +196,33 @@ fn zero_copy(from: &str, to: &str, boot: &str) -> (String, String, u64) {
     )
 }
 
+/// A zero-copy migration cvm1 -> cvm2 started on a thread, returned once cvm2's `started`
+/// hook holds it (the destination QEMU up and waiting for the stream; the hold lasts the
+/// hook's timeout, 20 s).
+fn held_at_cvm2() -> std::thread::JoinHandle<Output> {
+    let log = cvm("cvm2").dir.join("log/vmbeamd.log");
+    let holds = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("fault injection: holding")
+            .count()
+    };
+    let before = holds();
+    exec_ok(
+        "cvm2",
+        "mkdir -p /run/vmbeam && echo 60000 > /run/vmbeam/fault-hold-started-ms",
+    );
+    let mover = std::thread::spawn(|| migrate("cvm1", "cvm2", &["--zero-copy"]));
+    wait("cvm2's hook holding", Duration::from_secs(120), || {
+        assert!(
+            !mover.is_finished(),
+            "the migration ended before the destination's hook held"
+        );
+        holds() > before
+    });
+    mover
+}
+
 #[test]
 fn nested_zero_copy_between_real_cloud_vms() {
     assert!(
@@ -227,27 +254,7 @@ fn nested_zero_copy_between_real_cloud_vms() {
     eprintln!("zero-copy cvm1 -> cvm2: {there:?}; cvm2 -> cvm1: {back:?} (total, downtime, cloud-network bytes)");
 
     // 2. The destination's QEMU killed while it waits for the stream (held in its hook).
-    exec_ok(
-        "cvm2",
-        "mkdir -p /run/vmbeam && echo 60000 > /run/vmbeam/fault-hold-started-ms",
-    );
-    let log = cvm("cvm2").dir.join("log/vmbeamd.log");
-    let holds_before = std::fs::read_to_string(&log)
-        .unwrap()
-        .matches("fault injection: holding")
-        .count();
-    let mover = std::thread::spawn(|| migrate("cvm1", "cvm2", &["--zero-copy"]));
-    wait("cvm2's hook holding", Duration::from_secs(120), || {
-        assert!(
-            !mover.is_finished(),
-            "the migration ended before the destination's hook held"
-        );
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .matches("fault injection: holding")
-            .count()
-            > holds_before
-    });
+    let mover = held_at_cvm2();
     exec_ok(
         "cvm2",
         &format!(
@@ -273,26 +280,7 @@ fn nested_zero_copy_between_real_cloud_vms() {
 
     // 2b. The destination cloud VM itself destroyed (by the host) while its hook holds:
     // the migration fails, the guest goes on in cvm1, the share is gone from the ledger.
-    let holds_before = std::fs::read_to_string(&log)
-        .unwrap()
-        .matches("fault injection: holding")
-        .count();
-    exec_ok(
-        "cvm2",
-        "mkdir -p /run/vmbeam && echo 60000 > /run/vmbeam/fault-hold-started-ms",
-    );
-    let mover = std::thread::spawn(|| migrate("cvm1", "cvm2", &["--zero-copy"]));
-    wait("cvm2's hook holding", Duration::from_secs(120), || {
-        assert!(
-            !mover.is_finished(),
-            "the migration ended before the destination's hook held"
-        );
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .matches("fault injection: holding")
-            .count()
-            > holds_before
-    });
+    let mover = held_at_cvm2();
     let o = Command::new("ip")
         .args(["netns", "exec", HOST_NETNS, "virsh", "-c"])
         .arg(nested::host_uri())
