@@ -67,6 +67,25 @@ pub struct Holder {
     pub accepted: bool,
 }
 
+impl Holder {
+    /// `Ok` if this holder has `role`; else the `wrong-role` refusal with `hint`.
+    fn must_be(
+        &self,
+        role: Role,
+        uuid: &vmbeam_core::DomainUuid,
+        hint: &'static str,
+    ) -> Result<(), Refusal> {
+        if self.role == role {
+            return Ok(());
+        }
+        Err(Refusal::WrongRole {
+            guest: uuid.clone(),
+            role: self.role,
+            hint,
+        })
+    }
+}
+
 /// What kind of operation a transition is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -693,13 +712,7 @@ impl Ledger {
         peer: &CloudVmId,
     ) -> Result<Decision, Refusal> {
         let (g, holder) = self.held(ask, uuid)?;
-        if holder.role != Role::Owner {
-            return Err(Refusal::WrongRole {
-                guest: uuid.clone(),
-                role: holder.role,
-                hint: "only the owner shares a guest",
-            });
-        }
+        holder.must_be(Role::Owner, uuid, "only the owner shares a guest")?;
         let peer_vm = ask.peer(peer)?;
         if let Some((with, h)) = g.holders.iter().find(|(id, _)| *id != &ask.me.id) {
             // A repeated SHARE (its answer was lost) gets the same answer.
@@ -732,13 +745,11 @@ impl Ledger {
         uuid: &vmbeam_core::DomainUuid,
     ) -> Result<Decision, Refusal> {
         let (_, holder) = self.held(ask, uuid)?;
-        if holder.role != Role::Destination {
-            return Err(Refusal::WrongRole {
-                guest: uuid.clone(),
-                role: holder.role,
-                hint: "only a share's destination ACCEPTs it",
-            });
-        }
+        holder.must_be(
+            Role::Destination,
+            uuid,
+            "only a share's destination ACCEPTs it",
+        )?;
         if holder.accepted {
             return Ok(Decision::Answer(Reply::Done));
         }
@@ -766,13 +777,11 @@ impl Ledger {
         uuid: &vmbeam_core::DomainUuid,
     ) -> Result<Decision, Refusal> {
         let (g, holder) = self.held(ask, uuid)?;
-        if holder.role != Role::Owner {
-            return Err(Refusal::WrongRole {
-                guest: uuid.clone(),
-                role: holder.role,
-                hint: "only the owner UNSHAREs; the share's destination WITHDRAWs",
-            });
-        }
+        holder.must_be(
+            Role::Owner,
+            uuid,
+            "only the owner UNSHAREs; the share's destination WITHDRAWs",
+        )?;
         let Some((with, dest)) = g.holders.iter().find(|(id, _)| *id != &ask.me.id) else {
             return Ok(Decision::Answer(Reply::Done));
         };
