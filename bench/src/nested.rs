@@ -126,12 +126,13 @@ fn host_cpu(pids: &[u32]) -> Result<f64> {
 
 /// Moves `guest` `runs` times each way (see the module docs) and reports.
 pub fn run(guest: &str, runs: usize) -> Result<NestedReport> {
+    let bad = |m: String| Error::Lab(vmbeam_lab::LabError::BadInput(m));
     if runs == 0 {
-        return Err(Error::Run("--runs must be at least 1".into()));
+        return Err(bad("--runs must be at least 1".into()));
     }
     let st = NestedState::load()?
         .filter(|s| s.complete)
-        .ok_or_else(|| Error::Run("no nested lab is up: run `vmbeam-lab nested up`".into()))?;
+        .ok_or_else(|| bad("no nested lab is up: run `vmbeam-lab nested up`".into()))?;
     let pair: Vec<_> = st
         .cloud_vms
         .iter()
@@ -140,7 +141,7 @@ pub fn run(guest: &str, runs: usize) -> Result<NestedReport> {
         .collect();
     let other = st.cloud_vms.iter().find(|c| c.cloud != CLOUD);
     let ([a, b], Some(other)) = (pair.as_slice(), other) else {
-        return Err(Error::Run(format!(
+        return Err(bad(format!(
             "the nested bench needs two cloud VMs in {CLOUD} and one of another cloud (the copy's \
              destination: within one cloud the host cannot hold a second device for the same \
              guest yet): `vmbeam-lab nested up --cloud-vms 3 --other-cloud 1`"
@@ -148,12 +149,12 @@ pub fn run(guest: &str, runs: usize) -> Result<NestedReport> {
     };
     let on = nguest::running_in(guest)?;
     let Some(start) = on.first().filter(|_| on.len() == 1) else {
-        return Err(Error::Run(format!(
+        return Err(bad(format!(
             "guest {guest} is not running in the nested lab (start it: vmbeam-lab nested guest start {guest})"
         )));
     };
     if start != &a.name && start != &b.name {
-        return Err(Error::Run(format!(
+        return Err(bad(format!(
             "guest {guest} runs in {start}: the bench moves it between {} and {}",
             a.name, b.name
         )));
@@ -301,6 +302,15 @@ pub fn save(r: &NestedReport, dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_runs_are_refused_before_anything_is_asked() {
+        let e = run("g1", 0).unwrap_err();
+        assert!(
+            matches!(&e, Error::Lab(vmbeam_lab::LabError::BadInput(m)) if m.contains("--runs")),
+            "{e}"
+        );
+    }
 
     #[test]
     fn reads_the_migrate_summary() {
