@@ -95,15 +95,30 @@ pub fn cloud_net_bytes() -> Result<u64> {
         .arg(nested::BRIDGE)
         .output()
         .map_err(crate::io_err("ip"))?;
+    let what = format!(
+        "ip -n {} -s -j link show master {}",
+        nested::HOST_NETNS,
+        nested::BRIDGE
+    );
+    let bad = |detail: String| Error::Parse {
+        what: what.clone(),
+        detail,
+    };
+    if !out.status.success() {
+        return Err(bad(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let links = v.as_array().ok_or_else(|| Error::Parse {
-        what: format!("ip -s -j link show master {}", nested::BRIDGE),
-        detail: String::from_utf8_lossy(&out.stdout).into_owned(),
-    })?;
-    Ok(links
+    let links = v
+        .as_array()
+        .ok_or_else(|| bad(String::from_utf8_lossy(&out.stdout).into_owned()))?;
+    links
         .iter()
-        .filter_map(|l| l["stats64"]["rx"]["bytes"].as_u64())
-        .sum())
+        .map(|l| {
+            l["stats64"]["rx"]["bytes"]
+                .as_u64()
+                .ok_or_else(|| bad(format!("no rx byte counter in {l}")))
+        })
+        .sum()
 }
 
 /// The host processes whose CPU the bench counts: each cloud VM's QEMU (the host libvirtd's

@@ -83,20 +83,10 @@ fn migrate(from: &str, to: &str, mode: &[&str]) -> Output {
     lab(&args)
 }
 
-/// Bytes received by the cloud network's bridge from every cloud VM so far.
+/// Bytes received by the cloud network's bridge from every cloud VM so far (the bench's
+/// reading).
 fn cloud_net_bytes() -> u64 {
-    let out = Command::new("ip")
-        .args(["-n", HOST_NETNS, "-s", "-j", "link", "show", "master"])
-        .arg(nested::BRIDGE)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["stats64"]["rx"]["bytes"].as_u64().unwrap())
-        .sum()
+    vmbeam_bench::nested::cloud_net_bytes().unwrap()
 }
 
 /// vmbeam-host's own view (`vmbeam-host status --json`).
