@@ -179,10 +179,25 @@ pub fn agent_request(cvm: &NestedCvm, name: &str, line: &str) -> Result<String, 
         "arguments": {"line": line},
     })
     .to_string();
-    let reply = virsh(
-        cvm,
-        &["qemu-agent-command", name, &request, "--timeout", "60"],
-    )?;
+    // libvirt gives the agent a fixed 5 s to answer its guest-sync before each command; a
+    // guest emulated inside an emulated, loaded cloud VM (a moment after it resumed there)
+    // can miss that. Only that transport failure is asked again, for up to two minutes;
+    // the agent's answer, whatever it is, is returned as it came.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let reply = loop {
+        match virsh(
+            cvm,
+            &["qemu-agent-command", name, &request, "--timeout", "60"],
+        ) {
+            Err(e)
+                if e.to_string().contains("Guest agent is not responding")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            r => break r?,
+        }
+    };
     let v: serde_json::Value = serde_json::from_str(reply.trim())
         .map_err(|e| LabError::Setup(format!("{name}'s agent: not JSON: {reply}: {e}")))?;
     v["return"]["line"]
